@@ -1,0 +1,207 @@
+"""Typed configuration for every mecpe step.
+
+One YAML file is the full record of an experiment. It is loaded into these pydantic models
+(unknown keys are errors, so a typo never silently falls back to a default), then
+``key.sub=value`` overrides from the command line are applied. Configs travel into Ray workers
+as plain dicts (``model_dump()``) and are re-validated there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_DATA_DIR = "../shared/data/ecf"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class DataConfig(_Strict):
+    """Where the ECF files are. ``MECPE_DATA`` overrides ``data_dir``; file paths are relative to it."""
+
+    data_dir: str = DEFAULT_DATA_DIR
+    train_file: str = "reconstructed/Subtask_2_train.json"
+    test_file: str = "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json"
+    split: Literal["random", "reference"] = "random"
+    val_fraction: float = 0.1
+    seed: int = 42
+    # Use only the first N conversations of each split (quick runs); null = all.
+    limit_train: int | None = None
+    limit_val: int | None = None
+    limit_test: int | None = None
+
+    def resolved_dir(self) -> str:
+        return os.environ.get("MECPE_DATA") or self.data_dir
+
+    def path(self, name: str) -> str:
+        if "://" in name or os.path.isabs(name):
+            return name
+        return str(Path(self.resolved_dir()) / name)
+
+
+class ModelConfig(_Strict):
+    """Base model: a hub id, a local directory or an ``s3://`` mirror of the weights."""
+
+    base: str = "meta-llama/Llama-2-13b-chat-hf"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # Local cache for s3:// mirrors (fetched once per node).
+    cache_dir: str = "~/.cache/mecpe/models"
+    # Build the tiny local model at ``base`` when it is absent (embedded default only).
+    build_tiny_if_missing: bool = False
+    attn_implementation: str | None = None
+
+
+class QuantizationConfig(_Strict):
+    mode: Literal["nf4", "none"] = "nf4"
+    double_quant: bool = True
+    # auto: bf16 where the device supports it, else fp16 on GPU, fp32 on CPU.
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+
+
+class LoraSettings(_Strict):
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.1
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+class PromptConfig(_Strict):
+    # Prompt (not answer) token budget: longer conversations are shortened around the target.
+    max_prompt_tokens: int = 1024
+    max_answer_tokens: int = 64
+
+
+class TrainingConfig(_Strict):
+    epochs: float = 1.0
+    max_steps: int = -1
+    per_device_batch_size: int = 4
+    grad_accum: int = 4
+    learning_rate: float = 2e-3
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    optim: str = "paged_adamw_32bit"
+    weight_decay: float = 0.001
+    max_grad_norm: float = 0.3
+    # auto: on when GPU memory is too small to run without it.
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    packing: bool = False
+    group_by_length: bool = True
+    save_steps: int = 50
+    num_to_keep: int = 2
+    logging_steps: int = 10
+    eval_steps: int | None = None
+    seed: int = 42
+    # Cause model training emotions: gold labels, predictions of an emotion adapter, or gold with noise.
+    cause_emotions: Literal["gold", "predicted", "noised"] = "gold"
+    cause_noise_rate: float = 0.2
+    # Test-only fault injection: os._exit in a worker after this global step (once per run).
+    fail_after_step: int | None = None
+
+
+class ScalingSettings(_Strict):
+    num_workers: int = 1
+    use_gpu: bool = False
+    accelerator_type: str | None = None
+    resources_per_worker: dict[str, float] | None = None
+    max_failures: int = 100
+
+
+class StorageConfig(_Strict):
+    """Local dir or ``s3://bucket/prefix``. The S3 endpoint is not a secret; credentials never live here."""
+
+    path: str = "outputs/runs"
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+    run_name: str | None = None
+
+
+class InferenceConfig(_Strict):
+    emotion_adapter: str | None = None
+    cause_adapter: str | None = None
+    # One 4-bit base with both adapters in each actor, or separate models per stage.
+    share_base: bool = False
+    emotion_method: Literal["score", "generate"] = "score"
+    batch_size: int = 8  # conversations per map_batches call
+    max_batch_tokens: int = 16384
+    num_actors: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+    accelerator_type: str | None = None
+    max_new_tokens: int = 24
+    reuse_prefix: bool = True
+    lines_per_block: int = 256
+
+
+class Config(_Strict):
+    """A whole experiment. Every step reads the sections it needs."""
+
+    output_dir: str = "outputs/local"
+    ray_address: str | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    inference_scaling: ScalingSettings | None = None
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a nested dict, in order."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or defaults), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Config.model_validate(raw)
+    except Exception as exc:  # pydantic's message names the field
+        raise ValueError(f"{path or '<defaults>'}: invalid config: {exc}") from exc
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_hash(*parts: Any, length: int = 10) -> str:
+    """Stable short hash of JSON-able parts (pydantic models are dumped first)."""
+    norm = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    blob = json.dumps(norm, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
