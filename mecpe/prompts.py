@@ -1,0 +1,277 @@
+"""Prompt token ids for the emotion and cause models, and parsers for their answers. Pure: a tokenizer in, ids out.
+
+Structure (after the reference system, our own wording):
+
+* emotion prompt: the whole conversation, one block per utterance (``utterance_3 (Ross): "text"``), then a
+  question asking the emotion of utterance N; target ``utterance_N :: <label>``.
+* cause prompt: the same with each utterance's emotion in its block (``utterance_3 (Ross) [joy]: "text"``), then a
+  question asking which utterances cause utterance N's emotion; target ``utterance_ids :: [i,j]``.
+
+A prompt is always built from two token pieces, ``prefix`` (chat-template head + conversation) and ``question``
+(instruction + chat-template tail), tokenized separately in training and inference alike: the prefix of a
+conversation is then identical for all its targets, so inference can share one KV cache of it exactly.
+
+Special tokens are never written as text here: the chat template's head and tail are found by rendering a sentinel
+message and splitting around it, and every piece of user-derived text (utterances, speakers) is tokenized with
+``split_special_tokens=True``, so an utterance containing ``</s>`` cannot end the prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+# Same order as ``mecpe.data.EMOTIONS`` (checked by a test); kept here so prompts stays importable on its own.
+LABELS: tuple[str, ...] = ("neutral", "anger", "disgust", "fear", "joy", "sadness", "surprise")
+MARKER = "::"
+_SENTINEL = "\x00MECPE_CONTENT\x00"
+_INTRO = "Here is a conversation from the TV show Friends, one utterance per line:\n"
+_CAUSE_INTRO = "Here is a conversation from the TV show Friends, one utterance per line with its emotion:\n"
+_OMITTED = "...\n"
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    prefix: list[int]
+    question: list[int]
+    dropped_utterances: int
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prefix + self.question
+
+    def __len__(self) -> int:
+        return len(self.prefix) + len(self.question)
+
+
+# ---------------------------------------------------------------- text (no tokenizer)
+
+def emotion_block(utt: Any) -> str:
+    return f'utterance_{utt.id} ({utt.speaker}): "{utt.text}"\n'
+
+
+def cause_block(utt: Any, emotion: str) -> str:
+    return f'utterance_{utt.id} ({utt.speaker}) [{emotion}]: "{utt.text}"\n'
+
+
+def emotion_question(utt_id: int) -> str:
+    return (f"Which emotion does utterance_{utt_id} express? Choose exactly one of: {', '.join(LABELS)}. "
+            f"Answer with utterance_{utt_id} and the emotion.")
+
+
+def cause_question(utt_id: int, emotion: str) -> str:
+    return (f"The emotion of utterance_{utt_id} is {emotion}. Which utterances cause it (utterance_{utt_id} itself "
+            f"may be one)? Answer with utterance_ids and the list of their numbers, [] if none.")
+
+
+def emotion_target(utt_id: int, label: str) -> str:
+    return f"utterance_{utt_id} {MARKER} {label}"
+
+
+def cause_target(ids: Sequence[int]) -> str:
+    return f"utterance_ids {MARKER} [{','.join(str(i) for i in sorted(set(int(i) for i in ids)))}]"
+
+
+def emotion_prompt_text(conv: Any, utt_id: int) -> str:
+    """The user message of an emotion prompt as plain text (tokenizer training, debugging)."""
+    return _INTRO + "".join(emotion_block(u) for u in conv.utterances) + emotion_question(utt_id)
+
+
+def cause_prompt_text(conv: Any, utt_id: int, emotions: Mapping[int, str]) -> str:
+    return (_CAUSE_INTRO + "".join(cause_block(u, emotions[u.id]) for u in conv.utterances)
+            + cause_question(utt_id, emotions[utt_id]))
+
+
+# ---------------------------------------------------------------- token ids
+
+def drop_order(ids: Sequence[int], target: int) -> list[int]:
+    """Utterance ids in the order they are dropped: farthest from the target first, ties: the later one first.
+
+    The target itself is never dropped; its neighbours come last, so they go only when nothing else is left."""
+    return sorted((i for i in ids if i != target), key=lambda i: (-abs(i - target), -i))
+
+
+class PromptBuilder:
+    """Tokenizes prompts in two pieces and shortens those over ``max_prompt_tokens``.
+
+    The chat-template head/tail and each conversation's block tokens are computed once and memoized (per
+    conversation object and emotion assignment), so building all targets of a conversation costs one tokenizer call
+    for the conversation plus one short call per question."""
+
+    def __init__(self, tokenizer: Any, max_prompt_tokens: int = 1024, cache_size: int = 256):
+        self.tok = tokenizer
+        self.max_prompt_tokens = max_prompt_tokens
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("tokenizer has no eos token")
+        head, tail = chat_head_tail(tokenizer)
+        self.head, self.tail = head, tail
+        self.intro = {"emotion": self._user(_INTRO), "cause": self._user(_CAUSE_INTRO)}
+        self.omitted = self._user(_OMITTED)
+        self._cache: OrderedDict[tuple, tuple[Any, list[int], list[list[int]]]] = OrderedDict()
+        self._cache_size = cache_size
+
+    def _user(self, text: str | list[str]) -> Any:
+        """Token ids of user-derived text: special-token strings inside it stay plain text."""
+        out = self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return list(out) if isinstance(text, str) else [list(x) for x in out]
+
+    def _blocks(self, conv: Any, kind: str, emotions: Mapping[int, str] | None) -> tuple[list[int], list[list[int]]]:
+        shown = None if emotions is None else tuple(emotions[u.id] for u in conv.utterances)
+        key = (id(conv), kind, shown)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is conv:
+            self._cache.move_to_end(key)
+            return hit[1], hit[2]
+        if kind == "emotion":
+            texts = [emotion_block(u) for u in conv.utterances]
+        else:
+            texts = [cause_block(u, e) for u, e in zip(conv.utterances, shown)]
+        ids = [u.id for u in conv.utterances]
+        blocks = self._user(texts) if texts else []
+        self._cache[key] = (conv, ids, blocks)  # holding conv keeps id(conv) from being reused while cached
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return ids, blocks
+
+    def _assemble(self, kind: str, utt_ids: list[int], blocks: list[list[int]], target: int,
+                  question: list[int]) -> PromptIds:
+        if target not in utt_ids:
+            raise ValueError(f"utterance {target} is not in the conversation (ids {utt_ids[:3]}...)")
+        fixed = len(self.head) + len(self.intro[kind]) + len(question)
+        lengths = dict(zip(utt_ids, map(len, blocks)))
+        kept = set(utt_ids)
+        total = fixed + sum(lengths.values())
+        dropped = 0
+        if total > self.max_prompt_tokens:
+            for uid in drop_order(utt_ids, target):
+                kept.discard(uid)
+                dropped += 1
+                total -= lengths[uid]
+                if total + self._regions(utt_ids, kept) * len(self.omitted) <= self.max_prompt_tokens:
+                    break
+        prefix = self.head + self.intro[kind]
+        gap = False
+        for uid, block in zip(utt_ids, blocks):
+            if uid in kept:
+                prefix += block
+                gap = False
+            elif not gap:
+                prefix += self.omitted
+                gap = True
+        return PromptIds(prefix=prefix, question=question, dropped_utterances=dropped)
+
+    @staticmethod
+    def _regions(utt_ids: list[int], kept: set[int]) -> int:
+        regions, gap = 0, False
+        for uid in utt_ids:
+            if uid not in kept and not gap:
+                regions += 1
+            gap = uid not in kept
+        return regions
+
+    def emotion_prompt(self, conv: Any, utt_id: int) -> PromptIds:
+        ids, blocks = self._blocks(conv, "emotion", None)
+        return self._assemble("emotion", ids, blocks, utt_id, self._user(emotion_question(utt_id)) + self.tail)
+
+    def cause_prompt(self, conv: Any, utt_id: int, emotions: Mapping[int, str]) -> PromptIds:
+        missing = [u.id for u in conv.utterances if not emotions.get(u.id)]
+        if missing:
+            raise ValueError(f"conversation {conv.id}: no emotion for utterances {missing}")
+        ids, blocks = self._blocks(conv, "cause", emotions)
+        return self._assemble("cause", ids, blocks, utt_id,
+                              self._user(cause_question(utt_id, emotions[utt_id])) + self.tail)
+
+    def _answer(self, text: str) -> list[int]:
+        return self._user(text) + [self.eos_id]
+
+    def emotion_answer(self, utt_id: int, label: str) -> list[int]:
+        """``utterance_N :: label`` + eos, tokenized on its own (no BOS), so training teaches the model to stop."""
+        return self._answer(emotion_target(utt_id, label))
+
+    def cause_answer(self, cause_ids: Sequence[int]) -> list[int]:
+        return self._answer(cause_target(cause_ids))
+
+
+def chat_head_tail(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Token ids before and after the user message in the tokenizer's chat template (generation prompt included).
+
+    Rendered with a sentinel content and split around it; head and tail come from the template, so special-token
+    text in them (e.g. ``bos_token``) is parsed. Without a template: Llama-2 chat ``[INST] ... [/INST]`` with the
+    tokenizer's bos id."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
+                                             add_generation_prompt=True)
+        if text.count(_SENTINEL) != 1:
+            raise ValueError("chat template does not render the user message verbatim exactly once")
+        head, tail = text.split(_SENTINEL)
+        enc = lambda s: list(tokenizer(s, add_special_tokens=False)["input_ids"]) if s else []  # noqa: E731
+        return enc(head), enc(tail)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    enc = lambda s: list(tokenizer(s, add_special_tokens=False, split_special_tokens=True)["input_ids"])  # noqa: E731
+    return bos + enc("[INST] "), enc(" [/INST]")
+
+
+# ---------------------------------------------------------------- parsers
+
+_LABEL_RE = re.compile(r"\b(" + "|".join(LABELS) + r")\b", re.IGNORECASE)
+_UTT_RE = re.compile(r"utterance_([0-9]{1,6})", re.IGNORECASE)
+_INT_RE = re.compile(r"-?[0-9]+")
+
+
+def _after_marker(text: Any) -> tuple[str | None, str]:
+    """(text after the first ``::`` up to the end of that line, text before it); (None, text) without a marker."""
+    text = text if isinstance(text, str) else ("" if text is None else str(text))
+    head, sep, rest = text.partition(MARKER)
+    if not sep:
+        return None, text
+    return rest.lstrip().split("\n", 1)[0], head
+
+
+def parse_emotion(text: Any, utt_id: int | None = None) -> tuple[str | None, str]:
+    """Label from generated text (not the prompt): only the answer after ``::`` counts.
+
+    ``ok``: exactly a lowercase label after the marker (and, given ``utt_id``, no other utterance named before it);
+    ``repaired``: the first label word after the marker despite case, punctuation or extra words, or a bare label
+    with no marker; ``invalid``: no label there -> None (never a silent neutral)."""
+    answer, head = _after_marker(text)
+    if answer is None:
+        bare = head.strip().strip(".,;:!\"'`").strip().lower()
+        return (bare, "repaired") if bare in LABELS else (None, "invalid")
+    m = _LABEL_RE.search(answer)
+    if not m:
+        return None, "invalid"
+    label = m.group(1).lower()
+    status = "ok" if answer.rstrip() == label else "repaired"
+    if utt_id is not None:
+        named = _UTT_RE.findall(head)
+        if named and int(named[-1]) != int(utt_id):
+            status = "repaired"
+    return label, status
+
+
+def parse_causes(text: Any, num_utterances: int) -> tuple[list[int], str]:
+    """Cause utterance ids from generated text: the (possibly truncated) list after ``::``.
+
+    ``ok``: a well-formed ``[i,j]`` / ``[]`` of sorted, unique, in-range ids; ``repaired``: ids read despite spaces,
+    duplicates, wrong order, out-of-range ids (dropped), a missing bracket or trailing text; ``invalid``: no marker
+    or no list -> []."""
+    answer, _ = _after_marker(text)
+    if answer is None:
+        return [], "invalid"
+    answer = answer.strip()
+    start = answer.find("[")
+    if start < 0:
+        body = answer
+    else:
+        end = answer.find("]", start)
+        body = answer[start + 1:] if end < 0 else answer[start + 1:end]
+    raw = _INT_RE.findall(body)
+    if not raw and (start < 0 or end < 0):
+        return [], "invalid"
+    # ids longer than 6 digits are out of range anyway (and int() of huge digit strings is slow or refused)
+    ids = sorted({int(t) for t in raw if len(t) <= 6 and 1 <= int(t) <= num_utterances})
+    canonical = "[" + ",".join(map(str, ids)) + "]"
+    return ids, "ok" if answer == canonical else "repaired"

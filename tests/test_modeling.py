@@ -1,0 +1,186 @@
+"""Tiny model builder, tokenizer/model loading (NF4 on CPU), adapters, source resolution, device/dtype choice."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import sys
+import threading
+import time
+import types
+
+import pytest
+import torch
+
+from mecpe import modeling
+from mecpe.config import LoraSettings, ModelConfig, QuantizationConfig
+from mecpe.prompts import LABELS, PromptBuilder
+
+from _tiny import TRAIN_FILE, conversations, tiny_model_dir
+
+NF4 = QuantizationConfig(mode="nf4")
+NONE = QuantizationConfig(mode="none")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def mcfg(tiny, tmp_path_factory):
+    return ModelConfig(base=tiny, cache_dir=str(tmp_path_factory.mktemp("cache")))
+
+
+def _linear4bit_count(model) -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit) and isinstance(m.weight, bnb.nn.Params4bit) for m in model.modules())
+
+
+def test_tiny_model_deterministic(tiny, tmp_path):
+    t0 = time.time()
+    again = modeling.build_tiny_model(str(tmp_path / "again"), [str(TRAIN_FILE)], seed=0)
+    assert time.time() - t0 < 60
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert filecmp.cmp(os.path.join(tiny, name), os.path.join(again, name), shallow=False), name
+    other = modeling.build_tiny_model(str(tmp_path / "other"), [str(TRAIN_FILE)], seed=1)
+    assert not filecmp.cmp(os.path.join(tiny, "model.safetensors"), os.path.join(other, "model.safetensors"),
+                           shallow=False)
+
+
+def test_tiny_tokenizer(tiny):
+    tok = modeling.load_tokenizer(tiny)
+    assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id
+    assert {tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token} == {"<s>", "</s>", "<unk>", "<pad>"}
+    assert tok.chat_template and tok.padding_side == "right"
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id
+    for label in LABELS:
+        assert len(tok(" " + label, add_special_tokens=False)["input_ids"]) == 1, label
+    assert modeling.load_tokenizer(tiny, for_inference=True).padding_side == "left"
+
+
+def test_load_tokenizer_adds_pad_when_pad_is_eos(tiny, tmp_path):
+    tok = modeling.load_tokenizer(tiny)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(tmp_path)
+    fixed = modeling.load_tokenizer(str(tmp_path))
+    assert fixed.pad_token == modeling.PAD_TOKEN and fixed.pad_token_id != fixed.eos_token_id
+
+
+def _generate(model, tok, n=4):
+    conv = conversations(1)[0]
+    p = PromptBuilder(tok).emotion_prompt(conv, 1)
+    ids = torch.tensor([p.ids])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         min_new_tokens=n)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_load_nf4_on_cpu_and_generate(mcfg):
+    tok = modeling.load_tokenizer(mcfg.base, for_inference=True)
+    model = modeling.load_model(mcfg, NF4, device="cpu", tokenizer=tok)
+    assert _linear4bit_count(model) == 4 * 7  # q/k/v/o + gate/up/down in each of 4 layers
+    assert not model.training
+    new = _generate(model, tok)
+    assert len(new) == 4 and new == _generate(model, tok)
+
+
+def test_load_unquantized(mcfg):
+    tok = modeling.load_tokenizer(mcfg.base)
+    model = modeling.load_model(mcfg, NONE, device="cpu", tokenizer=tok)
+    assert _linear4bit_count(model) == 0 and model.dtype == torch.float32
+    assert len(_generate(model, tok)) == 4
+
+
+def test_resize_for_added_tokens(mcfg):
+    tok = modeling.load_tokenizer(mcfg.base)
+    tok.add_tokens(["<extra_a>", "<extra_b>"])
+    model = modeling.load_model(mcfg, NONE, device="cpu", tokenizer=tok)
+    emb = model.get_input_embeddings().weight
+    assert emb.shape[0] >= len(tok) and emb.shape[0] % 64 == 0
+    old = len(tok) - 2
+    assert torch.allclose(emb[old], emb[:old].mean(0), atol=1e-6)
+    assert model.get_output_embeddings().weight.shape[0] == emb.shape[0]
+    assert model.config.pad_token_id == tok.pad_token_id
+
+
+def test_kbit_training_lora_backward(mcfg):
+    from peft import get_peft_model
+
+    tok = modeling.load_tokenizer(mcfg.base)
+    model = modeling.load_model(mcfg, NF4, device="cpu", for_training=True, tokenizer=tok)
+    model = get_peft_model(model, modeling.get_peft_config(LoraSettings(r=4, alpha=8, dropout=0.0)))
+    ids = torch.tensor([tok("utterance_1 :: joy")["input_ids"]])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None for g in grads) and torch.isfinite(loss)
+
+
+def test_peft_config():
+    cfg = modeling.get_peft_config(LoraSettings())
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (16, 16, 0.1)
+    assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"} and cfg.task_type == "CAUSAL_LM"
+
+
+def test_load_for_inference_two_adapters(mcfg, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    dirs = {}
+    for i, name in enumerate(("emotion", "cause")):
+        base = modeling.load_model(mcfg, NONE, device="cpu")
+        torch.manual_seed(i)
+        lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights=False)
+        get_peft_model(base, lora).save_pretrained(str(tmp_path / name))
+        dirs[name] = str(tmp_path / name)
+    model, tok = modeling.load_for_inference(mcfg, NF4, dirs, device="cpu")
+    assert tok.padding_side == "left" and _linear4bit_count(model) == 28
+    assert set(model.peft_config) == {"emotion", "cause"} and model.active_adapter == "emotion"
+    ids = torch.tensor([tok("utterance_1 :: joy")["input_ids"]])
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        model.set_adapter("cause")
+        b = model(input_ids=ids).logits
+        with model.disable_adapter():
+            c = model(input_ids=ids).logits
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+
+
+def test_resolve_model_source(tiny, tmp_path, monkeypatch):
+    assert modeling.resolve_model_source(tiny, str(tmp_path)) == os.path.abspath(tiny)
+    assert modeling.resolve_model_source("meta-llama/Llama-2-13b-chat-hf", str(tmp_path)) == \
+        "meta-llama/Llama-2-13b-chat-hf"
+    calls = []
+
+    def download_dir(uri, local_dir):
+        calls.append(uri)
+        time.sleep(0.3)  # long enough for the other threads to be waiting on the lock
+        os.makedirs(local_dir)
+        with open(os.path.join(local_dir, "config.json"), "w") as fh:
+            fh.write("{}")
+
+    monkeypatch.setitem(sys.modules, "mecpe.storage", types.SimpleNamespace(download_dir=download_dir))
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        modeling.resolve_model_source("s3://bucket/models/tiny", str(tmp_path / "cache")))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["s3://bucket/models/tiny"] and len(set(results)) == 1 and len(results) == 4
+    assert os.path.exists(os.path.join(results[0], "config.json"))
+    assert modeling.resolve_model_source("s3://bucket/models/tiny", str(tmp_path / "cache")) == results[0]
+    assert len(calls) == 1
+
+
+def test_dtype_and_quantization_choice():
+    assert modeling.compute_dtype(NF4, "cpu") == torch.float32
+    assert modeling.compute_dtype(QuantizationConfig(compute_dtype="bfloat16"), "cpu") == torch.bfloat16
+    assert modeling.quantization_config(NONE, "cpu") is None
+    q = modeling.quantization_config(QuantizationConfig(double_quant=False, compute_dtype="float16"), "cuda:0")
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and not q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.float16
+    if not torch.cuda.is_available():
+        assert modeling.pick_device(0) == "cpu" and modeling.pick_device() == "cpu"
