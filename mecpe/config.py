@@ -132,6 +132,8 @@ class InferenceConfig(_Strict):
     # One 4-bit base with both adapters in each actor, or separate models per stage.
     share_base: bool = False
     emotion_method: Literal["score", "generate"] = "score"
+    # Emotions the cause stage reads: the emotion stage's predictions, or the input's gold labels (oracle/benchmarks).
+    cause_input: Literal["predicted", "gold"] = "predicted"
     batch_size: int = 8  # conversations per map_batches call
     max_batch_tokens: int = 16384
     num_actors: int = 1
@@ -205,3 +207,100 @@ def config_hash(*parts: Any, length: int = 10) -> str:
     norm = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
     blob = json.dumps(norm, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+# What every key does: the README's config reference is generated from this (tests keep the two in sync).
+FIELD_DOCS: dict[str, str] = {
+    "output_dir": "where a step writes its outputs (local folder or s3:// prefix)",
+    "ray_address": "Ray cluster to join; null = RAY_ADDRESS or a new local instance",
+    "data.data_dir": "ECF folder; MECPE_DATA overrides it; the file paths below are relative to it",
+    "data.train_file": "training file, split into train/val by conversation",
+    "data.test_file": "gold test file: inference input and scoring reference, never trained on",
+    "data.split": "random (seeded, by conversation) or reference (the reference system's 81/9/10 split)",
+    "data.val_fraction": "share of training conversations held out for validation",
+    "data.seed": "seed of the train/val split",
+    "data.limit_train": "train on the first N training conversations only; null = all",
+    "data.limit_val": "validate on the first N validation conversations only; null = all",
+    "data.limit_test": "infer and score the first N test conversations only; null = all",
+    "model.base": "base model: hub id, local folder or s3:// mirror of the weights",
+    "model.revision": "hub revision (commit) of the base model",
+    "model.trust_remote_code": "allow model code from the hub; off unless you trust the source",
+    "model.cache_dir": "node-local cache for s3:// model mirrors (fetched once per node)",
+    "model.build_tiny_if_missing": "build the tiny local model at model.base when absent (embedded default)",
+    "model.attn_implementation": "attention kernel (sdpa, flash_attention_2, eager); null = transformers' choice",
+    "quantization.mode": "nf4 (QLoRA: 4-bit NF4 base) or none (plain LoRA on a bf16/fp32 base)",
+    "quantization.double_quant": "quantize the NF4 scales too (saves ~0.4 bit per parameter)",
+    "quantization.compute_dtype": "auto = bf16 where supported, fp16 on GPUs without bf16 (T4), fp32 on CPU",
+    "lora.r": "LoRA rank",
+    "lora.alpha": "LoRA scaling numerator (scale = alpha / r)",
+    "lora.dropout": "dropout on the LoRA input",
+    "lora.target_modules": "modules that get adapters: a list of names or all-linear",
+    "prompt.max_prompt_tokens": "prompt budget; longer conversations drop utterances far from the target",
+    "prompt.max_answer_tokens": "longest answer (with EOS) an example may have",
+    "training.epochs": "passes over the training examples (ignored when max_steps > 0)",
+    "training.max_steps": "optimizer steps; -1 = by epochs",
+    "training.per_device_batch_size": "examples per worker per micro-batch",
+    "training.grad_accum": "micro-batches per optimizer step",
+    "training.learning_rate": "peak learning rate",
+    "training.lr_scheduler": "transformers scheduler name",
+    "training.warmup_ratio": "share of steps spent warming up",
+    "training.optim": "transformers optimizer name (paged_adamw_32bit needs CUDA; CPU falls back to adamw_torch)",
+    "training.weight_decay": "AdamW weight decay",
+    "training.max_grad_norm": "gradient clipping norm",
+    "training.gradient_checkpointing": "auto = on only when GPU memory is too small to run without it",
+    "training.packing": "pack several examples per row without cross-example attention",
+    "training.group_by_length": "batch examples of similar length (less padding)",
+    "training.save_steps": "checkpoint every N optimizer steps (resume point after preemption)",
+    "training.num_to_keep": "checkpoints kept in storage",
+    "training.logging_steps": "log loss and throughput every N steps",
+    "training.eval_steps": "validation loss every N steps; null = at the end only",
+    "training.seed": "training seed",
+    "training.cause_emotions": "emotions shown to the cause model in training: gold, predicted or noised",
+    "training.cause_noise_rate": "share of utterance emotions replaced at random when cause_emotions=noised",
+    "training.fail_after_step": "test only: kill a worker once after this global step",
+    "scaling.num_workers": "training workers (DDP ranks)",
+    "scaling.use_gpu": "one GPU per worker",
+    "scaling.accelerator_type": "require this GPU type (A100, T4, ...); null = any",
+    "scaling.resources_per_worker": "extra resources per worker, e.g. {CPU: 8}",
+    "scaling.max_failures": "worker failures tolerated before the run fails (preemptions are counted apart)",
+    "storage.path": "training runs: local folder or s3://bucket/prefix",
+    "storage.s3_endpoint": "S3-compatible endpoint URL (not a secret); credentials come from the environment",
+    "storage.s3_region": "S3 region",
+    "storage.run_name": "training run name; null = task + hash of everything that shapes the result",
+    "inference.emotion_adapter": "emotion LoRA adapter folder (local or s3://); null = base model only",
+    "inference.cause_adapter": "cause LoRA adapter folder (local or s3://); null = base model only",
+    "inference.share_base": "one 4-bit base with both adapters per actor instead of one model per stage",
+    "inference.emotion_method": "score (pick the most likely of the seven labels) or generate (greedy + parse)",
+    "inference.cause_input": "emotions read by the cause stage: predicted (the method) or gold (oracle analysis, benchmarks)",
+    "inference.batch_size": "conversations per map_batches call",
+    "inference.max_batch_tokens": "token budget of one forward pass",
+    "inference.num_actors": "model actors per stage",
+    "inference.num_gpus": "GPUs per actor (1 on a T4 node; 0 on CPU)",
+    "inference.num_cpus": "CPUs per actor",
+    "inference.accelerator_type": "require this GPU type for the actors (T4 on the cluster); null = any",
+    "inference.max_new_tokens": "longest generated answer",
+    "inference.reuse_prefix": "compute each conversation's prompt prefix once and share its KV cache",
+    "inference.lines_per_block": "JSON Lines rows per Ray Data block when reading",
+    "inference_scaling": "optional scaling section for inference actors (same keys as scaling); null = inference.*",
+}
+
+
+def config_reference_markdown() -> str:
+    """Markdown table of every config key, its default and what it does (for the README)."""
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, key + ".")
+                continue
+            if key not in FIELD_DOCS:
+                raise KeyError(f"config key {key} has no entry in FIELD_DOCS")
+            default = field.get_default(call_default_factory=True)
+            shown = json.dumps(default) if not isinstance(default, str) else default
+            rows.append(f"| `{key}` | `{shown}` | {FIELD_DOCS[key]} |")
+
+    walk(Config, "")
+    return "\n".join(rows)
