@@ -1,0 +1,239 @@
+"""One place that touches filesystems: local paths and ``s3://`` URIs through ``pyarrow.fs``.
+
+S3 filesystems are built from the environment only (the AWS SDK's default credential chain reads
+``AWS_ACCESS_KEY_ID`` etc. itself). Explicit keys would travel inside every pickled filesystem sent to a
+Ray task; without them a pickle holds only endpoint, region and options.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import uuid
+from typing import Any, Iterable
+
+import pyarrow.fs as pafs
+
+_CHUNK = 1 << 20
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def _endpoint(endpoint: str | None) -> tuple[str | None, str]:
+    """``http://host:port/`` -> ("host:port", "http"); no scheme means https (pyarrow's default)."""
+    endpoint = endpoint or os.environ.get("MECPE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3") \
+        or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return None, "https"
+    scheme, sep, rest = endpoint.partition("://")
+    return (rest, scheme) if sep else (scheme, "https")
+
+
+@functools.lru_cache(maxsize=None)
+def _s3(endpoint_override: str | None, scheme: str, region: str) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(endpoint_override=endpoint_override, scheme=scheme, region=region)
+
+
+def get_filesystem(uri: str, *, endpoint: str | None = None, region: str | None = None
+                   ) -> tuple[pafs.FileSystem, str]:
+    """URI -> (filesystem, path inside it). S3 filesystems are cached per (endpoint, region)."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        host, scheme = _endpoint(endpoint)
+        host = host.rstrip("/") if host else None
+        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return _s3(host, scheme, region), uri[len("s3://"):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    if "://" in uri:  # gs://, hdfs://, ...: whatever pyarrow supports
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def _uri(original: str, path: str) -> str:
+    """Turn a filesystem path back into a URI of the same kind as ``original``."""
+    if is_remote(original):
+        return original.split("://", 1)[0] + "://" + path
+    return path
+
+
+def join(uri: str, *parts: str) -> str:
+    uri = str(uri)
+    if is_remote(uri):
+        return "/".join([uri.rstrip("/")] + [p.strip("/") for p in parts if p])
+    return os.path.join(uri, *parts)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = get_filesystem(uri)
+    with fs.open_input_stream(path) as fh:
+        return fh.read()
+
+
+def _local_temp(path: str) -> str:
+    """Unique temp name in the target's directory (same filesystem, so os.replace is atomic)."""
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _write_local(path: str, chunks: Iterable[bytes]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = _local_temp(path)
+    try:
+        # os.open with mode 0o666 lets the umask decide permissions (mkstemp would force 0600).
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Atomic: readers see the old file or the new one, never a partial one.
+
+    Local: temp file in the same directory + ``os.replace``. S3: one output stream, which becomes
+    visible only when closed (a single PUT for small objects).
+    """
+    fs, path = get_filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        _write_local(path, [data])
+        return
+    with fs.open_output_stream(path) as fh:
+        fh.write(data)
+
+
+def dumps_json(obj: Any, *, indent: int | None = None) -> bytes:
+    """Deterministic JSON bytes (key order as given, UTF-8, newline at the end)."""
+    return (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any, *, indent: int | None = None) -> None:
+    write_bytes(uri, dumps_json(obj, indent=indent))
+
+
+def exists(uri: str) -> bool:
+    fs, path = get_filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _hidden(relpath: str) -> bool:
+    return any(part.startswith((".", "_")) for part in relpath.split("/"))
+
+
+def list_files(uri: str, suffixes: Iterable[str] | None = (".json", ".jsonl")) -> list[str]:
+    """A file -> [uri]; a directory/prefix -> its files, recursive, sorted, by suffix, hidden ones skipped.
+
+    Hidden means any path component below ``uri`` starting with "." or "_" (temp files, ``_SUCCESS``,
+    ``.ipynb_checkpoints``). Raises FileNotFoundError when nothing is there.
+    """
+    fs, path = get_filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [str(uri)]
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{uri}: no such file or directory")
+    suffixes = tuple(s.lower() for s in suffixes or ())
+    out = []
+    for item in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        rel = item.path[len(path):].lstrip("/")
+        if item.type != pafs.FileType.File or _hidden(rel):
+            continue
+        if suffixes and not item.path.lower().endswith(suffixes):
+            continue
+        out.append(_uri(str(uri), item.path))
+    return sorted(out)
+
+
+def delete(uri: str) -> None:
+    """Delete one file; a missing file is fine."""
+    fs, path = get_filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def delete_dir(uri: str) -> None:
+    """Delete a directory/prefix recursively; a missing one is fine."""
+    fs, path = get_filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
+
+
+def _stream(fs: pafs.FileSystem, path: str) -> Iterable[bytes]:
+    with fs.open_input_stream(path) as fh:
+        while chunk := fh.read(_CHUNK):
+            yield chunk
+
+
+def _copy_tree(src_uri: str, dst_uri: str) -> list[str]:
+    """Copy every file below ``src_uri`` (hidden ones too) to ``dst_uri``, streaming; each file atomic."""
+    src_fs, src = get_filesystem(src_uri)
+    dst_fs, dst = get_filesystem(dst_uri)
+    info = src_fs.get_file_info(src)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{src_uri}: no such directory")
+    items = [info] if info.type == pafs.FileType.File else \
+        src_fs.get_file_info(pafs.FileSelector(src, recursive=True))
+    copied = []
+    for item in sorted(items, key=lambda i: i.path):
+        if item.type != pafs.FileType.File:
+            continue
+        rel = item.path[len(src):].lstrip("/") or os.path.basename(item.path)
+        target = dst.rstrip("/") + "/" + rel
+        if isinstance(dst_fs, pafs.LocalFileSystem):
+            _write_local(target, _stream(src_fs, item.path))
+        else:
+            with dst_fs.open_output_stream(target) as out:
+                for chunk in _stream(src_fs, item.path):
+                    out.write(chunk)
+        copied.append(rel)
+    return copied
+
+
+def download_dir(uri: str, local_dir: str) -> list[str]:
+    """Mirror a directory/prefix (model weights, checkpoints) into ``local_dir``; returns relative paths."""
+    return _copy_tree(uri, local_dir)
+
+
+def upload_dir(local_dir: str, uri: str) -> list[str]:
+    """Copy a local directory tree to ``uri`` (local or S3); returns relative paths."""
+    return _copy_tree(local_dir, uri)
+
+
+def safe_key(conversation_id: Any) -> str:
+    """A safe object-key/file-name component for any id: ``[A-Za-z0-9][A-Za-z0-9._-]{0,99}``.
+
+    Ids that are already safe are kept as they are (readable keys). Anything altered (other characters,
+    leading dot/dash, too long) gets 8 hex digits of the original's sha256, so distinct ids stay distinct
+    in practice and ``..``/``/`` can never escape a prefix.
+    """
+    text = str(conversation_id)
+    if _SAFE_KEY.fullmatch(text):
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", text).lstrip("._-")[:90].rstrip("._-")
+    return f"{cleaned}-{digest}" if cleaned else digest
+
+
+def sha256(uri: str) -> str:
+    fs, path = get_filesystem(uri)
+    h = hashlib.sha256()
+    for chunk in _stream(fs, path):
+        h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,53 @@
+"""Shared fixtures: the ECF data folder (never copied into the repo) and a real S3 server on loopback."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("MECPE_DATA", REPO.parent / "shared" / "data" / "ecf"))
+    assert path.is_dir(), f"ECF data not found at {path}; set MECPE_DATA"
+    return path
+
+
+def _set_env(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 with one bucket; credentials and endpoint go into ``os.environ``.
+
+    Session-wide environment (not monkeypatch) so subprocesses started by tests (ray job submit) see it too.
+    """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "MECPE_S3_ENDPOINT": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}
+    saved = {k: os.environ.get(k) for k in env}
+    _set_env(env)
+    try:
+        bucket = "mecpe-test"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield {"endpoint": endpoint, "bucket": bucket}
+    finally:
+        _set_env(saved)
+        server.stop()
