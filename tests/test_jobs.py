@@ -1,0 +1,143 @@
+"""The main job as users meet it: `mecpe pipeline`, `ray job submit` to a real Ray head, cluster.yaml, the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir():
+    from _tiny import tiny_model_dir as build
+
+    return build()
+
+
+@pytest.fixture()
+def ray_local():
+    """A local Ray instance for in-process pipeline runs, shut down so the job test's head has the cores."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cluster_yaml_matches_ray_schema():
+    import jsonschema
+    import ray
+
+    schema_path = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
+    schema = json.loads(schema_path.read_text())
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    jsonschema.validate(cluster, schema)
+    types = cluster["available_node_types"]
+    assert types["a100"]["resources"]["accelerator_type:A100"] >= 1
+    assert types["t4"]["resources"]["accelerator_type:T4"] >= 1
+    assert types["t4"]["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert types["t4"]["min_workers"] == 0 and types["a100"]["min_workers"] == 0
+    assert "rayproject/ray" in cluster["docker"]["image"] and "gpu" in cluster["docker"]["image"]
+
+
+def test_configs_have_launch_command_and_load():
+    from mecpe.config import load_config
+
+    for path in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
+        header = path.read_text().splitlines()[:8]
+        assert any("jobs/pipeline.py" in line or "mecpe pipeline" in line for line in header), path
+        cfg = load_config(str(path), ["output_dir=/tmp/x"])
+        assert cfg.output_dir == "/tmp/x"
+
+
+def _check_report(out: Path):
+    from matplotlib.image import imread
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("precision_pair", "recall_pair", "f1_pair", "weighted_precision", "weighted_recall", "weighted_f1"):
+        assert isinstance(metrics[key], float)
+    report = (out / "report.md").read_text()
+    for emo in ("anger", "disgust", "fear", "joy", "sadness", "surprise"):
+        assert emo in report
+    assert "baseline" in report.lower()
+    png = out / "confusion_matrix.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(str(png))
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+
+
+def test_pipeline_smoke_end_to_end(tmp_path, tiny_model_dir, ray_local):
+    from mecpe.pipeline import main_pipeline
+
+    out = tmp_path / "smoke"
+    rc = main_pipeline(str(REPO / "jobs/configs/smoke.yaml"),
+                       [f"output_dir={out}", f"storage.path={out}/runs", f"model.base={tiny_model_dir}"])
+    assert rc == 0
+    pred = json.loads((out / "Subtask_2_pred.json").read_text())
+    test_ids = [c["conversation_ID"] for c in json.loads((out / "data" / "test.json").read_text())]
+    assert sorted(c["conversation_ID"] for c in pred) == sorted(test_ids)
+    _check_report(out)
+    assert len(json.loads((out / "metrics.json").read_text())["emotion_confusion"]) == 7
+
+
+@pytest.fixture()
+def ray_head(tmp_path, s3_server):
+    """A real Ray head on loopback with its own ports and temp dir; stopped afterwards."""
+    port, dash = _free_port(), _free_port()
+    temp_dir = Path("/tmp") / f"mecpe-ray-{os.getpid()}-{port}"  # short: Ray's socket paths have a length limit
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="token")
+    subprocess.run(
+        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--include-dashboard=true",
+         "--disable-usage-stats"],
+        env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield {"address": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_pipeline_to_s3(ray_head, s3_server, tiny_model_dir):
+    """`ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/smoke.yaml` → S3 outputs."""
+    import boto3
+
+    bucket = s3_server["bucket"]
+    prefix = f"jobs-{int(time.time())}"
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
+           "--", "python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml",
+           f"output_dir=s3://{bucket}/{prefix}", f"storage.path=s3://{bucket}/{prefix}/runs",
+           f"model.base={tiny_model_dir}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert "SUCCEEDED" in log, log[-3000:]
+
+    s3 = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+            for o in page.get("Contents", [])]
+    assert f"{prefix}/Subtask_2_pred.json" in keys
+    assert f"{prefix}/metrics.json" in keys and f"{prefix}/report.md" in keys
+    assert any(k.startswith(f"{prefix}/inference/records/") for k in keys), keys
+    adapters = [k for k in keys if k.endswith("adapter/adapter_config.json")]
+    assert len(adapters) == 2, keys  # emotion + cause
+    metrics = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/metrics.json")["Body"].read())
+    assert 0.0 <= metrics["weighted_f1"] <= 1.0
