@@ -115,6 +115,8 @@ class ScalingSettings(_Strict):
     accelerator_type: str | None = None
     resources_per_worker: dict[str, float] | None = None
     max_failures: int = 100
+    # Node preemptions (spot) are counted apart from failures; -1 = always resume after one.
+    max_preemption_failures: int = -1
 
 
 class StorageConfig(_Strict):
@@ -263,6 +265,7 @@ FIELD_DOCS: dict[str, str] = {
     "scaling.accelerator_type": "require this GPU type (A100, T4, ...); null = any",
     "scaling.resources_per_worker": "extra resources per worker, e.g. {CPU: 8}",
     "scaling.max_failures": "worker failures tolerated before the run fails (preemptions are counted apart)",
+    "scaling.max_preemption_failures": "node preemptions tolerated before the run fails; -1 = unlimited",
     "storage.path": "training runs: local folder or s3://bucket/prefix",
     "storage.s3_endpoint": "S3-compatible endpoint URL (not a secret); credentials come from the environment",
     "storage.s3_region": "S3 region",

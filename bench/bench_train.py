@@ -1,0 +1,132 @@
+"""Training throughput of the real ``mecpe train`` job (Ray Train + trl SFTTrainer) on one GPU.
+
+Runs ``mecpe.train.run_training`` (the product path: TorchTrainer, 4-bit NF4 base loaded by ``mecpe.modeling``,
+LoRA, completion-only SFT on the real ECF emotion prompts) for a few steps per LoRA variant and reads the
+``useful_tokens_per_s`` that the job itself logs (non-pad tokens / wall second, ``ThroughputCallback``):
+
+    ref    the reference LoRA settings: r 16, alpha 16, q/k/v/o
+    r64    r 64, alpha 16, all linear layers
+
+MFU = 4 x 13e9 x useful tok/s / 790e12 (LoRA on a frozen base: forward + input-gradient backward, no weight
+gradients; 790 TFLOP/s = H200 dense bf16). Padding waste = 1 - useful / padded tokens. One-epoch wall time is the
+useful tokens of each training set (tokenized with the model's tokenizer) over the measured rate.
+
+    python bench/bench_train.py --model /tmp/standin-13b --out OUT [--steps 24] [--batch 16] [--variants ref,r64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+VARIANTS = {
+    "ref": ["lora.r=16", "lora.alpha=16", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
+    "r64": ["lora.r=64", "lora.alpha=16", "lora.target_modules=all-linear"],
+}
+PEAK_FLOPS = 790e12  # H200 dense bf16
+PARAMS = 13e9
+
+
+def prepare(data: str, out: str) -> dict[str, str]:
+    from mecpe.data import prepare as prepare_data
+
+    train = os.path.join(data, "reconstructed", "Subtask_2_train.json")
+    dest = os.path.join(out, "data")
+    prepare_data(train, None, dest)
+    return {"train": os.path.join(dest, "train.json"), "val": os.path.join(dest, "val.json")}
+
+
+def epoch_tokens(model: str, train_uri: str, max_prompt_tokens: int) -> dict[str, int]:
+    """Useful tokens of one epoch of each task's training set (what the job trains on)."""
+    from mecpe.modeling import load_tokenizer
+    from mecpe.prompts import PromptBuilder
+    from mecpe.train import build_examples, read_split
+
+    tok = load_tokenizer(model)
+    builder = PromptBuilder(tok, max_prompt_tokens)
+    convs = read_split(train_uri, None)
+    out = {}
+    for task in ("emotion", "cause"):
+        rows, _ = build_examples(task, convs, builder)
+        out[task] = sum(len(r["input_ids"]) for r in rows)
+        out[f"{task}_examples"] = len(rows)
+    return out
+
+
+def run_variant(name: str, model: str, splits: dict, out: str, steps: int, batch: int, use_gpu: bool,
+                extra: list[str]) -> dict:
+    from mecpe.config import load_config
+    from mecpe.train import run_training
+
+    overrides = [f"model.base={model}", "quantization.mode=nf4", f"scaling.use_gpu={str(use_gpu).lower()}",
+                 f"training.max_steps={steps}", f"training.per_device_batch_size={batch}", "training.grad_accum=1",
+                 f"training.save_steps={steps}", "training.logging_steps=4", "training.eval_steps=null",
+                 f"storage.path={out}/runs", f"storage.run_name=bench-{name}-{int(time.time())}",
+                 *VARIANTS[name], *extra]
+    if not use_gpu:
+        overrides.append("training.optim=adamw_torch")
+    cfg = load_config(None, overrides)
+    t0 = time.time()
+    res = run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=None)
+    wall = time.time() - t0
+    m = res.metrics
+    windows = [h["useful_tokens_per_s"] for h in m.get("log_history", []) if "useful_tokens_per_s" in h]
+    steady = windows[1:] or windows  # the first window holds CUDA warm-up and allocator growth
+    tput = m.get("throughput", {})
+    rate = statistics.median(steady) if steady else tput.get("useful_tokens_per_s", 0.0)
+    return {"variant": name, "overrides": overrides, "steps": m.get("global_step"), "job_wall_s": round(wall, 1),
+            "useful_tok_s": rate, "useful_tok_s_windows": windows,
+            "useful_tok_s_whole_run": tput.get("useful_tokens_per_s"),
+            "useful_token_fraction": tput.get("useful_token_fraction"),
+            "gradient_checkpointing": m.get("gradient_checkpointing"), "compute_dtype": m.get("compute_dtype"),
+            "optimizer": m.get("optimizer"), "train_loss": m.get("train_loss"),
+            "mfu": 4 * PARAMS * rate / PEAK_FLOPS}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", default=os.environ.get("MECPE_DATA", os.path.join(REPO, "..", "shared/data/ecf")))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--batch", type=int, default=16, help="per-device batch (grad_accum 1)")
+    ap.add_argument("--variants", default="ref,r64")
+    ap.add_argument("--override", action="append", default=[], help="extra config overrides")
+    a = ap.parse_args()
+    import ray
+    import torch
+
+    use_gpu = torch.cuda.is_available()
+    os.makedirs(a.out, exist_ok=True)
+    res: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "model": a.model,
+                 "device": torch.cuda.get_device_name(0) if use_gpu else "cpu", "variants": []}
+    splits = prepare(a.data, a.out)
+    res["epoch_tokens"] = epoch_tokens(a.model, splits["train"], 1024)
+    ray.init(include_dashboard=False)
+    for name in a.variants.split(","):
+        res["variants"].append(run_variant(name, a.model, splits, a.out, a.steps, a.batch, use_gpu, a.override))
+        json.dump(res, open(os.path.join(a.out, "bench_train.json"), "w"), indent=1, default=str)
+    print_table(res)
+
+
+def print_table(res: dict) -> None:
+    et = res["epoch_tokens"]
+    print(f"\n{res['date']} {res['device']}  {res['command']}")
+    print("| variant | useful tok/s | MFU | padding waste | grad ckpt | 1 epoch emotion | 1 epoch cause |")
+    print("|---|---|---|---|---|---|---|")
+    for v in res["variants"]:
+        rate = v["useful_tok_s"] or float("nan")
+        waste = 1 - (v["useful_token_fraction"] or 0)
+        print(f"| {v['variant']} | {rate:.0f} | {v['mfu']:.3f} | {waste:.2%} | {v['gradient_checkpointing']} | "
+              f"{et['emotion'] / rate / 60:.1f} min | {et['cause'] / rate / 60:.1f} min |")
+
+
+if __name__ == "__main__":
+    main()

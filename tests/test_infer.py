@@ -1,0 +1,404 @@
+"""Two-stage batch inference with Ray Data (mecpe.infer): end to end on real ECF conversations with the tiny model,
+S3 in and out, bad input, crash + resume, refusal to mix runs. A real local Ray (2 CPUs) for the whole module."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from _tiny import REPO, tiny_model_dir
+
+SEVEN = {"neutral", "anger", "disgust", "fear", "joy", "sadness", "surprise"}
+TEST_FILE = "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json"
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """A real local Ray; started after the S3 fixture so its workers inherit the S3 endpoint and credentials."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> str:
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def gold40(data_dir) -> list[dict]:
+    return json.loads((data_dir / TEST_FILE).read_text(encoding="utf-8"))[:40]
+
+
+@pytest.fixture(scope="module")
+def input40(tmp_path_factory, gold40) -> Path:
+    path = tmp_path_factory.mktemp("in40") / "test40.json"
+    path.write_text(json.dumps(gold40), encoding="utf-8")
+    return path
+
+
+def make_cfg(base: str, **inference):
+    from mecpe.config import Config
+
+    inf = {"batch_size": 8, "num_actors": 1, "num_cpus": 0.5, **inference}
+    return Config.model_validate({"model": {"base": base}, "quantization": {"mode": "none"},
+                                  "prompt": {"max_prompt_tokens": 512}, "inference": inf})
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_cluster, tiny, input40, tmp_path_factory):
+    """One uninterrupted run on the 40 conversations (separate emotion and cause actors, no adapters)."""
+    from mecpe.infer import run_inference
+
+    out = tmp_path_factory.mktemp("baseline") / "out"
+    summary = run_inference(make_cfg(tiny), str(input40), str(out))
+    return out, summary
+
+
+def read_shards(out: Path, sub: str = "records") -> list[dict]:
+    return [json.loads(line) for f in sorted((out / sub).glob("*.jsonl")) for line in f.read_text().splitlines()]
+
+
+def predictions(out: Path) -> dict:
+    """conversation id -> (emotions per utterance, sorted pairs) of Subtask_2_pred.json."""
+    pred = json.loads((out / "Subtask_2_pred.json").read_text())
+    return {c["conversation_ID"]: ([u["emotion"] for u in c["conversation"]],
+                                   sorted(map(tuple, c["emotion-cause_pairs"]))) for c in pred}
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+
+
+def test_parse_stage_rows_to_conversations_or_rejects():
+    from mecpe.infer import _RAW_SCHEMA, ROW_SCHEMA, ParseStage
+
+    good = {"conversation_ID": 7, "conversation": [{"utterance_ID": 1, "text": "Hi .", "speaker": "Ross"}]}
+
+    def raw(source, kind, pos, loc, data):
+        return {"source": source, "file_index": 0, "kind": kind, "position": pos, "location": loc, "raw": data}
+
+    rows = [
+        raw("a.jsonl", "line", 3, "line 3", json.dumps(good).encode()),
+        raw("a.jsonl", "line", 4, "line 4", b'{"conversation_ID": 8, '),
+        raw("a.jsonl", "line", 5, "line 5", b'{"conversation_ID": 5, "x": "\xff\xfe"}'),
+        raw("b.json", "item", 0, "index 0", json.dumps(good).encode()),
+        raw("b.json", "item", 1, "index 1", json.dumps({"conversation_ID": 9, "conversation": "nope"}).encode()),
+        raw("b.json", "reject", 2, "index 2", json.dumps({"conversation_id": "10", "reason": "invalid UTF-8",
+                                                          "field": None}).encode()),
+        raw("c.json", "error", -1, "1:23", b"unreadable file: not valid JSON"),
+    ]
+    out = ParseStage()(pa.Table.from_pylist(rows, schema=_RAW_SCHEMA))
+    assert out.schema == ROW_SCHEMA
+    got = out.to_pylist()
+    assert [(r["source"], r["location"], r["reject"] is None) for r in got] == [
+        ("a.jsonl", "line 3", True), ("a.jsonl", "line 4", False), ("a.jsonl", "line 5", False),
+        ("b.json", "index 0", True), ("b.json", "index 1", False), ("b.json", "index 2", False),
+        ("c.json", "1:23", False)]
+    assert got[0]["key"] == "7" and json.loads(got[0]["conversation"])["conversation_ID"] == 7
+    assert "JSON" in json.loads(got[1]["reject"])["reason"]
+    assert "UTF-8" in json.loads(got[2]["reject"])["reason"]
+    assert got[4]["conversation_id"] == "9" and json.loads(got[4]["reject"])["field"] == "conversation"
+    assert got[5]["conversation_id"] == "10"
+    assert "unreadable file" in json.loads(got[6]["reject"])["reason"]
+    assert len({r["uid"] for r in got}) == len(got)
+
+
+def test_reader_streams_jsonl_lines_and_splits_arrays(ray_cluster, tmp_path):
+    """Lines as raw bytes across read chunks (a 200 kB line, CRLF, BOM, blank lines, no final newline), blocks of
+    at most ``per_block`` rows; a JSON array split into elements; a truncated array is one error row."""
+    from mecpe.infer import _make_raw_datasource
+
+    conv = {"conversation_ID": 1, "conversation": [{"utterance_ID": 1, "text": "x" * 200_000, "speaker": "A"}]}
+    lines = [b"\xef\xbb\xbf" + json.dumps(conv).encode() + b"\r", b"", b"  ", b"\xff broken", b'{"a": 1}']
+    jsonl = b"\n".join(lines)  # no newline at the end
+    a, b = tmp_path / "in.jsonl", tmp_path / "in.json"
+    a.write_bytes(jsonl)
+    b.write_text("[]")
+    src = _make_raw_datasource([("in.jsonl", str(a), 0), ("in.json", str(b), 1)], None, 2)
+
+    def read(data, path):
+        return [r for block in src._read_stream(pa.BufferReader(data), path) for r in block.to_pylist()], \
+            [block.num_rows for block in src._read_stream(pa.BufferReader(data), path)]
+
+    rows, sizes = read(jsonl, str(a))
+    assert [(r["kind"], r["position"], r["location"]) for r in rows] == [
+        ("line", 1, "line 1"), ("line", 4, "line 4"), ("line", 5, "line 5")]
+    assert json.loads(rows[0]["raw"]) == conv and rows[1]["raw"] == b"\xff broken"
+    assert sizes == [2, 1] and {r["source"] for r in rows} == {"in.jsonl"}
+    rows, _ = read(json.dumps([conv, 5]).encode(), str(b))
+    assert [(r["kind"], r["location"], r["file_index"]) for r in rows] == [("item", "index 0", 1),
+                                                                           ("item", "index 1", 1)]
+    rows, _ = read(b'[{"conversation_ID": 1', str(b))
+    assert [r["kind"] for r in rows] == ["error"] and b"unreadable file" in rows[0]["raw"]
+
+
+def test_assemble_dedupes_copies_and_duplicate_ids(tmp_path):
+    from mecpe import storage
+    from mecpe.infer import META, assemble
+
+    def rec(cid, uid, fi, pos, emo="joy"):
+        return {"conversation_ID": cid, "conversation": [
+            {"utterance_ID": 1, "text": "x", "speaker": "A", "emotion": emo, "video_name": f"dia{cid}utt1.mp4",
+             "parse_status": {"emotion": "scored", "cause": "ok"}, "dropped_utterances": {"emotion": 0, "cause": 0}}],
+            "emotion-cause_pairs": [[f"1_{emo}", "1"]],
+            META: {"uid": uid, "key": str(cid), "source": f"f{fi}", "location": f"line {pos}", "file_index": fi,
+                   "position": pos, "gold": None}}
+
+    def write(sub, name, objs):
+        storage.write_bytes(str(tmp_path / sub / name), "".join(json.dumps(o) + "\n" for o in objs).encode())
+
+    write("records", "part-a.jsonl", [rec(2, "u2", 0, 2), rec(1, "u1", 1, 1)])
+    write("records", "part-b.jsonl", [rec(2, "u2", 0, 2), rec(1, "u1b", 0, 9, "anger")])  # retried copy + dup id
+    write("rejects", "part-a.jsonl", [
+        {"uid": "u3", "stage": "cause", "reason": "boom", "retryable": True, "source": "f0", "location": "line 3",
+         "conversation_id": "3", "field": None, "key": "3", "file_index": 0, "position": 3},
+        {"uid": "u2", "stage": "emotion", "reason": "boom", "retryable": True, "source": "f0", "location": "line 2",
+         "conversation_id": "2", "field": None, "key": "2", "file_index": 0, "position": 2}])
+    asm = assemble(str(tmp_path))
+    assert [r["conversation_ID"] for r in asm.records] == [1, 2]
+    assert asm.records[0]["conversation"][0]["emotion"] == "anger"  # file 0 position 9 comes before file 1
+    assert META not in asm.records[0]
+    assert asm.duplicates_in_shards == 1
+    reasons = {r["uid"]: r for r in asm.rejects}
+    assert set(reasons) == {"u1", "u3"}  # u2's failed attempt is superseded by its record
+    assert reasons["u1"]["stage"] == "assemble" and "duplicate conversation_ID" in reasons["u1"]["reason"]
+    assert asm.parse_status == {"emotion": {"scored": 2}, "cause": {"ok": 2}}
+
+
+# ------------------------------------------------------------------------------------------------ with Ray
+
+
+def test_end_to_end_40_conversations(baseline, gold40):
+    from mecpe.evaluate import score_subtask2
+
+    out, summary = baseline
+    pred = json.loads((out / "Subtask_2_pred.json").read_text())
+    assert [c["conversation_ID"] for c in pred] == sorted(c["conversation_ID"] for c in gold40)
+    n_utts = sum(len(c["conversation"]) for c in gold40)
+    assert sum(len(c["conversation"]) for c in pred) == n_utts
+    assert all(u["emotion"] in SEVEN for c in pred for u in c["conversation"])
+    metrics = score_subtask2(pred, gold40)
+    assert 0.0 <= metrics["weighted_f1"] <= 1.0
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["weighted_f1"] == pytest.approx(metrics["weighted_f1"])
+    assert (out / "report.md").exists()
+
+    assert summary["conversations"] == 40 and summary["utterances"] == n_utts and summary["rejects"] == 0
+    assert sum(summary["parse_status"]["emotion"].values()) == n_utts
+    n_emotional = sum(1 for c in pred for u in c["conversation"] if u["emotion"] != "neutral")
+    assert sum(summary["parse_status"].get("cause", {}).values()) == n_emotional
+    assert summary["this_run"]["stages"]["emotion"]["utterances"] == n_utts
+    assert summary["this_run"]["stages"]["emotion"]["utt_per_s_per_actor"] > 0
+    prov = summary["provenance"]
+    assert prov["base_model"] and prov["mecpe_version"] and len(prov["inputs"][0]["sha256"]) == 64
+    assert json.loads((out / "summary.json").read_text())["run_id"] == summary["run_id"]
+    assert (out / "rejects.jsonl").read_text() == ""
+
+    records = read_shards(out)
+    assert len(records) == 40 and len({r["_mecpe"]["uid"] for r in records}) == 40
+    utt = records[0]["conversation"][0]
+    assert utt["video_name"].startswith("dia") and "emotion" in utt["parse_status"]
+    assert "emotion" in utt["dropped_utterances"]
+    for r in records:  # pairs in the official format, on the predicted emotions
+        emos = {u["utterance_ID"]: u["emotion"] for u in r["conversation"]}
+        for e, c in r["emotion-cause_pairs"]:
+            uid, label = e.split("_")
+            assert emos[int(uid)] == label != "neutral" and 1 <= int(c) <= len(emos)
+
+
+def _make_adapter(base: str, out: Path, seed: int) -> str:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8,
+                                                  target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(str(out))
+    (out / "mecpe_train.json").write_text(json.dumps({"config_hash": f"cfg-{seed}"}))
+    return str(out)
+
+
+def test_share_base_nf4_with_adapters(ray_cluster, tiny, gold40, tmp_path):
+    """One 4-bit base holding both (random LoRA) adapters does both stages; with ``cause_input=gold`` the cause
+    stage reads the gold emotions (oracle analysis), so the pairs carry them."""
+    from mecpe.infer import run_inference
+
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(gold40[:10]))
+    emo = _make_adapter(tiny, tmp_path / "emotion-adapter", 1)
+    cau = _make_adapter(tiny, tmp_path / "cause-adapter", 2)
+    cfg = make_cfg(tiny, share_base=True, emotion_adapter=emo, cause_adapter=cau, cause_input="gold")
+    cfg.quantization.mode = "nf4"
+    summary = run_inference(cfg, str(src), str(tmp_path / "out"))
+    assert summary["conversations"] == 10 and summary["rejects"] == 0
+    assert summary["provenance"]["adapters"]["emotion"] == {"uri": emo, "config_hash": "cfg-1"}
+    assert summary["provenance"]["adapters"]["cause"] == {"uri": cau, "config_hash": "cfg-2"}
+    assert summary["this_run"]["resources"]["share_base"] is True
+    pred = json.loads((tmp_path / "out" / "Subtask_2_pred.json").read_text())
+    assert sorted(c["conversation_ID"] for c in pred) == sorted(c["conversation_ID"] for c in gold40[:10])
+    assert all(u["emotion"] in SEVEN for c in pred for u in c["conversation"])
+    gold = {(c["conversation_ID"], u["utterance_ID"]): u["emotion"] for c in gold40[:10] for u in c["conversation"]}
+    for c in pred:
+        for e, _ in c["emotion-cause_pairs"]:
+            uid, label = e.split("_")
+            assert gold[(c["conversation_ID"], int(uid))] == label
+    n_gold_emotional = sum(1 for v in gold.values() if v != "neutral")
+    assert sum(summary["parse_status"]["cause"].values()) == n_gold_emotional
+
+
+def test_s3_input_and_output(ray_cluster, tiny, gold40, s3_server):
+    import boto3
+
+    from mecpe.infer import run_inference
+
+    s3 = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1")
+    bucket = s3_server["bucket"]
+    convs = gold40[:12]
+    s3.put_object(Bucket=bucket, Key="infer-in/part-1.jsonl",
+                  Body="".join(json.dumps(c) + "\n" for c in convs[:6]).encode())
+    s3.put_object(Bucket=bucket, Key="infer-in/part-2.json", Body=json.dumps(convs[6:]).encode())
+    summary = run_inference(make_cfg(tiny), f"s3://{bucket}/infer-in", f"s3://{bucket}/infer-out")
+    assert summary["conversations"] == 12 and summary["rejects"] == 0
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="infer-out/")["Contents"]}
+    for name in ("Subtask_2_pred.json", "summary.json", "metrics.json", "rejects.jsonl", "_run.json"):
+        assert f"infer-out/{name}" in keys, keys
+    assert any(k.startswith("infer-out/records/part-") for k in keys)
+    pred = json.loads(s3.get_object(Bucket=bucket, Key="infer-out/Subtask_2_pred.json")["Body"].read())
+    assert sorted(c["conversation_ID"] for c in pred) == sorted(c["conversation_ID"] for c in convs)
+    metrics = json.loads(s3.get_object(Bucket=bucket, Key="infer-out/metrics.json")["Body"].read())
+    assert 0.0 <= metrics["weighted_f1"] <= 1.0
+    assert [i["uri"] for i in summary["provenance"]["inputs"]] == [
+        f"s3://{bucket}/infer-in/part-1.jsonl", f"s3://{bucket}/infer-in/part-2.json"]
+
+
+def test_bad_input_mixed_good_and_bad(ray_cluster, tiny, gold40, tmp_path):
+    """Bad lines, invalid UTF-8, mistyped conversations, a truncated file and a duplicate id: good conversations
+    are predicted, every bad one is a reject with file, location, id and reason; nothing is lost."""
+    from mecpe.infer import run_inference
+
+    good = gold40[:6]
+    mistyped = dict(gold40[6], conversation=[dict(gold40[6]["conversation"][0], utterance_ID="one")])
+    lines = [json.dumps(good[0]).encode(), b'{"conversation_ID": 99, "conversation": [',
+             b'{"conversation_ID": 98, "text": "caf\xe9"}', b"", json.dumps(good[1]).encode(),
+             json.dumps(mistyped).encode(), json.dumps(good[2]).encode()]
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    no_speaker = {"conversation_ID": 97, "conversation": [{"utterance_ID": 1, "text": "Hi ."}]}
+    (src / "b.json").write_text(json.dumps([good[3], no_speaker, good[4], good[0]]))  # good[0] again: duplicate
+    (src / "c.json").write_text(json.dumps([good[5]])[:-30])  # truncated: a file-level error
+    summary = run_inference(make_cfg(tiny), str(src), str(tmp_path / "out"))
+
+    out = tmp_path / "out"
+    pred = json.loads((out / "Subtask_2_pred.json").read_text())
+    assert sorted(c["conversation_ID"] for c in pred) == sorted(c["conversation_ID"] for c in good[:5])
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    where = {(Path(r["source"]).name, r["location"]): r for r in rejects}
+    file_error = [r for r in rejects if Path(r["source"]).name == "c.json"]
+    assert len(file_error) == 1 and "unreadable file" in file_error[0]["reason"]
+    assert set(where) - {("c.json", file_error[0]["location"])} == {
+        ("a.jsonl", "line 2"), ("a.jsonl", "line 3"), ("a.jsonl", "line 6"), ("b.json", "index 1"),
+        ("b.json", "index 3")}
+    assert "UTF-8" in where[("a.jsonl", "line 3")]["reason"]
+    assert where[("a.jsonl", "line 6")]["conversation_id"] == str(gold40[6]["conversation_ID"])
+    assert where[("b.json", "index 1")]["conversation_id"] == "97"
+    dup = where[("b.json", "index 3")]
+    assert "duplicate" in dup["reason"] and "a.jsonl" in dup["reason"]
+    assert all(r["reason"] and r["stage"] for r in rejects)
+    # nothing lost: 6 non-blank lines + 4 array items + 1 unreadable file == records + rejects
+    assert len(pred) + len(rejects) == 6 + 4 + 1
+    assert summary["conversations"] == 5 and summary["rejects"] == 6
+
+
+def test_interrupted_run_resumes_exactly_once(ray_cluster, tiny, input40, baseline, tmp_path):
+    """A driver killed after 2 of 20 shards; the re-run finishes the rest: same records as the uninterrupted run,
+    none twice."""
+    from mecpe.infer import CRASH_ENV, run_inference
+
+    base_out, _ = baseline
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(REPO / 'tests')!r})
+        from test_infer import make_cfg
+        from mecpe.infer import run_inference
+        run_inference(make_cfg({tiny!r}, batch_size=2), {str(input40)!r}, {str(out)!r})
+    """)
+    env = dict(os.environ, RAY_ADDRESS=ray_cluster, **{CRASH_ENV: "2"})
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = read_shards(out)
+    assert 0 < len(first) < 40
+    assert not (out / "Subtask_2_pred.json").exists()
+
+    summary = run_inference(make_cfg(tiny, batch_size=2), str(input40), str(out))
+    assert summary["resumed"] and summary["done_before_this_run"] == len(first)
+    assert summary["conversations"] == 40 and summary["this_run"]["records"] == 40 - len(first)
+    records = read_shards(out)
+    uids = [r["_mecpe"]["uid"] for r in records]
+    assert len(uids) == len(set(uids)) == 40
+    assert predictions(out) == predictions(base_out)
+
+
+def test_refuses_output_of_another_run(baseline, tiny, input40, capsys):
+    from mecpe.infer import RunMismatchError, main_infer, run_inference
+
+    out, summary = baseline
+    before = json.loads((out / "_run.json").read_text())
+    cfg = make_cfg(tiny, emotion_method="generate")
+    with pytest.raises(RunMismatchError, match="holds the results of another run") as err:
+        run_inference(cfg, str(input40), str(out))
+    assert "differs in: inference" in str(err.value)
+    rc = main_infer(None, str(input40), str(out), [f"model.base={tiny}", "quantization.mode=none"])
+    assert rc == 2 and "holds the results of another run" in capsys.readouterr().err
+    assert json.loads((out / "_run.json").read_text()) == before  # untouched
+
+
+@pytest.mark.heavy
+def test_overwrite_replaces_another_run(ray_cluster, tiny, gold40, tmp_path):
+    from mecpe.infer import RunMismatchError, run_inference
+
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(gold40[:4]))
+    out = tmp_path / "out"
+    first = run_inference(make_cfg(tiny), str(src), str(out))
+    other = make_cfg(tiny, emotion_method="generate")
+    with pytest.raises(RunMismatchError):
+        run_inference(other, str(src), str(out))
+    second = run_inference(other, str(src), str(out), overwrite=True)
+    assert second["run_id"] != first["run_id"] and second["conversations"] == 4 and not second["resumed"]
+    assert json.loads((out / "_run.json").read_text())["run_id"] == second["run_id"]
+    assert len(read_shards(out)) == 4
+
+
+@pytest.mark.heavy
+def test_full_test_set_cli(ray_cluster, tiny, data_dir, tmp_path):
+    """`mecpe infer` on all 341 official test conversations."""
+    from mecpe.infer import main_infer
+
+    out = tmp_path / "out"
+    rc = main_infer(None, str(data_dir / TEST_FILE), str(out),
+                    [f"model.base={tiny}", "quantization.mode=none", "inference.num_cpus=0.5",
+                     "inference.batch_size=16"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["conversations"] == 341 and summary["utterances"] == 3101 and summary["rejects"] == 0
+    assert json.loads((out / "metrics.json").read_text())["num_conversations_scored"] == 341

@@ -1,0 +1,300 @@
+"""Exactness of mecpe.predict's shortcuts against the straightforward computation, on the tiny model (CPU, fp32).
+
+The shortcuts: packed rows (each conversation prefix once, its questions as masked blocks, several conversations
+per row, left padding), the seven labels scored in one pass, "tree" decoding with a shared cache, constrained
+greedy decoding of causes. Each is checked against full prompts run one at a time. The tiny model's random weights
+make its next token depend mostly on the current token, so most tests use a "context-sensitive" copy (weights
+redrawn with a larger spread) whose answers vary with the prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import time
+
+import pytest
+import torch
+
+import _tiny
+
+TEST_FILE = _tiny.DATA_DIR / "NUSTM_SemEval-2024_ECAC" / "data" / "Subtask_2_test.json"
+LENGTHS = (1, 2, 4, 7, 11, 17)  # conversation lengths of the batch: very different prefix lengths
+
+
+class _Biased(torch.nn.Module):
+    """lm_head + a fixed bias vector: crafts the output distribution without touching the transformer."""
+
+    def __init__(self, head: torch.nn.Module, bias: torch.Tensor):
+        super().__init__()
+        self.head = head
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        return self.head(x) + self.bias
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from mecpe import modeling
+
+    return modeling.load_tokenizer(_tiny.tiny_model_dir(), for_inference=True)
+
+
+def _load(attn: str = "sdpa"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(_tiny.tiny_model_dir(), dtype=torch.float32,
+                                                attn_implementation=attn).eval()
+
+
+def _sharpen(model, std: float = 0.1, seed: int = 2):
+    """A copy whose matrices (embeddings aside) are redrawn with std ``std``: context then matters."""
+    m = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.ndim == 2 and "embed" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _sharpen(_load())
+
+
+@pytest.fixture(scope="module")
+def convs():
+    assert TEST_FILE.exists(), f"ECF test data not found at {TEST_FILE}; set MECPE_DATA"
+    recs = json.loads(TEST_FILE.read_text(encoding="utf-8"))
+    out = []
+    for n in LENGTHS:
+        rec = next(r for r in recs if len(r["conversation"]) == n)
+        out.append(_tiny.make_conversation(rec, str(TEST_FILE)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def builder(tok):
+    from mecpe.prompts import PromptBuilder
+
+    return PromptBuilder(tok, max_prompt_tokens=1024)
+
+
+@pytest.fixture(scope="module")
+def tight(tok):
+    """A builder whose budget shortens the longer conversations' prompts (their own prefix groups)."""
+    from mecpe.prompts import PromptBuilder
+
+    return PromptBuilder(tok, max_prompt_tokens=260)
+
+
+def _gold(convs):
+    return [{u.id: (u.emotion or "neutral") for u in c.utterances} for c in convs]
+
+
+def _full_logprob(model, prompt_ids, answer):
+    with torch.inference_mode():
+        lp = model(torch.tensor([list(prompt_ids) + list(answer)])).logits[0].float().log_softmax(-1)
+    n = len(prompt_ids)
+    return sum(lp[n - 1 + k, t].item() for k, t in enumerate(answer))
+
+
+# ---------------------------------------------------------------- prefix sharing
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefix_shared_logits_equal_full_prompts(tok, builder, tight, convs, attn):
+    from mecpe import predict
+
+    model = _sharpen(_load(attn))
+    emos = _gold(convs)
+    prompts = [bld.emotion_prompt(c, u.id) for bld in (builder, tight) for c in convs for u in c.utterances]
+    prompts += [builder.cause_prompt(c, u.id, e) for c, e in zip(convs, emos) for u in c.utterances[:3]]
+    assert any(p.dropped_utterances for p in prompts), "the tight builder should shorten some prompts"
+    with torch.inference_mode():
+        ref = [model(torch.tensor([p.ids])).logits[0, -1].float() for p in prompts]
+    for budget in (16384, 700) if attn == "sdpa" else (16384,):  # one batch / many rows and batches
+        got = predict.prefix_shared_logits(model, tok, prompts, max_batch_tokens=budget)
+        diff = max((a - b).abs().max().item() for a, b in zip(got, ref))
+        assert diff < 1e-4, (budget, diff)
+    got = predict.prefix_shared_logits(model, tok, prompts, reuse_prefix=False)
+    assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-4
+
+
+# ---------------------------------------------------------------- label scoring
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_label_scores_equal_brute_force(tok, builder, tight, convs, attn):
+    from mecpe import predict
+
+    model = _sharpen(_load(attn))
+    for bld in (builder, tight):
+        sub = convs[2:] if bld is tight else convs[:4]
+        ref = {(ci, u.id): [_full_logprob(model, bld.emotion_prompt(c, u.id).ids, bld.emotion_answer(u.id, lab))
+                            for lab in predict.EMOTIONS]
+               for ci, c in enumerate(sub) for u in c.utterances}
+        for reuse, budget in ((True, 16384), (True, 600), (False, 16384)) if attn == "sdpa" else ((True, 16384),):
+            got = predict.score_emotion_labels(model, tok, bld, sub, reuse_prefix=reuse, max_batch_tokens=budget)
+            diff = max(abs(a - b) for (ci, uid), r in ref.items() for a, b in zip(got[ci][uid][0], r))
+            assert diff < 1e-4, (reuse, budget, diff)
+        res = predict.predict_emotions(model, tok, bld, sub)
+        for (ci, uid), r in ref.items():
+            assert res[ci][uid].label == predict.EMOTIONS[max(range(7), key=r.__getitem__)]
+            assert res[ci][uid].status == "scored"
+        assert list(res[-1]) == [u.id for u in sub[-1].utterances]  # utterance order
+    assert any(r.dropped for r in res[-1].values())
+
+
+def test_scoring_agrees_with_trie_constrained_greedy(tok, builder, model, convs):
+    """With EOS made certain after a label (a large EOS bias), a label's answer log-probability is its label
+    token's, so scoring must pick exactly the label that greedy decoding restricted to the seven answers picks."""
+    from mecpe import predict
+
+    assert all(len(builder.emotion_answer(3, lab)) == len(builder.emotion_answer(3, "joy")) for lab in predict.EMOTIONS)
+    crafted = copy.deepcopy(model)
+    bias = torch.zeros(crafted.lm_head.out_features)
+    bias[tok.eos_token_id] = 100.0
+    crafted.lm_head = _Biased(crafted.lm_head, bias)
+    scored = predict.predict_emotions(crafted, tok, builder, convs)
+    greedy = predict.predict_emotions(crafted, tok, builder, convs, method="constrained_generate")
+    labels = [(s[u].label, g[u].label) for s, g in zip(scored, greedy) for u in s]
+    assert all(a == b for a, b in labels), labels
+    assert len({a for a, _ in labels}) >= 3  # not a degenerate constant answer
+    # uncrafted: the trie decoder still only ever yields one of the seven answers
+    plain = predict.predict_emotions(model, tok, builder, convs, method="constrained_generate")
+    assert all(r.status == "ok" and r.label in predict.EMOTIONS for c in plain for r in c.values())
+
+
+# ---------------------------------------------------------------- causes
+
+_CANON = re.compile(r"utterance_ids :: \[(\d+(,\d+)*)?\]")
+
+
+def test_constrained_causes_well_formed_and_invariant(tok, builder, model, convs):
+    from mecpe import predict
+
+    emos = _gold(convs)
+    emos = [{u: ("joy" if i % 3 else "neutral") for i, u in enumerate(e)} for e in emos]  # more targets
+    runs = {}
+    for reuse, budget in ((True, 16384), (True, 500), (False, 16384), (False, 900)):
+        runs[(reuse, budget)] = predict.cause_answer_ids(model, tok, builder, convs, emos, reuse_prefix=reuse,
+                                                         max_batch_tokens=budget)
+    first = runs[(True, 16384)]
+    assert all(r == first for r in runs.values())  # prefix sharing and batching change nothing
+    texts = []
+    for conv, e, got in zip(convs, emos, first):
+        assert set(got) == {u for u, lab in e.items() if lab != "neutral"}
+        for ids, _ in got.values():
+            assert ids[-1] == tok.eos_token_id
+            text = tok.decode(ids[:-1], skip_special_tokens=True)
+            assert _CANON.fullmatch(text), text
+            nums = [int(x) for x in re.findall(r"\d+", text.partition("::")[2])]
+            assert nums == sorted(set(nums)) and all(1 <= x <= len(conv.utterances) for x in nums)
+            texts.append(text)
+    assert len(set(texts)) >= 3
+    res = predict.predict_causes(model, tok, builder, convs, emos)
+    assert all(r.status == "ok" for c in res for r in c.values())
+    assert [sorted(c) for c in res] == [sorted(c) for c in first]
+
+
+def _brute_greedy(model, prompt_ids, steps, allowed_fn, advance_fn, state):
+    """Greedy decoding by re-running the whole sequence every step (no cache, no batching)."""
+    seq, out = list(prompt_ids), []
+    with torch.inference_mode():
+        for _ in range(steps):
+            last = model(torch.tensor([seq])).logits[0, -1].float()
+            allowed = allowed_fn(state)
+            if allowed is not None:
+                keep = torch.full_like(last, float("-inf"))
+                keep[list(allowed)] = 0
+                last = last + keep
+            tok = int(last.argmax())
+            out.append(tok)
+            seq.append(tok)
+            state, done = advance_fn(state, tok)
+            if done:
+                break
+    return out
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+def test_tree_decoding_equals_brute_force_greedy(tok, builder, model, convs, constrained):
+    """Packed rows + shared prefix cache + one token per question per step == full-prompt greedy decoding."""
+    from mecpe import predict
+
+    emos = _gold(convs)
+    emos = [{u: ("anger" if i % 2 else "neutral") for i, u in enumerate(e)} for e in emos]
+    steps = 12
+    got = predict.cause_answer_ids(model, tok, builder, convs, emos, constrained=constrained, max_new_tokens=steps,
+                                   max_batch_tokens=1200)
+    forced = predict._forced_cause_start(builder) if constrained else []
+    if constrained:
+        dec = predict._ListDecoder(tok.eos_token_id, predict._pieces(tok),
+                                   predict._cause_literal(tok, builder, forced), set(tok.all_special_ids))
+    else:
+        dec = predict._Decoder(tok.eos_token_id, predict._newline_ids(tok))
+    n = 0
+    for ci, conv in enumerate(convs[:5]):
+        for uid, (ids, _) in got[ci].items():
+            p = builder.cause_prompt(conv, uid, emos[ci])
+            start = dec.start(predict._Block((ci, uid), [], data=len(conv.utterances)))
+            ref = _brute_greedy(model, p.ids + forced, steps, dec.allowed, dec.advance, start)
+            assert ids == forced + ref, (ci, uid)
+            n += 1
+    assert n >= 5
+
+
+def test_unconstrained_and_generate_are_deterministic(tok, builder, model, convs):
+    from mecpe import predict
+
+    emos = _gold(convs)
+    a = predict.predict_emotions(model, tok, builder, convs, method="generate")
+    b = predict.predict_emotions(model, tok, builder, convs, method="generate", max_batch_tokens=600)
+    assert a == b
+    assert all(r.status in ("ok", "repaired", "invalid") for c in a for r in c.values())
+    assert all(r.label == "neutral" for c in a for r in c.values() if r.status == "invalid")
+    c1 = predict.predict_causes(model, tok, builder, convs, emos, constrained=False)
+    c2 = predict.predict_causes(model, tok, builder, convs, emos, constrained=False, reuse_prefix=False)
+    assert c1 == c2
+
+
+def test_stats_count_shared_work(tok, builder, model, convs):
+    from mecpe import predict
+
+    shared, full = predict.StageStats(), predict.StageStats()
+    before = predict.STATS["emotion"].prompts
+    predict.predict_emotions(model, tok, builder, convs, stats=shared)
+    predict.predict_emotions(model, tok, builder, convs, stats=full, reuse_prefix=False)
+    n = sum(len(c.utterances) for c in convs)
+    assert shared.prompts == full.prompts == n and predict.STATS["emotion"].prompts == before + 2 * n
+    assert shared.prompt_tokens == full.prompt_tokens == full.computed_tokens
+    assert shared.computed_tokens < 0.6 * full.computed_tokens
+    assert shared.generated_tokens == full.generated_tokens > 0 and shared.seconds > 0
+
+
+# ---------------------------------------------------------------- PEFT and 4-bit
+
+def test_peft_model_and_nf4_run(tok, builder, convs):
+    from peft import get_peft_model
+
+    from mecpe import modeling, predict
+    from mecpe.config import LoraSettings, ModelConfig, QuantizationConfig
+
+    base = _load()
+    emos = _gold(convs[:4])
+    want = predict.predict_emotions(base, tok, builder, convs[:4])
+    peft = get_peft_model(copy.deepcopy(base), modeling.get_peft_config(LoraSettings(r=4, alpha=8)))
+    peft.train()  # dropout on: predict must switch it off (and restore the mode)
+    assert predict.predict_emotions(peft, tok, builder, convs[:4]) == want  # fresh LoRA: B = 0
+    assert peft.training
+    t0 = time.perf_counter()
+    nf4 = modeling.load_model(ModelConfig(base=_tiny.tiny_model_dir()), QuantizationConfig(mode="nf4"),
+                              device="cpu", tokenizer=tok)
+    assert any(type(m).__name__ == "Linear4bit" for m in nf4.modules())
+    emo = predict.predict_emotions(nf4, tok, builder, convs[:4])
+    assert all(r.label in predict.EMOTIONS for c in emo for r in c.values())
+    causes = predict.predict_causes(nf4, tok, builder, convs[:4], emos)
+    assert all(r.status in ("ok", "repaired") for c in causes for r in c.values())
+    assert time.perf_counter() - t0 < 30

@@ -1,0 +1,271 @@
+"""QLoRA SFT as a Ray Train job: answer-only labels, short NF4 runs on CPU, resume after a killed worker, S3 storage.
+
+Runs are tiny (16 training conversations, batch 2, a handful of steps) on the cached tiny Llama model and a real
+local Ray instance, so the whole module stays within a few minutes on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from mecpe import storage, train
+from mecpe.config import Config
+from mecpe.prompts import PromptBuilder, cause_target, emotion_target
+
+from _tiny import conversations, tiny_model_dir, train_records
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model_dir()
+
+
+@pytest.fixture(scope="module")
+def tok(tiny):
+    from mecpe.modeling import load_tokenizer
+
+    return load_tokenizer(tiny)
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    """16 training and 4 validation conversations as prepared-split files."""
+    root = tmp_path_factory.mktemp("splits")
+    recs = train_records()
+    (root / "train.json").write_text(json.dumps(list(recs[:16])))
+    (root / "val.json").write_text(json.dumps(list(recs[200:204])))
+    return {"train": str(root / "train.json"), "val": str(root / "val.json")}
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server):
+    """One local Ray for the module. Started after the S3 server so workers inherit its endpoint and credentials."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+def _cfg(tiny: str, storage_path: str, **training) -> Config:
+    return Config.model_validate({
+        "output_dir": os.path.dirname(storage_path),
+        "model": {"base": tiny},
+        "quantization": {"mode": "nf4"},
+        "prompt": {"max_prompt_tokens": 512},
+        "training": {"max_steps": 8, "per_device_batch_size": 2, "grad_accum": 1, "learning_rate": 3e-3,
+                     "warmup_ratio": 0.0, "save_steps": 4, "logging_steps": 1, **training},
+        "scaling": {"num_workers": 1, "resources_per_worker": {"CPU": 2}},
+        "storage": {"path": storage_path},
+    })
+
+
+def _losses(metrics: dict) -> list[tuple[int, float]]:
+    return [(h["step"], h["loss"]) for h in metrics["log_history"] if "loss" in h]
+
+
+def _check_adapter(adapter: str) -> dict:
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml",
+                 train.META_FILE, train.COMPLETE_MARKER):
+        assert storage.exists(storage.join(adapter, name)), name
+    return storage.read_json(storage.join(adapter, train.META_FILE))
+
+
+# ============================================================================================ no Ray
+
+
+def test_labels_mask_everything_but_answer_and_eos(tok):
+    convs = conversations(8)
+    builder = PromptBuilder(tok, 512)
+    for task in ("emotion", "cause"):
+        rows, stats = train.build_examples(task, convs, builder)
+        assert stats["examples"] == len(rows) > 3 and stats["over_budget"] == 0
+        picked = list({r["length"]: r for r in rows}.values())[:4]  # different lengths: the batch is padded
+        assert len(picked) == 4
+        batch = train.PadCollator(tok.pad_token_id, tok.eos_token_id)(picked)
+        assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+        for i, row in enumerate(picked):
+            conv = next(c for c in convs if str(c.id) == row["conv_id"])
+            utt = next(u for u in conv.utterances if u.id == row["utt_id"])
+            target = emotion_target(utt.id, utt.emotion) if task == "emotion" else cause_target(conv.causes_of(utt.id))
+            labels, mask, ids = batch["labels"][i], batch["attention_mask"][i], batch["input_ids"][i]
+            learned = labels[labels != -100].tolist()
+            assert tok.decode(learned[:-1]) == target
+            assert learned[-1] == tok.eos_token_id
+            # learned tokens are one contiguous block at the end of the real tokens
+            n = int(mask.sum())
+            assert (labels[n - len(learned):n] != -100).all() and (labels[:n - len(learned)] == -100).all()
+            assert (ids[n:] == tok.pad_token_id).all() and (labels[n:] == -100).all() and (mask[n:] == 0).all()
+        assert tok.pad_token_id != tok.eos_token_id
+    with pytest.raises(ValueError):
+        train.PadCollator(tok.eos_token_id, tok.eos_token_id)
+
+
+def test_over_budget_examples_are_reported_not_cut(tok):
+    convs = conversations(4)
+    builder = PromptBuilder(tok, 60)  # smaller than any prompt's fixed part: nothing can fit
+    rows, stats = train.build_examples("emotion", convs, builder, max_answer_tokens=8)
+    assert stats["over_budget"] == len(rows) > 0 and stats["shortened_prompts"] > 0
+    assert all(r["length"] > 68 and len(r["input_ids"]) == len(r["labels"]) == r["length"] for r in rows)
+    assert stats["over_budget_ids"][0] == f"{rows[0]['conv_id']}:{rows[0]['utt_id']}"
+
+
+def test_cause_emotion_modes(tok):
+    convs = conversations(40)
+    gold = [train.shown_emotions(c, "gold") for c in convs]
+    noised = [train.shown_emotions(c, "noised", noise_rate=0.3, seed=1) for c in convs]
+    assert noised == [train.shown_emotions(c, "noised", noise_rate=0.3, seed=1) for c in convs]  # seeded
+    changed = sum(g[u] != n[u] for g, n in zip(gold, noised) for u in g)
+    total = sum(len(g) for g in gold)
+    assert 0.15 * total < changed < 0.45 * total
+    assert all(lab in train.LABELS for n in noised for lab in n.values())
+
+    records = [{"conversation_ID": c.id, "conversation": [{"utterance_ID": u.id, "emotion": "joy"}
+                                                          for u in c.utterances]} for c in convs[:2]]
+    pred = train.normalize_predictions(records)
+    assert train.shown_emotions(convs[0], "predicted", predicted=pred) == {u.id: "joy" for u in convs[0].utterances}
+    with pytest.raises(ValueError, match="no predicted emotion"):
+        train.shown_emotions(convs[5], "predicted", predicted=pred)
+    # every utterance shown as non-neutral gets a cause example; gold-neutral ones have [] as target
+    rows, _ = train.build_examples("cause", convs[:2], PromptBuilder(tok, 512),
+                                   emotions_of=lambda c: train.shown_emotions(c, "predicted", predicted=pred))
+    assert len(rows) == sum(len(c.utterances) for c in convs[:2])
+
+
+def test_run_identity(tiny, splits, tmp_path):
+    cfg = _cfg(tiny, str(tmp_path / "runs"))
+    name, h = train.run_identity(cfg, "emotion", splits["train"], splits["val"])
+    assert name == f"emotion-{h}"
+    same = cfg.model_copy(deep=True)
+    same.training.fail_after_step, same.training.save_steps = 2, 2
+    same.storage.path, same.scaling.num_workers = "s3://b/elsewhere", 4
+    assert train.run_identity(same, "emotion", splits["train"], splits["val"]) == (name, h)
+    other = cfg.model_copy(deep=True)
+    other.training.learning_rate = 1e-4
+    assert train.run_identity(other, "emotion", splits["train"], splits["val"])[0] != name
+    assert train.run_identity(cfg, "emotion", splits["val"], splits["val"])[0] != name  # input content
+    assert train.run_identity(cfg, "cause", splits["train"], splits["val"])[0].startswith("cause-")
+    named = cfg.model_copy(deep=True)
+    named.storage.run_name = "mine"
+    assert train.run_identity(named, "emotion", splits["train"], splits["val"])[0] == "mine"
+    packing = cfg.model_copy(deep=True)
+    packing.training.packing = True
+    with pytest.raises(ValueError, match="packing"):
+        train.run_training(packing, "emotion", train_convs_uri=splits["train"])
+    odd = _cfg(tiny, str(tmp_path / "runs"), save_steps=2, fail_after_step=3)
+    with pytest.raises(ValueError, match="multiple of training.save_steps"):
+        train.run_training(odd, "emotion", train_convs_uri=splits["train"])
+
+
+# ============================================================================================ Ray Train runs
+
+
+def _check_generates(cfg: Config, adapter: str) -> None:
+    from mecpe.modeling import load_for_inference
+
+    model, tok = load_for_inference(cfg.model, cfg.quantization, {"trained": adapter})
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (LoRA B starts at zero) and loaded
+    conv = conversations(1)[0]
+    ids = torch.tensor([PromptBuilder(tok, 512).emotion_prompt(conv, 1).ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids.shape[1]
+
+
+def test_emotion_run_nf4_then_reused(ray_local, tiny, splits, tmp_path):
+    cfg = _cfg(tiny, str(tmp_path / "runs"))
+    res = train.run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
+    assert not res.reused and res.global_step == 8 and res.run_name.startswith("emotion-")
+    assert res.adapter_uri == storage.join(str(tmp_path / "runs"), res.run_name, "adapter")
+    losses = _losses(res.metrics)
+    assert losses[0][0] == 1 and losses[-1][0] == 8 and losses[0][1] > losses[-1][1]
+    m = res.metrics
+    assert m["examples"]["train"]["examples"] > 100 and m["examples"]["train"]["over_budget"] == 0
+    assert "eval_loss" in m and m["optimizer"] == "adamw_torch"  # paged_adamw_32bit falls back on CPU
+    assert m["throughput"]["useful_tokens"] > 0 and 0.5 < m["throughput"]["useful_token_fraction"] <= 1
+    assert all("useful_tokens_per_s" in h for h in m["log_history"] if "loss" in h)
+    meta = _check_adapter(res.adapter_uri)
+    assert meta["task"] == "emotion" and meta["config_hash"] == res.config_hash and meta["global_step"] == 8
+    assert storage.list_files(storage.join(res.run_dir, "tensorboard"), suffixes=None)
+
+    t0 = time.time()
+    again = train.run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
+    assert again.reused and time.time() - t0 < 10
+    assert (again.run_name, again.adapter_uri, again.global_step) == (res.run_name, res.adapter_uri, 8)
+    _check_generates(cfg, res.adapter_uri)
+
+
+def test_cause_run_nf4(ray_local, tiny, splits, tmp_path):
+    cfg = _cfg(tiny, str(tmp_path / "runs"), max_steps=6)
+    res = train.run_training(cfg, "cause", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
+    losses = _losses(res.metrics)
+    assert res.global_step == 6 and losses[0][1] > losses[-1][1]
+    n_nonneutral = sum(u.emotion != "neutral" for c in conversations(16) for u in c.utterances)
+    assert res.metrics["examples"]["train"]["examples"] == n_nonneutral
+    meta = _check_adapter(res.adapter_uri)
+    assert meta["task"] == "cause" and meta["cause_emotions"] == "gold"
+    _check_generates(cfg, res.adapter_uri)
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_local, tiny, splits, tmp_path):
+    """Rank 0 dies right after the step-2 checkpoint; Ray Train restarts it and HF resumes at step 3."""
+    cfg = _cfg(tiny, str(tmp_path / "runs"), max_steps=6, save_steps=2, fail_after_step=2)
+    res = train.run_training(cfg, "emotion", train_convs_uri=splits["train"])
+    assert storage.exists(storage.join(res.run_dir, train.FAULT_MARKER))  # the fault did fire
+    m = res.metrics
+    assert m["resumed_from_step"] == 2 and m["first_logged_step"] > 2
+    assert res.global_step == 6 == m["global_step"]
+    # the history restored from the checkpoint continues without a gap or a repeat
+    assert [s for s, _ in _losses(m)] == [1, 2, 3, 4, 5, 6]
+    assert m["train_loss"] == pytest.approx(sum(x for _, x in _losses(m)) / 6)  # whole run, not this attempt
+    _check_adapter(res.adapter_uri)
+    events = storage.list_files(storage.join(res.run_dir, "tensorboard"), suffixes=None)
+    assert len(events) >= 2  # the killed attempt's curves were synced at its checkpoint
+
+
+def test_s3_storage_checkpoints_and_adapter(ray_local, s3_server, tiny, splits):
+    """Checkpoints, the fault marker and the adapter land in S3 (moto on loopback); resume reads from S3."""
+    import boto3
+
+    prefix = f"train-{int(time.time())}"
+    cfg = _cfg(tiny, f"s3://{s3_server['bucket']}/{prefix}/runs", max_steps=4, save_steps=2, fail_after_step=2)
+    res = train.run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
+    assert res.adapter_uri.startswith(f"s3://{s3_server['bucket']}/{prefix}/runs/emotion-")
+    assert res.global_step == 4 and res.metrics["resumed_from_step"] == 2
+    s3 = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1")
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_server["bucket"],
+                                                                              Prefix=prefix)
+            for o in page.get("Contents", [])]
+    run = f"{prefix}/runs/{res.run_name}"
+    assert any(k.startswith(f"{run}/checkpoint_") and k.endswith("/checkpoint/trainer_state.json") for k in keys)
+    assert f"{run}/adapter/adapter_model.safetensors" in keys and f"{run}/adapter/{train.COMPLETE_MARKER}" in keys
+    assert f"{run}/{train.FAULT_MARKER}" in keys
+    _check_adapter(res.adapter_uri)
+    again = train.run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
+    assert again.reused and again.global_step == 4
+
+
+@pytest.mark.heavy
+def test_two_workers_ddp_with_checkpointing_resume(ray_local, tiny, splits, tmp_path):
+    """2 DDP ranks (gloo on CPU), gradient checkpointing on, rank 0 killed after step 2: per-rank RNG states are
+    merged into one Ray checkpoint and both ranks resume from it."""
+    cfg = _cfg(tiny, str(tmp_path / "runs"), max_steps=6, save_steps=2, fail_after_step=2,
+               gradient_checkpointing="on")
+    cfg.scaling.num_workers, cfg.scaling.resources_per_worker = 2, {"CPU": 1}
+    res = train.run_training(cfg, "emotion", train_convs_uri=splits["train"])
+    m = res.metrics
+    assert m["num_workers"] == 2 and m["gradient_checkpointing"] is True
+    assert m["resumed_from_step"] == 2 and m["first_logged_step"] == 3 and res.global_step == 6
+    ckpts = [p for p in os.listdir(res.run_dir)
+             if p.startswith("checkpoint_") and os.path.isdir(os.path.join(res.run_dir, p))]
+    assert ckpts and all(os.path.exists(os.path.join(res.run_dir, c, "checkpoint", f"rng_state_{r}.pth"))
+                         for c in ckpts for r in (0, 1))
