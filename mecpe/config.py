@@ -39,7 +39,7 @@ class DataConfig(_Strict):
     limit_test: int | None = None
 
     def resolved_dir(self) -> str:
-        return os.environ.get("MECPE_DATA") or self.data_dir
+        return _abs(os.environ.get("MECPE_DATA") or self.data_dir)
 
     def path(self, name: str) -> str:
         if "://" in name or os.path.isabs(name):
@@ -195,9 +195,41 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
             raise ValueError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except Exception as exc:  # pydantic's message names the field
         raise ValueError(f"{path or '<defaults>'}: invalid config: {exc}") from exc
+    return absolute_paths(cfg)
+
+
+def _abs(path: str | None) -> str | None:
+    if path is None or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Local paths made absolute against the driver's working directory.
+
+    Ray Train and Ray Data workers do not run in the driver's folder, so a relative ``outputs/tiny-model`` would
+    be looked up elsewhere (and a missing local model is then tried as a hub id). ``model.base`` and the adapters
+    count as local when they exist here, when they start with ``.``, ``/`` or ``~``, or when the tiny model is to be
+    built there; otherwise they stay hub ids (``meta-llama/Llama-2-13b-chat-hf`` also looks like a relative path).
+    """
+
+    def local_model(p: str | None, build: bool = False) -> str | None:
+        if p is None or "://" in p:
+            return p
+        if build or p.startswith((".", "/", "~")) or os.path.exists(os.path.expanduser(p)):
+            return _abs(p)
+        return p
+
+    cfg.output_dir = _abs(cfg.output_dir)
+    cfg.storage.path = _abs(cfg.storage.path)
+    cfg.data.data_dir = _abs(cfg.data.data_dir)
+    cfg.model.base = local_model(cfg.model.base, cfg.model.build_tiny_if_missing)
+    cfg.inference.emotion_adapter = local_model(cfg.inference.emotion_adapter)
+    cfg.inference.cause_adapter = local_model(cfg.inference.cause_adapter)
+    return cfg
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -539,26 +539,65 @@ def main_prepare(train: str, test: str | None, out: str, split: str = "random", 
 # --------------------------------------------------------------------------- predictions
 
 
-def write_predictions(records: Iterable[dict], uri: str) -> None:
-    """``Subtask_2_pred.json`` in the official format, sorted by conversation id, indent=4.
+def official_id(conversation_id: Any) -> int | str:
+    """The id as the official files hold it: an int when it is one (or a string of digits), else the string."""
+    i = _int_id(conversation_id)
+    return conversation_id if i is None else i
 
-    Each record is a conversation dict (e.g. from ``conversation_to_json``); only the official keys are
-    kept: conversation_ID, conversation[utterance_ID, text, speaker, emotion, video_name], emotion-cause_pairs.
-    """
+
+def id_order(conversation_id: Any) -> tuple:
+    """Sort key of ``Subtask_2_pred.json``: int ids numerically, then string ids."""
+    return _id_order(official_id(conversation_id))
+
+
+def prediction_json(rec: dict) -> dict:
+    """One conversation in the official format: only conversation_ID, conversation[utterance_ID, text, speaker,
+    emotion, video_name] and emotion-cause_pairs are kept."""
+    cid = official_id(rec["conversation_ID"])
+    utts = []
+    for u in rec["conversation"]:
+        uid = int(u["utterance_ID"])
+        d = {"utterance_ID": uid, "text": u["text"], "speaker": u["speaker"]}
+        if u.get("emotion") is not None:
+            d["emotion"] = u["emotion"]
+        d["video_name"] = video_name(cid, uid)
+        utts.append(d)
+    return {"conversation_ID": cid, "conversation": utts,
+            "emotion-cause_pairs": [_pair_json(p) for p in rec.get("emotion-cause_pairs") or []]}
+
+
+def write_predictions(records: Iterable[dict], uri: str) -> None:
+    """``Subtask_2_pred.json`` in the official format (``prediction_json``), sorted by conversation id, indent=4.
+
+    Holds all records in memory to sort them; ``write_sorted_predictions`` streams records already in order."""
     out = {}
     for rec in records:
-        cid = _int_id(rec["conversation_ID"])
-        cid = rec["conversation_ID"] if cid is None else cid
-        if cid in out:
-            raise ValueError(f"duplicate conversation_ID {cid!r} in predictions")
-        utts = []
-        for u in rec["conversation"]:
-            uid = int(u["utterance_ID"])
-            d = {"utterance_ID": uid, "text": u["text"], "speaker": u["speaker"]}
-            if u.get("emotion") is not None:
-                d["emotion"] = u["emotion"]
-            d["video_name"] = video_name(cid, uid)
-            utts.append(d)
-        out[cid] = {"conversation_ID": cid, "conversation": utts,
-                    "emotion-cause_pairs": [_pair_json(p) for p in rec.get("emotion-cause_pairs") or []]}
-    storage.write_bytes(uri, storage.dumps_json([out[k] for k in sorted(out, key=_id_order)], indent=4))
+        pred = prediction_json(rec)
+        if pred["conversation_ID"] in out:
+            raise ValueError(f"duplicate conversation_ID {pred['conversation_ID']!r} in predictions")
+        out[pred["conversation_ID"]] = pred
+    write_sorted_predictions((out[k] for k in sorted(out, key=_id_order)), uri)
+
+
+def write_sorted_predictions(records: Iterable[dict], uri: str) -> int:
+    """Stream records sorted by ``id_order`` (no duplicates) into ``uri``: the same bytes as dumping the whole
+    list with indent=4, with one conversation in memory at a time. Returns the number written."""
+    import textwrap
+
+    state = {"n": 0, "last": None}
+
+    def chunks():
+        for rec in records:
+            pred = prediction_json(rec)
+            key = _id_order(pred["conversation_ID"])
+            if state["last"] is not None and key <= state["last"]:
+                what = "duplicate" if key == state["last"] else "unsorted"
+                raise ValueError(f"{what} conversation_ID {pred['conversation_ID']!r} in predictions")
+            state["last"] = key
+            body = textwrap.indent(json.dumps(pred, indent=4, ensure_ascii=False), "    ")
+            yield (("[\n" if state["n"] == 0 else ",\n") + body).encode("utf-8")
+            state["n"] += 1
+        yield b"\n]\n" if state["n"] else b"[]\n"
+
+    storage.write_chunks(uri, chunks())
+    return state["n"]

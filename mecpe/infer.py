@@ -18,10 +18,11 @@ Shards are written by our own stage rather than ``Dataset.write_json``: each sha
 completion marker for resume), and the driver needs a per-batch signal (counts, timings) while the run streams.
 
 The driver never holds the dataset: it iterates over the writer's per-shard rows (counts and timings) only. Then it
-assembles, from the shards, ``Subtask_2_pred.json`` (via mecpe.data.write_predictions), ``rejects.jsonl``,
+assembles, from the shards, ``Subtask_2_pred.json`` (streamed, via mecpe.data.write_sorted_predictions), ``rejects.jsonl``,
 ``summary.json`` and, when every conversation carries gold labels, ``metrics.json`` (+ report files if local).
-Assembly keeps one output record per conversation in memory: the prediction file is one JSON document, sorted,
-and ``score_subtask2`` takes lists, so that step is bounded by the output file, not by the pipeline.
+Assembly streams too: records are spilled to a local temp file and written out in conversation-id order one at a
+time, with a small index entry per conversation in memory. Only scoring (inputs with gold labels) holds the gold
+conversations, since ``score_subtask2`` takes lists; evaluation sets are small.
 
 Resume (exactly once after de-duplication):
 
@@ -53,6 +54,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections import Counter
@@ -180,7 +182,10 @@ def _make_raw_datasource(members: list[tuple[str, str, int]], filesystem, lines_
             source, file_index = self._where(path)
             rows: list[dict] = []
 
+            seen_line = [False]
+
             def add(kind, position, location, raw):
+                seen_line[0] = True
                 rows.append({"source": source, "file_index": file_index, "kind": kind, "position": position,
                              "location": location, "raw": raw})
                 return len(rows) >= self._per_block
@@ -218,6 +223,8 @@ def _make_raw_datasource(members: list[tuple[str, str, int]], filesystem, lines_
                     if lineno == 1:
                         last = last.removeprefix(b"\xef\xbb\xbf")
                     add("line", lineno, f"line {lineno}", last.rstrip(b"\r"))
+                if not whole and not seen_line[0]:  # as mecpe.data: an empty file is an error, not zero rows
+                    add("error", -1, "byte 0", b"unreadable file: empty file (no JSON Lines)")
             except OSError as exc:  # an I/O error mid-file: a file-level reject, the job goes on
                 add("error", -1, "file", f"cannot read: {type(exc).__name__}: {exc}".encode())
             if rows:
@@ -591,8 +598,8 @@ def done_uids(output_uri: str) -> set[str]:
 
 @dataclass
 class Assembly:
-    records: list[dict]  # winners, sorted, without _mecpe
-    gold: list[dict] | None
+    conversations: int  # written to the predictions file
+    gold: list[dict] | None  # gold conversations in prediction order, when every input had labels
     rejects: list[dict]
     utterances: int
     parse_status: dict[str, dict[str, int]]
@@ -600,73 +607,83 @@ class Assembly:
     duplicates_in_shards: int
 
 
-def _sort_key(conv_id: Any) -> tuple:
-    try:
-        return (0, int(conv_id), "")
-    except (TypeError, ValueError):
-        return (1, 0, str(conv_id))
+def assemble(output_uri: str, pred_uri: str) -> Assembly:
+    """Read the shards back and write ``pred_uri`` (``Subtask_2_pred.json``): one record per uid (the first copy;
+    a retried batch may have written another), one per conversation id (the first in input order; later ones
+    become rejects), sorted by conversation id.
 
+    Streams: records are spilled to a local temp file while a few small fields per conversation are indexed in
+    memory, then written out in order one at a time, so the driver's memory does not grow with the corpus' text.
+    Inputs with gold labels keep their gold conversations for scoring (evaluation sets are small)."""
+    from mecpe import data
 
-def assemble(output_uri: str) -> Assembly:
-    """Read the shards back: one record per uid (first copy), one per conversation id (first in input order)."""
-    by_uid: dict[str, dict] = {}
+    index: dict[str, tuple] = {}  # uid -> (file_index, position, conversation_ID, source, location, offset, length)
     copies = 0
-    for rec in _iter_shard_lines(storage.join(output_uri, RECORDS_DIR)):
-        meta = rec.get(META) or {}
-        uid = meta.get("uid")
-        if uid is None:
-            continue
-        if uid in by_uid:
-            copies += 1
-            continue
-        by_uid[uid] = rec
-    rejects: dict[str, dict] = {}
-    for rej in _iter_shard_lines(storage.join(output_uri, REJECTS_DIR)):
-        uid = rej.get("uid")
-        if uid is None or uid in by_uid or uid in rejects:
-            copies += uid in rejects
-            continue
-        rejects[uid] = rej
-    winners: dict[str, dict] = {}
-    for rec in sorted(by_uid.values(), key=lambda r: (r[META]["file_index"], r[META]["position"])):
-        meta = rec[META]
-        first = winners.get(meta["key"])
-        if first is None:
-            winners[meta["key"]] = rec
-            continue
-        fm = first[META]
-        rejects[meta["uid"]] = {
-            "source": meta["source"], "location": meta["location"], "conversation_id": str(rec["conversation_ID"]),
-            "reason": f"duplicate conversation_ID {rec['conversation_ID']!r}: kept the one in {fm['source']} at "
-                      f"{fm['location']}", "field": "conversation_ID", "stage": "assemble", "retryable": False,
-            "uid": meta["uid"], "key": meta["key"], "file_index": meta["file_index"], "position": meta["position"]}
-    ordered = sorted(winners.values(), key=lambda r: _sort_key(r["conversation_ID"]))
-    status: dict[str, Counter] = {s: Counter() for s in _STAGES}
-    dropped: Counter = Counter()
-    utterances = 0
-    for rec in ordered:
-        for utt in rec["conversation"]:
-            utterances += 1
-            for stage, st in (utt.get("parse_status") or {}).items():
-                status[stage][st] += 1
-            for stage, n in (utt.get("dropped_utterances") or {}).items():
-                dropped[stage] += int(n or 0)
-    golds = [rec[META].get("gold") for rec in ordered]
-    gold = None
-    if ordered and all(g is not None for g in golds):
-        gold = []
-        for rec, g in zip(ordered, golds):
-            utts = [{**{k: v for k, v in u.items() if k not in ("parse_status", "dropped_utterances")},
-                     "emotion": g["emotions"].get(str(u["utterance_ID"]))} for u in rec["conversation"]]
-            gold.append({"conversation_ID": rec["conversation_ID"], "conversation": utts,
-                         "emotion-cause_pairs": g["emotion-cause_pairs"]})
-    records = [{k: v for k, v in rec.items() if k != META} for rec in ordered]
+    with tempfile.TemporaryFile(prefix="mecpe-assemble-") as spill:
+        for rec in _iter_shard_lines(storage.join(output_uri, RECORDS_DIR)):
+            meta = rec.get(META) or {}
+            uid = meta.get("uid")
+            if uid is None:
+                continue
+            if uid in index:
+                copies += 1
+                continue
+            line = json.dumps(rec, ensure_ascii=False).encode("utf-8")
+            index[uid] = (meta["file_index"], meta["position"], rec["conversation_ID"], meta["source"],
+                          meta["location"], spill.tell(), len(line))
+            spill.write(line)
+        rejects: dict[str, dict] = {}
+        for rej in _iter_shard_lines(storage.join(output_uri, REJECTS_DIR)):
+            uid = rej.get("uid")
+            if uid is None or uid in index or uid in rejects:
+                copies += uid in rejects
+                continue
+            rejects[uid] = rej
+        winners: dict[tuple, tuple] = {}
+        for uid, e in sorted(index.items(), key=lambda kv: (kv[1][0], kv[1][1])):
+            key = data.id_order(e[2])
+            first = winners.get(key)
+            if first is None:
+                winners[key] = (uid, e)
+                continue
+            fe = first[1]
+            rejects[uid] = {
+                "source": e[3], "location": e[4], "conversation_id": str(e[2]),
+                "reason": f"duplicate conversation_ID {e[2]!r}: kept the one in {fe[3]} at {fe[4]}",
+                "field": "conversation_ID", "stage": "assemble", "retryable": False,
+                "uid": uid, "key": storage.safe_key(e[2]), "file_index": e[0], "position": e[1]}
+        index.clear()
+        status: dict[str, Counter] = {s: Counter() for s in _STAGES}
+        dropped: Counter = Counter()
+        count = {"utterances": 0}
+        golds: list[dict] | None = []
+
+        def ordered_records() -> Iterator[dict]:
+            nonlocal golds
+            for key in sorted(winners):
+                _, e = winners[key]
+                spill.seek(e[5])
+                rec = json.loads(spill.read(e[6]))
+                for utt in rec["conversation"]:
+                    count["utterances"] += 1
+                    for stage, st in (utt.get("parse_status") or {}).items():
+                        status[stage][st] += 1
+                    for stage, n in (utt.get("dropped_utterances") or {}).items():
+                        dropped[stage] += int(n or 0)
+                g = rec.pop(META).get("gold")
+                if g is None:
+                    golds = None
+                elif golds is not None:
+                    utts = [{**{k: v for k, v in u.items() if k not in ("parse_status", "dropped_utterances")},
+                             "emotion": g["emotions"].get(str(u["utterance_ID"]))} for u in rec["conversation"]]
+                    golds.append({"conversation_ID": rec["conversation_ID"], "conversation": utts,
+                                  "emotion-cause_pairs": g["emotion-cause_pairs"]})
+                yield rec
+
+        written = data.write_sorted_predictions(ordered_records(), pred_uri)
     reject_list = sorted(rejects.values(), key=lambda r: (r.get("file_index", -1), r.get("position", -1)))
-    return Assembly(records, gold, reject_list, utterances, {s: dict(c) for s, c in status.items()},
-                    dict(dropped), copies)
-
-
-# =============================================================================================== run identity
+    return Assembly(written, golds if written else None, reject_list, count["utterances"],
+                    {s: dict(c) for s, c in status.items()}, dict(dropped), copies)
 
 
 def _adapter_info(uri: str | None) -> dict | None:
@@ -874,28 +891,29 @@ def run_inference(cfg: Config, input_uri: str | list[str], output_uri: str, *, o
     pipe_s = time.time() - t_pipe
     del done_ref
 
-    asm = assemble(output_uri)
-    from mecpe import data
-
-    data.write_predictions(asm.records, storage.join(output_uri, PRED_FILE))
+    asm = assemble(output_uri, storage.join(output_uri, PRED_FILE))
     public_rejects = [{k: r.get(k) for k in ("source", "location", "conversation_id", "reason", "field", "stage",
                                              "retryable")} for r in asm.rejects]
     storage.write_bytes(storage.join(output_uri, REJECTS_FILE), _jsonl(public_rejects))
 
-    metrics = None
+    metrics = metrics_error = None
     if asm.gold is not None:  # score the file as written, like the organisers would
         from mecpe import evaluate
 
         pred_uri = storage.join(output_uri, PRED_FILE)
-        metrics = evaluate.score_subtask2(storage.read_json(pred_uri), asm.gold, pred_source=pred_uri,
-                                          gold_source="gold labels of the input")
+        try:
+            metrics = evaluate.score_subtask2(storage.read_json(pred_uri), asm.gold, pred_source=pred_uri,
+                                              gold_source="gold labels of the input")
+        except evaluate.EvaluationError as exc:  # e.g. string ids: the official metric cannot score them
+            metrics_error = str(exc)  # the predictions are written all the same; scoring is an extra
+            print(f"[mecpe infer] not scored: {metrics_error}", flush=True)
     wall = time.time() - t0
     import mecpe
 
     summary = {
         "run_id": ident["run_id"],
         "output": output_uri,
-        "conversations": len(asm.records),
+        "conversations": asm.conversations,
         "utterances": asm.utterances,
         "rejects": len(asm.rejects),
         "rejects_by_stage": dict(Counter(r["stage"] for r in asm.rejects)),
@@ -921,6 +939,7 @@ def run_inference(cfg: Config, input_uri: str | list[str], output_uri: str, *, o
         },
         "wall_s": round(wall, 2),
         "has_gold": metrics is not None,
+        "metrics_error": metrics_error,
         "provenance": {
             "base_model": cfg.model.base, "revision": cfg.model.revision,
             "adapters": ident["adapters"], "quantization": ident["quantization"],

@@ -146,11 +146,20 @@ class PromptBuilder:
         total = fixed + sum(lengths.values())
         dropped = 0
         if total > self.max_prompt_tokens:
+            # Omitted regions (runs of dropped utterances) counted incrementally, not re-scanned per drop: a
+            # 10,000-utterance conversation would otherwise cost O(n^2) per target. Dropping one utterance opens a
+            # region, extends one, or joins two (1 minus the number of dropped neighbours); == _regions().
+            pos = {uid: k for k, uid in enumerate(utt_ids)}
+            regions = 0
             for uid in drop_order(utt_ids, target):
+                k = pos[uid]
+                left = k > 0 and utt_ids[k - 1] not in kept
+                right = k + 1 < len(utt_ids) and utt_ids[k + 1] not in kept
                 kept.discard(uid)
+                regions += 1 - left - right
                 dropped += 1
                 total -= lengths[uid]
-                if total + self._regions(utt_ids, kept) * len(self.omitted) <= self.max_prompt_tokens:
+                if total + regions * len(self.omitted) <= self.max_prompt_tokens:
                     break
         prefix = self.head + self.intro[kind]
         gap = False

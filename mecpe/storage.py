@@ -113,6 +113,17 @@ def write_bytes(uri: str, data: bytes) -> None:
         fh.write(data)
 
 
+def write_chunks(uri: str, chunks: Iterable[bytes]) -> None:
+    """``write_bytes`` for data produced piece by piece (a large file never held whole): equally atomic."""
+    fs, path = get_filesystem(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        _write_local(path, chunks)
+        return
+    with fs.open_output_stream(path) as fh:  # multipart upload: the object appears only when closed
+        for chunk in chunks:
+            fh.write(chunk)
+
+
 def dumps_json(obj: Any, *, indent: int | None = None) -> bytes:
     """Deterministic JSON bytes (key order as given, UTF-8, newline at the end)."""
     return (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")

@@ -24,7 +24,8 @@ Hugging Face checkpoint folder (adapter, optimizer, scheduler, RNG states, ``tra
 batches already seen. Every checkpoint carries ``mecpe_checkpoint_rank<r>.json`` (size and sha256 of each file, written
 before Ray Train uploads the folder); a resumed worker verifies the checkpoint it is given against it and, when that
 one is truncated or partly uploaded, falls back to the newest complete checkpoint stored under the run (reported in
-the metrics as ``skipped_checkpoints``). A finished run has ``<storage>/<run>/adapter/`` with a completion marker written last; a
+the metrics as ``skipped_checkpoints``); a complete checkpoint newer than Ray Train's latest (a worker killed after
+uploading it, before the controller took the report) is used too. A finished run has ``<storage>/<run>/adapter/`` with a completion marker written last; a
 re-run then returns without starting Ray Train at all.
 """
 
@@ -313,15 +314,15 @@ def _callbacks():
         folder) right after the Trainer saved it and before ``RayTrainReportCallback`` uploads it, so a resumed run
         can tell a complete checkpoint from a truncated or partly uploaded one (see ``_restore_checkpoint``)."""
 
-        def __init__(self, rank: int):
-            self.rank = rank
+        def __init__(self, rank: int, world: int):
+            self.rank, self.world = rank, world
 
         def on_save(self, args, state, control, **kwargs):
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             if os.path.isdir(folder):
-                write_manifest(folder, self.rank, state.global_step)
+                write_manifest(folder, self.rank, state.global_step, self.world)
 
     return ThroughputCallback, FaultInjectionCallback, TensorBoardSyncCallback, ManifestCallback
 
@@ -339,7 +340,7 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: str, rank: int, step: int) -> str:
+def write_manifest(folder: str, rank: int, step: int, world_size: int = 1) -> str:
     """Size and sha256 of every file in a local HF checkpoint folder (other ranks' manifests excluded)."""
     files = {}
     for root, _, names in os.walk(folder):
@@ -351,13 +352,14 @@ def write_manifest(folder: str, rank: int, step: int) -> str:
             files[rel] = {"size": os.path.getsize(full), "sha256": _file_digest(full)}
     path = os.path.join(folder, CHECKPOINT_MANIFEST.format(rank=rank))
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump({"step": step, "rank": rank, "files": files}, fh, indent=1)
+        json.dump({"step": step, "rank": rank, "world_size": world_size, "files": files}, fh, indent=1)
     return path
 
 
 def verify_checkpoint(folder: str) -> str | None:
-    """None when the local HF checkpoint folder is complete, else why not: rank 0's manifest must be there and
-    every file that any manifest lists must have its size and sha256 (a truncated or partly copied folder fails)."""
+    """None when the local HF checkpoint folder is complete, else why not: the manifest of every rank (rank 0's
+    gives the world size) must be there and every file it lists must have its size and sha256 (a truncated or partly
+    copied folder fails)."""
     manifests = sorted(n for n in (os.listdir(folder) if os.path.isdir(folder) else [])
                        if n.startswith("mecpe_checkpoint_rank") and n.endswith(".json"))
     if CHECKPOINT_MANIFEST.format(rank=0) not in manifests:
@@ -365,9 +367,15 @@ def verify_checkpoint(folder: str) -> str | None:
     for name in manifests:
         try:
             with open(os.path.join(folder, name), encoding="utf-8") as fh:
-                listed = json.load(fh)["files"]
+                manifest = json.load(fh)
+            listed = manifest["files"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return f"{name} unreadable: {type(exc).__name__}: {exc}"
+        if manifest.get("rank") == 0:
+            absent = [r for r in range(int(manifest.get("world_size") or 1))
+                      if CHECKPOINT_MANIFEST.format(rank=r) not in manifests]
+            if absent:
+                return f"no manifest of rank(s) {absent} (a rank's upload is missing)"
         for rel, want in listed.items():
             path = os.path.join(folder, rel)
             if not os.path.isfile(path):
@@ -403,41 +411,42 @@ def _stored_checkpoints(run_uri: str) -> list[tuple[int, str]]:
 
 def _restore_checkpoint(checkpoint: Any, local_dir: str, run_uri: str | None = None,
                         skipped: list | None = None) -> str | None:
-    """The local path of a complete HF checkpoint folder to resume from, or None (start from scratch).
+    """The local path of the complete HF checkpoint folder to resume from, or None (start from step 0).
 
-    Ray Train's latest checkpoint comes first; when it is incomplete (truncated file, partial upload: see
-    ``verify_checkpoint``) the other checkpoint folders stored under ``run_uri`` are tried, newest first. Every
-    checkpoint passed over is logged and appended to ``skipped`` as {checkpoint, reason}; with none complete, training
-    starts from step 0 (same seed and data, so the same run)."""
-    if checkpoint is None:
-        return None
+    Candidates are the checkpoint folders stored under ``run_uri``, newest step first, and Ray Train's latest
+    registered checkpoint (``checkpoint``). The newest one that verifies against its manifest wins: a truncated or
+    partly uploaded folder is passed over (logged, and appended to ``skipped`` as {checkpoint, reason}), and a
+    complete folder newer than Ray Train's latest (a worker killed after the upload but before the controller took
+    its report) saves recomputing those steps. With none complete, training starts from step 0 (same seed and data,
+    so the same run); failing instead would only make Ray Train restart the workers into the same state."""
     skipped = [] if skipped is None else skipped
-    path = checkpoint.to_directory(os.path.join(local_dir, "resume"))
-    hf = os.path.join(path, HF_CHECKPOINT)
-    problem = verify_checkpoint(hf)
-    if problem is None:
-        return hf
-    latest_uri = storage.join(str(checkpoint.path), HF_CHECKPOINT)
-    skipped.append({"checkpoint": latest_uri, "reason": problem})
-    _log(f"latest checkpoint {checkpoint.path} is incomplete ({problem}); looking for an earlier one")
-    latest_name = os.path.basename(str(checkpoint.path).rstrip("/"))
-    for i, (step, uri) in enumerate(_stored_checkpoints(run_uri) if run_uri else []):
-        if uri.rstrip("/").rsplit("/", 2)[-2] == latest_name:
-            continue
+    stored = _stored_checkpoints(run_uri) if run_uri else []
+    latest_name = os.path.basename(str(checkpoint.path).rstrip("/")) if checkpoint is not None else None
+    candidates: list[tuple[str, Any]] = [(uri, None) for _, uri in stored]
+    if latest_name and not any(uri.rstrip("/").rsplit("/", 2)[-2] == latest_name for uri in
+                               (u for u, _ in candidates)):
+        candidates.append((storage.join(str(checkpoint.path), HF_CHECKPOINT), checkpoint))  # not listable: last
+    for i, (uri, ray_ckpt) in enumerate(candidates):
         local = os.path.join(local_dir, f"resume-{i}")
         try:
-            storage.download_dir(uri, local)
+            if ray_ckpt is not None:
+                local = os.path.join(ray_ckpt.to_directory(local), HF_CHECKPOINT)
+            else:
+                storage.download_dir(uri, local)
         except OSError as exc:
             problem = f"cannot download: {type(exc).__name__}: {exc}"
         else:
             problem = verify_checkpoint(local)
         if problem is None:
-            _log(f"resuming from the earlier complete checkpoint {uri} (step {step})")
+            name = uri.rstrip("/").rsplit("/", 2)[-2]
+            if latest_name and name != latest_name:
+                _log(f"resuming from {uri}: complete, and newer than Ray Train's latest registered checkpoint "
+                     f"{latest_name}")
             return local
         skipped.append({"checkpoint": uri, "reason": problem})
-        _log(f"checkpoint {uri} is incomplete too ({problem})")
-    # Failing here would only make Ray Train restart the workers into the same state, max_failures times.
-    _log(f"no complete checkpoint in {run_uri or checkpoint.path}: training starts again from step 0")
+        _log(f"checkpoint {uri} is incomplete ({problem}); trying an earlier one")
+    if candidates:
+        _log(f"no complete checkpoint under {run_uri}: training starts again from step 0")
     return None
 
 
@@ -555,7 +564,7 @@ def train_loop(config: dict) -> dict:
         )
         throughput = Throughput()
         callbacks = [TensorBoardSync(os.path.join(out_dir, "runs"), storage.join(run_uri, "tensorboard"), rank),
-                     Manifest(rank),  # before the report: the manifest travels inside the checkpoint
+                     Manifest(rank, world),  # before the report: the manifest travels inside the checkpoint
                      RayTrainReportCallback()]
         if tcfg.fail_after_step is not None:
             callbacks.append(FaultInjection(tcfg.fail_after_step, storage.join(run_uri, FAULT_MARKER), rank))

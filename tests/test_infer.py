@@ -169,11 +169,12 @@ def test_assemble_dedupes_copies_and_duplicate_ids(tmp_path):
          "conversation_id": "3", "field": None, "key": "3", "file_index": 0, "position": 3},
         {"uid": "u2", "stage": "emotion", "reason": "boom", "retryable": True, "source": "f0", "location": "line 2",
          "conversation_id": "2", "field": None, "key": "2", "file_index": 0, "position": 2}])
-    asm = assemble(str(tmp_path))
-    assert [r["conversation_ID"] for r in asm.records] == [1, 2]
-    assert asm.records[0]["conversation"][0]["emotion"] == "anger"  # file 0 position 9 comes before file 1
-    assert META not in asm.records[0]
-    assert asm.duplicates_in_shards == 1
+    asm = assemble(str(tmp_path), str(tmp_path / "pred.json"))
+    pred = json.loads((tmp_path / "pred.json").read_text())
+    assert [r["conversation_ID"] for r in pred] == [1, 2] and asm.conversations == 2
+    assert pred[0]["conversation"][0]["emotion"] == "anger"  # file 0 position 9 comes before file 1
+    assert META not in pred[0] and "parse_status" not in pred[0]["conversation"][0]
+    assert asm.duplicates_in_shards == 1 and asm.utterances == 2 and asm.gold is None
     reasons = {r["uid"]: r for r in asm.rejects}
     assert set(reasons) == {"u1", "u3"}  # u2's failed attempt is superseded by its record
     assert reasons["u1"]["stage"] == "assemble" and "duplicate conversation_ID" in reasons["u1"]["reason"]
@@ -233,6 +234,65 @@ def _make_adapter(base: str, out: Path, seed: int) -> str:
     peft_model.save_pretrained(str(out))
     (out / "mecpe_train.json").write_text(json.dumps({"config_hash": f"cfg-{seed}"}))
     return str(out)
+
+
+def _peak_rss_growth(fn) -> int:
+    """Bytes the driver's resident memory rose above its level at the call's start, at its peak during ``fn``."""
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    start = proc.memory_info().rss
+    peak, stop = [start], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            stop.wait(0.005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        t.join()
+    return max(peak[0], proc.memory_info().rss) - start
+
+
+def test_driver_memory_flat_1x_vs_10x(ray_cluster, tiny, gold40, tmp_path):
+    """Streaming: the driver's memory does not grow with the corpus. 1x = 8 unlabelled conversations (first 2
+    utterances) each carrying a 400 kB extra field that travels into the output records (3.2 MB); 10x = the
+    same repeated with new ids (32 MB). Holding the records on the driver at any point, as an in-memory assembly
+    of the prediction file would, raises the 10x peak by tens of MB."""
+    from mecpe.infer import run_inference
+
+    def corpus(n_copies: int) -> Path:
+        path = tmp_path / f"x{n_copies}.jsonl"
+        with path.open("w", encoding="utf-8") as fh:
+            for k in range(n_copies):
+                for j, conv in enumerate(gold40[:8]):
+                    utts = [{"utterance_ID": u["utterance_ID"], "text": u["text"], "speaker": u["speaker"]}
+                            for u in conv["conversation"][:2]]
+                    utts[0]["notes"] = f"{k}-{j}-" + "n" * 400_000
+                    fh.write(json.dumps({"conversation_ID": 100_000 * k + conv["conversation_ID"],
+                                         "conversation": utts}) + "\n")
+        return path
+
+    cfg = make_cfg(tiny)
+    run_inference(cfg, str(corpus(1)), str(tmp_path / "warm-up"))  # one-time imports and caches not counted
+    growth = {}
+    for n in (1, 10):
+        out = tmp_path / f"out{n}"
+        growth[n] = _peak_rss_growth(lambda: run_inference(cfg, str(corpus(n)), str(out)))
+        pred = json.loads((out / "Subtask_2_pred.json").read_text())
+        assert len(pred) == 8 * n
+        assert all("notes" not in u for c in pred for u in c["conversation"])  # not an official field
+        assert len(read_shards(out)) == 8 * n
+    mib = {n: round(g / 2**20, 1) for n, g in growth.items()}
+    print(f"driver peak RSS growth: 1x {mib[1]} MiB, 10x {mib[10]} MiB")
+    assert growth[10] < growth[1] + 12 * 2**20, mib
 
 
 def test_share_base_nf4_with_adapters(ray_cluster, tiny, gold40, tmp_path):
