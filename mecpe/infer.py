@@ -375,7 +375,7 @@ class _Predictor:
         self.device = modeling.pick_device()
         self.model, self.tokenizer = modeling.load_for_inference(self.cfg.model, self.cfg.quantization,
                                                                  self.adapters, self.device)
-        self.builder = PromptBuilder(self.tokenizer, self.cfg.prompt.max_prompt_tokens)
+        self.builder = PromptBuilder(self.tokenizer, self.cfg.prompt.max_prompt_tokens, cut_target=True)
 
     def _free_memory(self) -> None:
         """After a failed batch (e.g. CUDA out of memory), give the cached blocks back before retrying smaller."""

@@ -37,6 +37,7 @@ class PromptIds:
     prefix: list[int]
     question: list[int]
     dropped_utterances: int
+    cut_tokens: int = 0  # tokens cut from the target utterance itself (``cut_target``; 0 otherwise)
 
     @property
     def ids(self) -> list[int]:
@@ -100,9 +101,14 @@ class PromptBuilder:
     conversation object and emotion assignment), so building all targets of a conversation costs one tokenizer call
     for the conversation plus one short call per question."""
 
-    def __init__(self, tokenizer: Any, max_prompt_tokens: int = 1024, cache_size: int = 256):
+    def __init__(self, tokenizer: Any, max_prompt_tokens: int = 1024, cache_size: int = 256,
+                 cut_target: bool = False):
+        """``cut_target``: when the target utterance alone is over the budget (every other utterance dropped), keep
+        the head of its block and mark the cut with the omission marker (inference: an input is never rejected for
+        its size). Off for training, where such an example is kept whole and reported instead."""
         self.tok = tokenizer
         self.max_prompt_tokens = max_prompt_tokens
+        self.cut_target = cut_target
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
             raise ValueError("tokenizer has no eos token")
@@ -144,13 +150,12 @@ class PromptBuilder:
         lengths = dict(zip(utt_ids, map(len, blocks)))
         kept = set(utt_ids)
         total = fixed + sum(lengths.values())
-        dropped = 0
+        dropped = regions = 0
         if total > self.max_prompt_tokens:
             # Omitted regions (runs of dropped utterances) counted incrementally, not re-scanned per drop: a
             # 10,000-utterance conversation would otherwise cost O(n^2) per target. Dropping one utterance opens a
             # region, extends one, or joins two (1 minus the number of dropped neighbours); == _regions().
             pos = {uid: k for k, uid in enumerate(utt_ids)}
-            regions = 0
             for uid in drop_order(utt_ids, target):
                 k = pos[uid]
                 left = k > 0 and utt_ids[k - 1] not in kept
@@ -161,16 +166,22 @@ class PromptBuilder:
                 total -= lengths[uid]
                 if total + regions * len(self.omitted) <= self.max_prompt_tokens:
                     break
+        target_block, cut = None, 0
+        over = total + regions * len(self.omitted) - self.max_prompt_tokens
+        if over > 0 and self.cut_target:
+            block = blocks[utt_ids.index(target)]
+            keep = max(len(block) - over - len(self.omitted), 1)
+            target_block, cut = block[:keep] + self.omitted, len(block) - keep
         prefix = self.head + self.intro[kind]
         gap = False
         for uid, block in zip(utt_ids, blocks):
             if uid in kept:
-                prefix += block
+                prefix += target_block if uid == target and target_block is not None else block
                 gap = False
             elif not gap:
                 prefix += self.omitted
                 gap = True
-        return PromptIds(prefix=prefix, question=question, dropped_utterances=dropped)
+        return PromptIds(prefix=prefix, question=question, dropped_utterances=dropped, cut_tokens=cut)
 
     @staticmethod
     def _regions(utt_ids: list[int], kept: set[int]) -> int:

@@ -48,6 +48,7 @@ TASKS = ("emotion", "cause")
 META_FILE = "mecpe_train.json"
 COMPLETE_MARKER = ".mecpe_train_complete"  # written last into the adapter folder
 FAULT_MARKER = ".fault_injected"  # in the run folder: the test-only fault fires once per run
+ERROR_FILE = "mecpe_error.json"  # in the run folder: why the last attempt stopped without an adapter
 CHECKPOINT_MANIFEST = "mecpe_checkpoint_rank{rank}.json"  # in each HF checkpoint folder: size + sha256 per file
 HF_CHECKPOINT = "checkpoint"  # RayTrainReportCallback.CHECKPOINT_NAME: the HF folder inside a Ray checkpoint
 LABELS = ("neutral", "anger", "disgust", "fear", "joy", "sadness", "surprise")  # == mecpe.data.EMOTIONS
@@ -587,7 +588,21 @@ def train_loop(config: dict) -> dict:
                 resumed_from = json.load(fh).get("global_step")
             if rank == 0:
                 _log(f"resuming from the checkpoint of step {resumed_from}")
-        output = trainer.train(resume_from_checkpoint=resume)
+        try:
+            output = trainer.train(resume_from_checkpoint=resume)
+        except torch.OutOfMemoryError as exc:
+            if world > 1:  # the other ranks wait in a collective: only a raise (and Ray's restart) frees them
+                raise
+            # Deterministic: every restart would reload the base and run out of memory on the same batch, so the
+            # run ends here with the fix in the message instead of Ray Train retrying it max_failures times.
+            msg = (f"out of GPU memory at step {trainer.state.global_step} on {device} "
+                   f"(per_device_batch_size={tcfg.per_device_batch_size}, gradient checkpointing "
+                   f"{'on' if grad_ckpt else 'off'}, longest example {stats['train']['max_length']} tokens): lower "
+                   f"training.per_device_batch_size, set training.gradient_checkpointing=on or lower "
+                   f"prompt.max_prompt_tokens. {str(exc).splitlines()[0]}")
+            storage.write_json(storage.join(run_uri, ERROR_FILE), {"error": "out_of_memory", "message": msg})
+            _log(msg)
+            return {"error": msg}
         history = list(trainer.state.log_history)
         metrics = {k: v for k, v in output.metrics.items() if isinstance(v, (int, float))}
         # Over the whole run (the history survives resumes); some transformers versions divide only this
@@ -766,10 +781,15 @@ def run_training(cfg: Config, task: str, *, train_convs_uri: str | None = None, 
             worker_runtime_env={"env_vars": env}),
     )
     _log(f"training {task} run {run_name} -> {run_dir}")
+    error_uri = storage.join(run_dir, ERROR_FILE)
+    if storage.exists(error_uri):
+        storage.delete(error_uri)  # from an earlier attempt; this one may fare better (another GPU)
     result = trainer.fit()
     if result.error is not None:
         raise result.error
     done = finished_result(run_dir)
+    if done is None and storage.exists(error_uri):
+        raise RuntimeError(f"run {run_name}: {storage.read_json(error_uri)['message']}")
     if done is None:
         raise RuntimeError(f"run {run_name} ended without a complete adapter at {storage.join(run_dir, 'adapter')}")
     return done

@@ -132,6 +132,25 @@ def test_budget_never_cuts_target_or_question(tok, longest):
     assert f"Which utterances cause it (utterance_{target}" in text
 
 
+def test_cut_target_fits_an_oversized_utterance(tok, longest):
+    """Inference never rejects for size: with ``cut_target`` a target utterance over the budget on its own keeps
+    its head (speaker and start of the text) and the omission marker; the question is untouched."""
+    from dataclasses import replace
+
+    huge = replace(longest.utterances[0], text="The cat sat on the mat. " * 2000)
+    conv = replace(longest, utterances=(huge, *longest.utterances[1:]))
+    whole = PromptBuilder(tok, max_prompt_tokens=256).emotion_prompt(conv, huge.id)
+    assert len(whole) > 256 and whole.cut_tokens == 0  # training keeps it whole (and reports it)
+    p = PromptBuilder(tok, max_prompt_tokens=256, cut_target=True).emotion_prompt(conv, huge.id)
+    assert len(p) <= 256 and p.cut_tokens > 0 and p.question == whole.question
+    assert p.dropped_utterances == len(conv.utterances) - 1
+    text = tok.decode(p.prefix)
+    assert f"utterance_{huge.id} (" in text and "The cat sat on the mat." in text and text.endswith("...\n")
+    assert p.prefix[:200] == whole.prefix[:200]  # the head of the same prompt
+    normal = PromptBuilder(tok, max_prompt_tokens=256, cut_target=True).emotion_prompt(longest, longest.utterances[1].id)
+    assert normal.cut_tokens == 0
+
+
 def test_errors(tok, convs):
     b = PromptBuilder(tok)
     conv = convs[0]

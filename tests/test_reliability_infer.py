@@ -240,7 +240,7 @@ CORPUS = {
 ESCAPING = ["../../escape", "a/b", "/abs/path", "..", "x" * 900]
 GENERATED = {
     "long_conversation.json": ([9001, 9002], 0, None, None, "Long conversation (300 utterances; 10,000: heavy)"),
-    "huge_utterance.jsonl": ([9101], 1, "emotion prediction failed", 9102, "1 MB utterance"),
+    "huge_utterance.jsonl": ([9101, 9102], 0, None, None, "1 MB utterance"),
     "escaping_ids.jsonl": (ESCAPING + [9201], 1, "at most 1000 characters", None,
                            "Conversation ids that would escape the output prefix (../, /, very long)"),
     "empty.json": ([], 1, "unreadable file: empty file", None, "Empty input file (.json)"),
