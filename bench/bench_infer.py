@@ -243,7 +243,8 @@ def mecpe_rates(m: dict) -> dict:
     busy = emo["actor_s"] + cau["actor_s"]
     return {"pipeline_utt_s": emo["utterances"] / busy if busy else None,
             "emotion_utt_s": emo["utt_per_s_per_actor"], "cause_utt_s": cau["utt_per_s_per_actor"],
-            "wall_utt_s": m["this_run"]["utt_per_s"], "utterances": emo["utterances"], "busy_s": busy}
+            "wall_utt_s": m["this_run"]["utt_per_s"], "utterances": emo["utterances"], "busy_s": busy,
+            "gpu_peak_gib": m["this_run"].get("gpu_peak_gib")}
 
 
 def print_table(res: dict) -> None:
@@ -255,6 +256,7 @@ def print_table(res: dict) -> None:
         rows.append(("mecpe pipeline utt/s (wall, incl. actor start + model load)", thr["wall_utt_s"]))
         rows.append(("mecpe emotion stage utt/s", thr["emotion_utt_s"]))
         rows.append(("mecpe cause stage utt/s", thr["cause_utt_s"]))
+        rows.append(("mecpe predictor peak GPU memory GiB", thr["gpu_peak_gib"]))
     if r:
         rows += [("reference-style emotion utt/s (batch 2, 15 tok)", r["emotion_utt_s"]),
                  ("reference-style cause utt/s (batch 1, 25 tok)", r["cause_utt_s"]),

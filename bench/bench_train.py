@@ -86,7 +86,8 @@ def run_variant(name: str, model: str, splits: dict, out: str, steps: int, batch
             "useful_tok_s_whole_run": tput.get("useful_tokens_per_s"),
             "useful_token_fraction": tput.get("useful_token_fraction"),
             "gradient_checkpointing": m.get("gradient_checkpointing"), "compute_dtype": m.get("compute_dtype"),
-            "optimizer": m.get("optimizer"), "train_loss": m.get("train_loss"),
+            "optimizer": m.get("optimizer"), "train_loss": m.get("train_loss"), "gpu_peak_gib": m.get("gpu_peak_gib"),
+            "model_load_s": m.get("model_load_s"),
             "mfu": 4 * PARAMS * rate / PEAK_FLOPS}
 
 
@@ -121,12 +122,13 @@ def main() -> None:
 def print_table(res: dict) -> None:
     et = res["epoch_tokens"]
     print(f"\n{res['date']} {res['device']}  {res['command']}")
-    print("| variant | useful tok/s | MFU | padding waste | grad ckpt | 1 epoch emotion | 1 epoch cause |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | useful tok/s | MFU | padding waste | grad ckpt | peak GPU GiB | 1 epoch emotion | 1 epoch cause |")
+    print("|---|---|---|---|---|---|---|---|")
     for v in res["variants"]:
         rate = v["useful_tok_s"] or float("nan")
         waste = 1 - (v["useful_token_fraction"] or 0)
         print(f"| {v['variant']} | {rate:.0f} | {v['mfu']:.3f} | {waste:.2%} | {v['gradient_checkpointing']} | "
+              f"{v['gpu_peak_gib']} | "
               f"{et['emotion'] / rate / 60:.1f} min | {et['cause'] / rate / 60:.1f} min |")
 
 

@@ -94,6 +94,7 @@ ROW_SCHEMA = pa.schema([
     ("causes", pa.large_string()),
     ("emotion_s", pa.float64()),
     ("cause_s", pa.float64()),
+    ("gpu_peak_gib", pa.float64()),  # peak GPU memory of the predictor actors that handled the row (0: CPU)
 ])
 SHARD_SCHEMA = pa.schema([
     ("records", pa.int64()),
@@ -102,6 +103,7 @@ SHARD_SCHEMA = pa.schema([
     ("cause_utterances", pa.int64()),
     ("emotion_s", pa.float64()),
     ("cause_s", pa.float64()),
+    ("gpu_peak_gib", pa.float64()),
 ])
 _RAW_SCHEMA = pa.schema([
     ("source", pa.string()),
@@ -463,7 +465,19 @@ class _Predictor:
         rows = batch.to_pylist()
         for stage in self.stages:
             self._run_stage(stage, rows)
+        peak = _gpu_peak_gib()
+        for r in rows:
+            r["gpu_peak_gib"] = max(r.get("gpu_peak_gib") or 0.0, peak)
         return _rows_table(rows, ROW_SCHEMA)
+
+
+def _gpu_peak_gib() -> float:
+    """Peak GPU memory this process has allocated (weights, activations, KV cache), 0.0 without CUDA."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return 0.0
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 class EmotionPredictor(_Predictor):
@@ -541,8 +555,9 @@ class ShardWriter:
             return _rows_table([], SHARD_SCHEMA)
         records, rejects = [], []
         emo_u = cau_u = 0
-        emo_s = cau_s = 0.0
+        emo_s = cau_s = gpu = 0.0
         for row in batch.to_pylist():
+            gpu = max(gpu, row.get("gpu_peak_gib") or 0.0)
             emo_s += row["emotion_s"] or 0.0
             cau_s += row["cause_s"] or 0.0
             if row["reject"] is not None:
@@ -564,7 +579,8 @@ class ShardWriter:
         if rejects:
             storage.write_bytes(storage.join(self.output_uri, REJECTS_DIR, name), _jsonl(rejects))
         return _rows_table([{"records": len(records), "rejects": len(rejects), "emotion_utterances": emo_u,
-                             "cause_utterances": cau_u, "emotion_s": emo_s, "cause_s": cau_s}], SHARD_SCHEMA)
+                             "cause_utterances": cau_u, "emotion_s": emo_s, "cause_s": cau_s,
+                             "gpu_peak_gib": gpu}], SHARD_SCHEMA)
 
 
 # =============================================================================================== shards
@@ -876,6 +892,7 @@ def run_inference(cfg: Config, input_uri: str | list[str], output_uri: str, *, o
     crash_after = int(os.environ.get(CRASH_ENV) or 0)
     this_run = Counter()
     secs = {"emotion": 0.0, "cause": 0.0}
+    gpu_peak = 0.0
     t_pipe = time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for row in batch.to_pylist():
@@ -884,6 +901,7 @@ def run_inference(cfg: Config, input_uri: str | list[str], output_uri: str, *, o
                 this_run[k] += row[k]
             secs["emotion"] += row["emotion_s"]
             secs["cause"] += row["cause_s"]
+            gpu_peak = max(gpu_peak, row["gpu_peak_gib"] or 0.0)
             if crash_after and this_run["shards"] >= crash_after:
                 print(f"[mecpe infer] {CRASH_ENV}={crash_after}: exiting after {this_run['shards']} shards",
                       flush=True)
@@ -933,6 +951,7 @@ def run_inference(cfg: Config, input_uri: str | list[str], output_uri: str, *, o
                           "utt_per_s_per_actor": _rate(this_run["cause_utterances"], secs["cause"])},
             },
             "utt_per_s": _rate(this_run["emotion_utterances"], pipe_s),
+            "gpu_peak_gib": gpu_peak,  # the largest predictor actor's peak allocated GPU memory
             "resources": {"num_actors": res.num_actors, "num_gpus": res.num_gpus, "num_cpus": res.num_cpus,
                           "accelerator_type": res.accelerator_type, "batch_size": res.batch_size,
                           "share_base": cfg.inference.share_base},

@@ -528,7 +528,9 @@ def train_loop(config: dict) -> dict:
     if not rows["train"]:
         raise ValueError(f"no {task} training examples in {config['train_uri']}")
 
+    t_load = time.perf_counter()
     model = modeling.load_model(cfg.model, cfg.quantization, device=device, for_training=True, tokenizer=tok)
+    load_s = round(time.perf_counter() - t_load, 1)
     dtype = modeling.compute_dtype(cfg.quantization, device)
     grad_ckpt = use_gradient_checkpointing(tcfg.gradient_checkpointing, device)
     optim = pick_optimizer(tcfg.optim, device)
@@ -621,6 +623,8 @@ def train_loop(config: dict) -> dict:
             "examples": stats,
             "device": device, "compute_dtype": str(dtype).removeprefix("torch."), "optimizer": optim,
             "gradient_checkpointing": grad_ckpt, "num_workers": world,
+            "model_load_s": load_s,
+            "gpu_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None,
             "log_history": history,
         })
         if rank == 0:

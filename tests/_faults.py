@@ -103,7 +103,9 @@ def fake_cloud() -> Iterator[RestartableS3]:
             os.environ[k] = v
     server.start()
     try:
-        boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        # a fresh session: boto3's default one caches the credentials it first saw (an earlier test's)
+        s3 = boto3.session.Session().client("s3", endpoint_url=server.endpoint, region_name="us-east-1")
+        s3.create_bucket(Bucket=BUCKET)
         yield server
     finally:
         server.on_request = None

@@ -69,7 +69,7 @@ def test_credentials_never_written(ray_address, cloud, data_dir, tmp_path, capfd
     res = step_train(cfg, "emotion")
     assert res.adapter_uri.startswith(f"s3://{BUCKET}/sec/runs/")
 
-    s3 = boto3.client("s3", endpoint_url=cloud.endpoint, region_name="us-east-1")
+    s3 = boto3.session.Session().client("s3", endpoint_url=cloud.endpoint, region_name="us-east-1")
     lines = [json.dumps(c) for c in gold[:3]]
     lines += [json.dumps({**gold[3], "conversation_ID": cid}) for cid in ESCAPING]
     s3.put_object(Bucket=BUCKET, Key="sec/in/part-1.jsonl", Body=("\n".join(lines) + "\n").encode())

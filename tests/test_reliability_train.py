@@ -248,7 +248,7 @@ def test_s3_outage_during_checkpoint_upload(ray_address, cloud, tiny, tmp_path):
     _write_splits(out)
     overrides = _overrides(tiny, str(out), f"s3://{BUCKET}/{prefix}/runs")
     cfg = load_config(None, overrides)
-    s3 = boto3.client("s3", endpoint_url=cloud.endpoint, region_name="us-east-1")
+    s3 = boto3.session.Session().client("s3", endpoint_url=cloud.endpoint, region_name="us-east-1")
     seen: list[str] = []
     state = {"outage": None}
 
