@@ -146,7 +146,8 @@ def prefill_rate(loaded, device: str, batch: int = 32, length: int = 512) -> flo
 
 
 def t4_fit(model: str, test_file: str) -> dict:
-    """fp16 compute with the process capped at 15 GiB: the largest token budget the emotion + cause stages run."""
+    """fp16 compute with the process capped at 15 GiB (a T4 has 15 GiB usable), the 4-bit base with both LoRA
+    adapters: the largest token budget the emotion + cause stages run."""
     import torch
 
     from mecpe.modeling import load_model, load_tokenizer
@@ -157,7 +158,15 @@ def t4_fit(model: str, test_file: str) -> dict:
     torch.cuda.set_per_process_memory_fraction(15 * 2**30 / total)
     cfg = _cfg(model, ["quantization.compute_dtype=float16"])
     tok = load_tokenizer(cfg.model.base, for_inference=True)
-    m = load_model(cfg.model, cfg.quantization, device="cuda:0", tokenizer=tok).eval()
+    m = load_model(cfg.model, cfg.quantization, device="cuda:0", tokenizer=tok)
+    # Both adapters attached, as in an inference actor with inference.share_base (random LoRA weights, real shapes)
+    from peft import get_peft_model
+
+    from mecpe.modeling import get_peft_config
+
+    m = get_peft_model(m, get_peft_config(cfg.lora), adapter_name="emotion")
+    m.add_adapter("cause", get_peft_config(cfg.lora))
+    m.eval()
     builder = PromptBuilder(tok, max_prompt_tokens=cfg.prompt.max_prompt_tokens)
     convs = _conversations(test_file, 40)
     gold = [{u.id: u.emotion for u in c.utterances} for c in convs]
@@ -166,7 +175,9 @@ def t4_fit(model: str, test_file: str) -> dict:
         try:
             torch.cuda.reset_peak_memory_stats()
             t0 = time.time()
+            m.set_adapter("emotion")
             predict_emotions(m, tok, builder, convs, max_batch_tokens=budget)
+            m.set_adapter("cause")
             predict_causes(m, tok, builder, convs, gold, max_batch_tokens=budget)
             results[budget] = {"ok": True, "s": round(time.time() - t0, 2),
                                "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}

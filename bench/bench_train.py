@@ -4,14 +4,16 @@ Runs ``mecpe.train.run_training`` (the product path: TorchTrainer, 4-bit NF4 bas
 LoRA, completion-only SFT on the real ECF emotion prompts) for a few steps per LoRA variant and reads the
 ``useful_tokens_per_s`` that the job itself logs (non-pad tokens / wall second, ``ThroughputCallback``):
 
-    ref    the reference LoRA settings: r 16, alpha 16, q/k/v/o
-    r64    r 64, alpha 16, all linear layers
+    ref      the reference LoRA settings: r 16, alpha 16, q/k/v/o; token-budget micro-batches (--max-batch-tokens)
+    r64      r 64, alpha 16, all linear layers; token-budget micro-batches
+    ref-b8   the reference LoRA settings, fixed micro-batches of --batch examples, length-grouped (the before)
 
 MFU = 4 x 13e9 x useful tok/s / 790e12 (LoRA on a frozen base: forward + input-gradient backward, no weight
 gradients; 790 TFLOP/s = H200 dense bf16). Padding waste = 1 - useful / padded tokens. One-epoch wall time is the
 useful tokens of each training set (tokenized with the model's tokenizer) over the measured rate.
 
-    python bench/bench_train.py --model /tmp/standin-13b --out OUT [--steps 24] [--batch 16] [--variants ref,r64]
+    python bench/bench_train.py --model /tmp/standin-13b --out OUT [--steps 24] [--max-batch-tokens 8192]
+        [--batch 8] [--variants ref,r64,ref-b8]
 """
 
 from __future__ import annotations
@@ -26,10 +28,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-VARIANTS = {
-    "ref": ["lora.r=16", "lora.alpha=16", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
-    "r64": ["lora.r=64", "lora.alpha=16", "lora.target_modules=all-linear"],
-}
+REF = ["lora.r=16", "lora.alpha=16", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"]
+R64 = ["lora.r=64", "lora.alpha=16", "lora.target_modules=all-linear"]
+VARIANTS = {"ref": (REF, "tokens"), "r64": (R64, "tokens"), "ref-b8": (REF, "examples")}
 PEAK_FLOPS = 790e12  # H200 dense bf16
 PARAMS = 13e9
 
@@ -60,16 +61,17 @@ def epoch_tokens(model: str, train_uri: str, max_prompt_tokens: int) -> dict[str
     return out
 
 
-def run_variant(name: str, model: str, splits: dict, out: str, steps: int, batch: int, use_gpu: bool,
-                extra: list[str]) -> dict:
+def run_variant(name: str, model: str, splits: dict, out: str, steps: int, batch: int, max_tokens: int,
+                use_gpu: bool, extra: list[str]) -> dict:
     from mecpe.config import load_config
     from mecpe.train import run_training
 
     overrides = [f"model.base={model}", "quantization.mode=nf4", f"scaling.use_gpu={str(use_gpu).lower()}",
                  f"training.max_steps={steps}", f"training.per_device_batch_size={batch}", "training.grad_accum=1",
+                 f"training.max_batch_tokens={max_tokens if VARIANTS[name][1] == 'tokens' else 'null'}",
                  f"training.save_steps={steps}", "training.logging_steps=4", "training.eval_steps=null",
                  f"storage.path={out}/runs", f"storage.run_name=bench-{name}-{int(time.time())}",
-                 *VARIANTS[name], *extra]
+                 *VARIANTS[name][0], *extra]
     if not use_gpu:
         overrides.append("training.optim=adamw_torch")
     cfg = load_config(None, overrides)
@@ -99,7 +101,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8, help="per-device batch (grad_accum 1); 16 OOMs an H200 "
                     "without gradient checkpointing when length grouping puts 16 ~1,000-token examples together")
-    ap.add_argument("--variants", default="ref,r64")
+    ap.add_argument("--max-batch-tokens", type=int, default=8192, help="token budget per micro-batch")
+    ap.add_argument("--variants", default="ref,r64,ref-b8")
     ap.add_argument("--override", action="append", default=[], help="extra config overrides")
     a = ap.parse_args()
     import ray
@@ -112,7 +115,12 @@ def main() -> None:
     splits = prepare(a.data, a.out)
     ray.init(include_dashboard=False)
     for name in a.variants.split(","):
-        res["variants"].append(run_variant(name, a.model, splits, a.out, a.steps, a.batch, use_gpu, a.override))
+        try:
+            v = run_variant(name, a.model, splits, a.out, a.steps, a.batch, a.max_batch_tokens, use_gpu, a.override)
+        except Exception as exc:  # e.g. out of GPU memory: record it, go on with the next variant
+            v = {"variant": name, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            print(f"[bench_train] {name} failed: {v['error']}", flush=True)
+        res["variants"].append(v)
         json.dump(res, open(os.path.join(a.out, "bench_train.json"), "w"), indent=1, default=str)
     res["epoch_tokens"] = epoch_tokens(a.model, splits["train"], 1024)  # CPU only: after the GPU work
     json.dump(res, open(os.path.join(a.out, "bench_train.json"), "w"), indent=1, default=str)
@@ -125,6 +133,9 @@ def print_table(res: dict) -> None:
     print("| variant | useful tok/s | MFU | padding waste | grad ckpt | peak GPU GiB | 1 epoch emotion | 1 epoch cause |")
     print("|---|---|---|---|---|---|---|---|")
     for v in res["variants"]:
+        if "error" in v:
+            print(f"| {v['variant']} | failed: {v['error'][:150]} |||||||")
+            continue
         rate = v["useful_tok_s"] or float("nan")
         waste = 1 - (v["useful_token_fraction"] or 0)
         print(f"| {v['variant']} | {rate:.0f} | {v['mfu']:.3f} | {waste:.2%} | {v['gradient_checkpointing']} | "

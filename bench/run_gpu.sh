@@ -31,7 +31,8 @@ part() {  # part NAME MIN_SECONDS CMD...: run CMD with the time left (if at leas
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 part standin 60 python3 bench/standin.py --out "$MODEL" --tokenizer "$TOKENIZER"
 part infer 150 python3 bench/bench_infer.py --model "$MODEL" --data "$DATA" --out "$OUT/infer" --sample 40 --skip-t4 --override inference.max_batch_tokens=65536 --override inference.batch_size=128
-part train 90 python3 bench/bench_train.py --model "$MODEL" --data "$DATA" --out "$OUT/train" --steps 16 --batch ${TRAIN_BATCH:-8}
+part train 90 python3 bench/bench_train.py --model "$MODEL" --data "$DATA" --out "$OUT/train" --steps 24 \
+    --batch ${TRAIN_BATCH:-8} --max-batch-tokens ${TRAIN_TOKENS:-8192}
 part t4 60 python3 bench/bench_infer.py --model "$MODEL" --data "$DATA" --out "$OUT/infer" --part t4
 ray stop --force > /dev/null 2>&1 || true
 echo "[run_gpu] done, $(left)s before the deadline" | tee -a "$OUT/run_gpu.log"

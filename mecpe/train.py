@@ -168,6 +168,61 @@ class PadCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+class TokenBudgetBatchSampler:
+    """Micro-batches under a token budget: examples sorted by length are cut into runs whose padded size
+    (count x longest) stays within ``max_tokens``; the runs are shuffled (seed + epoch). Short examples come many
+    to a batch and long ones few, so every step does about the same work at almost no padding, and a 4-bit base
+    dequantizes its weights once per ``max_tokens`` tokens instead of once per fixed example count.
+
+    Deterministic for a seed, so a resumed run skips exactly the batches it already trained on."""
+
+    def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int = 0):
+        if max_tokens < 1:
+            raise ValueError(f"training.max_batch_tokens must be positive, got {max_tokens}")
+        self.batches: list[list[int]] = []
+        batch: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda k: (lengths[k], k)):
+            # ascending order: the newest example is the longest, so the padded size is count x its length
+            if batch and (len(batch) + 1) * lengths[i] > max_tokens:
+                self.batches.append(batch)
+                batch = []
+            batch.append(i)  # an example longer than the budget alone is a batch of one (reported, never cut)
+        if batch:
+            self.batches.append(batch)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        order = list(range(len(self.batches)))
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return (self.batches[k] for k in order)
+
+
+def _trainer_class(max_batch_tokens: int | None):
+    """trl's ``SFTTrainer``, with token-budget micro-batches when ``max_batch_tokens`` is set."""
+    from trl import SFTTrainer
+
+    if not max_batch_tokens:
+        return SFTTrainer
+
+    class TokenBudgetSFTTrainer(SFTTrainer):
+        def get_train_dataloader(self):
+            from torch.utils.data import DataLoader
+
+            sampler = TokenBudgetBatchSampler(list(self.train_dataset["length"]), max_batch_tokens, self.args.seed)
+            loader = DataLoader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                                num_workers=self.args.dataloader_num_workers,
+                                pin_memory=self.args.dataloader_pin_memory)
+            return self.accelerator.prepare(loader)  # DDP: each rank takes every world-th batch
+
+    return TokenBudgetSFTTrainer
+
+
 def read_split(uri: str | None, limit: int | None) -> list:
     """Conversations of a split (the first ``limit``). An unreadable file is an error; invalid conversations are
     skipped with a count (a prepared split has none: ``prepare`` already set them aside)."""
@@ -490,7 +545,7 @@ def train_loop(config: dict) -> dict:
     import torch
     from ray.train.huggingface.transformers import RayTrainReportCallback, prepare_trainer
     from transformers import PrinterCallback, ProgressCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     from mecpe import modeling
     from mecpe.prompts import PromptBuilder
@@ -571,10 +626,11 @@ def train_loop(config: dict) -> dict:
                      RayTrainReportCallback()]
         if tcfg.fail_after_step is not None:
             callbacks.append(FaultInjection(tcfg.fail_after_step, storage.join(run_uri, FAULT_MARKER), rank))
-        trainer = SFTTrainer(model=model, args=args, train_dataset=_dataset(rows["train"]),
-                             eval_dataset=_dataset(rows["val"]), processing_class=tok,
-                             data_collator=PadCollator(tok.pad_token_id, tok.eos_token_id),
-                             peft_config=modeling.get_peft_config(cfg.lora), callbacks=callbacks)
+        trainer_cls = _trainer_class(tcfg.max_batch_tokens)
+        trainer = trainer_cls(model=model, args=args, train_dataset=_dataset(rows["train"]),
+                              eval_dataset=_dataset(rows["val"]), processing_class=tok,
+                              data_collator=PadCollator(tok.pad_token_id, tok.eos_token_id),
+                              peft_config=modeling.get_peft_config(cfg.lora), callbacks=callbacks)
         _adapter_to_fp32_unless_bf16(trainer.model, dtype)
         throughput.attach(trainer.model)
         trainer.callback_handler.callbacks.insert(0, throughput)  # before TensorBoard sees the logs
@@ -598,9 +654,10 @@ def train_loop(config: dict) -> dict:
             # Deterministic: every restart would reload the base and run out of memory on the same batch, so the
             # run ends here with the fix in the message instead of Ray Train retrying it max_failures times.
             msg = (f"out of GPU memory at step {trainer.state.global_step} on {device} "
-                   f"(per_device_batch_size={tcfg.per_device_batch_size}, gradient checkpointing "
-                   f"{'on' if grad_ckpt else 'off'}, longest example {stats['train']['max_length']} tokens): lower "
-                   f"training.per_device_batch_size, set training.gradient_checkpointing=on or lower "
+                   f"(per_device_batch_size={tcfg.per_device_batch_size}, max_batch_tokens={tcfg.max_batch_tokens}, "
+                   f"gradient checkpointing {'on' if grad_ckpt else 'off'}, longest example "
+                   f"{stats['train']['max_length']} tokens): lower training.per_device_batch_size (or "
+                   f"training.max_batch_tokens), set training.gradient_checkpointing=on or lower "
                    f"prompt.max_prompt_tokens. {str(exc).splitlines()[0]}")
             storage.write_json(storage.join(run_uri, ERROR_FILE), {"error": "out_of_memory", "message": msg})
             _log(msg)

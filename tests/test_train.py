@@ -139,6 +139,27 @@ def test_cause_emotion_modes(tok):
     assert len(rows) == sum(len(c.utterances) for c in convs[:2])
 
 
+def test_token_budget_batches(tok):
+    """Every example exactly once, padded size within the budget (a lone over-budget example is its own batch),
+    little padding on the real ECF prompts, and a seeded order (so a resumed run skips the same batches)."""
+    rows, _ = train.build_examples("emotion", conversations(60), PromptBuilder(tok, 512))
+    lengths = [r["length"] for r in rows]
+    s = train.TokenBudgetBatchSampler(lengths, 2048, seed=3)
+    batches = list(s)
+    assert sorted(i for b in batches for i in b) == list(range(len(rows))) and len(s) == len(batches)
+    assert all(len(b) * max(lengths[i] for i in b) <= 2048 for b in batches)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert 1 - sum(lengths) / padded < 0.03
+    assert len({len(b) for b in batches}) > 2  # short examples many to a batch, long ones few
+    assert list(train.TokenBudgetBatchSampler(lengths, 2048, seed=3)) == batches
+    s.set_epoch(1)
+    assert list(s) != batches and sorted(map(sorted, s)) == sorted(map(sorted, batches))
+    assert list(train.TokenBudgetBatchSampler([5, 900, 7], 100)) and \
+        [900] in [[[5, 900, 7][i] for i in b] for b in train.TokenBudgetBatchSampler([5, 900, 7], 100)]
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        train.TokenBudgetBatchSampler(lengths, 0)
+
+
 def test_run_identity(tiny, splits, tmp_path):
     cfg = _cfg(tiny, str(tmp_path / "runs"))
     name, h = train.run_identity(cfg, "emotion", splits["train"], splits["val"])
@@ -205,10 +226,15 @@ def test_emotion_run_nf4_then_reused(ray_local, tiny, splits, tmp_path):
 
 
 def test_cause_run_nf4(ray_local, tiny, splits, tmp_path):
-    cfg = _cfg(tiny, str(tmp_path / "runs"), max_steps=6)
+    """Also the token-budget batches: the trainer's own data loader, with almost no padding."""
+    cfg = _cfg(tiny, str(tmp_path / "runs"), max_steps=6, max_batch_tokens=1536)
     res = train.run_training(cfg, "cause", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
     losses = _losses(res.metrics)
     assert res.global_step == 6 and losses[0][1] > losses[-1][1]
+    tput = res.metrics["throughput"]
+    longest = res.metrics["examples"]["train"]["max_length"]
+    # more tokens than 6 batches of per_device_batch_size=2 could hold: the budget, not the example count, rules
+    assert tput["useful_token_fraction"] > 0.97 and tput["padded_tokens"] > 6 * 2 * longest
     n_nonneutral = sum(u.emotion != "neutral" for c in conversations(16) for u in c.utterances)
     assert res.metrics["examples"]["train"]["examples"] == n_nonneutral
     meta = _check_adapter(res.adapter_uri)
@@ -230,6 +256,20 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, tiny, splits, tmp_path
     _check_adapter(res.adapter_uri)
     events = storage.list_files(storage.join(res.run_dir, "tensorboard"), suffixes=None)
     assert len(events) >= 2  # the killed attempt's curves were synced at its checkpoint
+
+
+def test_resumed_token_budget_run_matches_uninterrupted(ray_local, tiny, splits, tmp_path):
+    """Killed after the step-2 checkpoint, a token-budget run resumes on the very batches an uninterrupted run
+    trains on: same losses at every step (the seeded batch order is skipped, not redrawn)."""
+    runs = str(tmp_path / "runs")
+    killed = train.run_training(_cfg(tiny, runs, max_steps=5, save_steps=2, fail_after_step=2, max_batch_tokens=1536),
+                               "emotion", train_convs_uri=splits["train"])
+    assert killed.metrics["resumed_from_step"] == 2
+    whole = train.run_training(_cfg(tiny, runs + "-whole", max_steps=5, save_steps=2, max_batch_tokens=1536),
+                             "emotion", train_convs_uri=splits["train"])
+    assert whole.metrics["resumed_from_step"] is None and not whole.reused
+    assert [s for s, _ in _losses(killed.metrics)] == [1, 2, 3, 4, 5]
+    assert [x for _, x in _losses(killed.metrics)] == pytest.approx([x for _, x in _losses(whole.metrics)], rel=1e-4)
 
 
 def test_s3_storage_checkpoints_and_adapter(ray_local, s3_server, tiny, splits):
