@@ -80,12 +80,13 @@ def run_variant(name: str, model: str, splits: dict, out: str, steps: int, batch
     wall = time.time() - t0
     m = res.metrics
     windows = [h["useful_tokens_per_s"] for h in m.get("log_history", []) if "useful_tokens_per_s" in h]
-    steady = windows[1:] or windows  # the first window holds CUDA warm-up and allocator growth
+    steady = windows[len(windows) // 2:] or windows  # the second half: warm-up (CUDA, allocator) excluded
     tput = m.get("throughput", {})
     rate = statistics.median(steady) if steady else tput.get("useful_tokens_per_s", 0.0)
     return {"variant": name, "overrides": overrides, "steps": m.get("global_step"), "job_wall_s": round(wall, 1),
             "useful_tok_s": rate, "useful_tok_s_windows": windows,
             "useful_tok_s_whole_run": tput.get("useful_tokens_per_s"),
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True (mecpe default)"),
             "useful_token_fraction": tput.get("useful_token_fraction"),
             "gradient_checkpointing": m.get("gradient_checkpointing"), "compute_dtype": m.get("compute_dtype"),
             "optimizer": m.get("optimizer"), "train_loss": m.get("train_loss"), "gpu_peak_gib": m.get("gpu_peak_gib"),
@@ -130,15 +131,16 @@ def main() -> None:
 def print_table(res: dict) -> None:
     et = res["epoch_tokens"]
     print(f"\n{res['date']} {res['device']}  {res['command']}")
-    print("| variant | useful tok/s | MFU | padding waste | grad ckpt | peak GPU GiB | 1 epoch emotion | 1 epoch cause |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | useful tok/s (steady) | MFU | useful tok/s (whole run) | padding waste | grad ckpt | peak GPU GiB "
+          "| 1 epoch emotion | 1 epoch cause |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for v in res["variants"]:
         if "error" in v:
-            print(f"| {v['variant']} | failed: {v['error'][:150]} |||||||")
+            print(f"| {v['variant']} | failed: {v['error'][:150]} ||||||||")
             continue
         rate = v["useful_tok_s"] or float("nan")
         waste = 1 - (v["useful_token_fraction"] or 0)
-        print(f"| {v['variant']} | {rate:.0f} | {v['mfu']:.3f} | {waste:.2%} | {v['gradient_checkpointing']} | "
+        print(f"| {v['variant']} | {rate:.0f} | {v['mfu']:.3f} | {v['useful_tok_s_whole_run']:.0f} | {waste:.2%} | {v['gradient_checkpointing']} | "
               f"{v['gpu_peak_gib']} | "
               f"{et['emotion'] / rate / 60:.1f} min | {et['cause'] / rate / 60:.1f} min |")
 
