@@ -93,7 +93,7 @@ def main() -> None:
         json.dump(res, open(os.path.join(a.out, "bench_cpu_scale.json"), "w"), indent=1)
 
     base = ["inference.num_gpus=0", "inference.num_cpus=1", *a.override]
-    for n in map(int, a.scales.split(",")):
+    for n in [int(x) for x in a.scales.split(",") if x]:
         inp = os.path.join(a.out, f"corpus-x{n}.jsonl")
         corpus(a.data, n, inp)
         r = run_infer(model, inp, os.path.join(a.out, f"out-x{n}"), base)
@@ -102,7 +102,7 @@ def main() -> None:
     inp = os.path.join(a.out, f"corpus-x{a.actor_scale}.jsonl")
     if not os.path.exists(inp):
         corpus(a.data, a.actor_scale, inp)
-    for k in map(int, a.actors.split(",")):
+    for k in [int(x) for x in a.actors.split(",") if x]:
         r = run_infer(model, inp, os.path.join(a.out, f"out-actors{k}"), [*base, f"inference.num_actors={k}"])
         res["actors"].append({"actors": k, **r})
         save()
