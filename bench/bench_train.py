@@ -14,6 +14,7 @@ useful tokens of each training set (tokenized with the model's tokenizer) over t
 
     python bench/bench_train.py --model /tmp/standin-13b --out OUT [--steps 24] [--max-batch-tokens 8192]
         [--batch 8] [--variants ref,r64,ref-b8]
+    python bench/bench_train.py --model - --out - --from-json OUT/bench_train.json     (reprint a saved run)
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def epoch_tokens(model: str, train_uri: str, max_prompt_tokens: int) -> dict[str
     return out
 
 
+def steady_rate(windows: list[float]) -> float | None:
+    """Median of the logged windows of the run's second half: the warm-up of the first steps excluded."""
+    return statistics.median(windows[len(windows) // 2:]) if windows else None
+
+
 def run_variant(name: str, model: str, splits: dict, out: str, steps: int, batch: int, max_tokens: int,
                 use_gpu: bool, extra: list[str]) -> dict:
     from mecpe.config import load_config
@@ -80,9 +86,8 @@ def run_variant(name: str, model: str, splits: dict, out: str, steps: int, batch
     wall = time.time() - t0
     m = res.metrics
     windows = [h["useful_tokens_per_s"] for h in m.get("log_history", []) if "useful_tokens_per_s" in h]
-    steady = windows[len(windows) // 2:] or windows  # the second half: warm-up (CUDA, allocator) excluded
     tput = m.get("throughput", {})
-    rate = statistics.median(steady) if steady else tput.get("useful_tokens_per_s", 0.0)
+    rate = steady_rate(windows) or tput.get("useful_tokens_per_s", 0.0)
     return {"variant": name, "overrides": overrides, "steps": m.get("global_step"), "job_wall_s": round(wall, 1),
             "useful_tok_s": rate, "useful_tok_s_windows": windows,
             "useful_tok_s_whole_run": tput.get("useful_tokens_per_s"),
@@ -105,7 +110,17 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=8192, help="token budget per micro-batch")
     ap.add_argument("--variants", default="ref,r64,ref-b8")
     ap.add_argument("--override", action="append", default=[], help="extra config overrides")
+    ap.add_argument("--from-json", help="no run: print the table of a saved bench_train.json, steady rates "
+                    "recomputed from its logged windows")
     a = ap.parse_args()
+    if a.from_json:
+        res = json.load(open(a.from_json))
+        for v in res["variants"]:
+            if "error" not in v:
+                v["useful_tok_s"] = steady_rate(v["useful_tok_s_windows"])
+                v["mfu"] = 4 * PARAMS * v["useful_tok_s"] / PEAK_FLOPS
+        print_table(res)
+        return
     import ray
     import torch
 
@@ -140,8 +155,8 @@ def print_table(res: dict) -> None:
             continue
         rate = v["useful_tok_s"] or float("nan")
         waste = 1 - (v["useful_token_fraction"] or 0)
-        print(f"| {v['variant']} | {rate:.0f} | {v['mfu']:.3f} | {v['useful_tok_s_whole_run']:.0f} | {waste:.2%} | {v['gradient_checkpointing']} | "
-              f"{v['gpu_peak_gib']} | "
+        print(f"| {v['variant']} | {rate:.0f} | {v['mfu']:.3f} | {v['useful_tok_s_whole_run']:.0f} | {waste:.2%} | "
+              f"{v['gradient_checkpointing']} | {v['gpu_peak_gib']} | "
               f"{et['emotion'] / rate / 60:.1f} min | {et['cause'] / rate / 60:.1f} min |")
 
 

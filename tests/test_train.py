@@ -154,8 +154,7 @@ def test_token_budget_batches(tok):
     assert list(train.TokenBudgetBatchSampler(lengths, 2048, seed=3)) == batches
     s.set_epoch(1)
     assert list(s) != batches and sorted(map(sorted, s)) == sorted(map(sorted, batches))
-    assert list(train.TokenBudgetBatchSampler([5, 900, 7], 100)) and \
-        [900] in [[[5, 900, 7][i] for i in b] for b in train.TokenBudgetBatchSampler([5, 900, 7], 100)]
+    assert sorted(train.TokenBudgetBatchSampler([5, 900, 7], 100)) == [[0, 2], [1]]  # 900 tokens: a batch alone
     with pytest.raises(ValueError, match="max_batch_tokens"):
         train.TokenBudgetBatchSampler(lengths, 0)
 
