@@ -83,7 +83,7 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     model = a.model or os.path.join(a.out, "tiny-model")
     if not os.path.exists(os.path.join(model, "config.json")):
-        from mecpe.modeling import build_tiny_model
+        from mecpe.tiny import build_tiny_model
 
         build_tiny_model(model, [os.path.join(a.data, "reconstructed", "Subtask_2_train.json")])
     res = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "cpus": os.cpu_count(),

@@ -49,7 +49,7 @@ def epoch_tokens(model: str, train_uri: str, max_prompt_tokens: int) -> dict[str
     """Useful tokens of one epoch of each task's training set (what the job trains on)."""
     from mecpe.modeling import load_tokenizer
     from mecpe.prompts import PromptBuilder
-    from mecpe.train import build_examples, read_split
+    from mecpe.train.examples import build_examples, read_split
 
     tok = load_tokenizer(model)
     builder = PromptBuilder(tok, max_prompt_tokens)

@@ -1,4 +1,4 @@
-"""`ray job submit` entrypoint: the infer step.
+"""`ray job submit` entrypoint: two-stage inference (defaults: the prepared test split -> <output_dir>/inference). The same as `mecpe infer` with these arguments:
 
     ray job submit --working-dir . -- python jobs/infer.py --config jobs/configs/local.yaml [key=value ...]
 """
@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mecpe.pipeline import main_step  # noqa: E402
+from mecpe.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main_step("infer", sys.argv[1:]))
+    sys.exit(main(["infer", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""`ray job submit` entrypoint: the pipeline step.
+"""`ray job submit` entrypoint: the whole pipeline. The same as `mecpe pipeline` with these arguments:
 
     ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/local.yaml [key=value ...]
 """
@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mecpe.pipeline import main_step  # noqa: E402
+from mecpe.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main_step("pipeline", sys.argv[1:]))
+    sys.exit(main(["pipeline", *sys.argv[1:]]))

@@ -1,4 +1,4 @@
-"""`ray job submit` entrypoint: the prepare step.
+"""`ray job submit` entrypoint: data preparation into <output_dir>/data. The same as `mecpe data prepare` with these arguments:
 
     ray job submit --working-dir . -- python jobs/prepare_data.py --config jobs/configs/local.yaml [key=value ...]
 """
@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mecpe.pipeline import main_step  # noqa: E402
+from mecpe.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main_step("prepare", sys.argv[1:]))
+    sys.exit(main(["data", "prepare", *sys.argv[1:]]))

@@ -1,13 +1,13 @@
-"""`ray job submit` entrypoint: the train step.
+"""`ray job submit` entrypoint: one training run (--task emotion|cause). The same as `mecpe train` with these arguments:
 
-    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/local.yaml --task emotion [key=value ...]
+    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/local.yaml [key=value ...]
 """
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mecpe.pipeline import main_step  # noqa: E402
+from mecpe.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main_step("train", sys.argv[1:]))
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,86 +1,233 @@
-"""The ``mecpe`` command: one CLI, a subcommand per step. Thin: each calls one library function."""
+"""The ``mecpe`` command: one CLI, a subcommand per step. The only place that parses arguments, prints results and
+chooses exit codes (0 done, 2 the input or the config is at fault, 1 anything else); each subcommand calls library
+functions that return values and raise errors. ``jobs/*.py`` (``ray job submit`` entrypoints) call ``main``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
+EXIT_USER_ERROR = 2
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (jobs/configs/*.yaml); defaults when omitted")
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--config", required=required, help="YAML config (jobs/configs/*.yaml); defaults when omitted")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.max_steps=20 output_dir=/tmp/x")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mecpe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mecpe", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="data preparation")
+    data = sub.add_parser("data", help="data preparation and the synthetic corpus")
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    prep = data_sub.add_parser("prepare", help="validate ECF files, split train/val, write JSON + rejects")
-    prep.add_argument("--train", required=True, help="training file (local path or s3://)")
-    prep.add_argument("--test", help="gold test file, validated and copied")
-    prep.add_argument("--out", required=True, help="output directory (local or s3://)")
-    prep.add_argument("--split", choices=["random", "reference"], default="random")
-    prep.add_argument("--val-fraction", type=float, default=0.1)
-    prep.add_argument("--seed", type=int, default=42)
+    prep = data_sub.add_parser("prepare", help="validate ECF files, split train/val, write JSON + rejects (into "
+                                               "--out, or <output_dir>/data of --config)")
+    prep.add_argument("--train", help="training file, folder or prefix (default: data.train_file of the config)")
+    prep.add_argument("--test", help="gold test file, validated and copied (default: data.test_file)")
+    prep.add_argument("--out", help="output folder (local or s3://; default: <output_dir>/data)")
+    prep.add_argument("--split", choices=["random", "reference"], help="default: data.split")
+    prep.add_argument("--val-fraction", type=float, help="default: data.val_fraction")
+    prep.add_argument("--seed", type=int, help="default: data.seed")
+    _add_config_args(prep)
+    syn = data_sub.add_parser("synth", help="write the learnable synthetic corpus (train.json, test.json)")
+    syn.add_argument("--out", required=True, help="output folder (local or s3://)")
+    syn.add_argument("--train", type=int, default=400, help="training conversations")
+    syn.add_argument("--test", type=int, default=100, help="test conversations")
+    syn.add_argument("--seed", type=int, default=0)
 
-    ev = sub.add_parser("evaluate", help="official Subtask 2 metric of a prediction file")
-    ev.add_argument("--pred", required=True)
-    ev.add_argument("--gold", required=True)
-    ev.add_argument("--json", dest="json_out", help="write metrics JSON here")
+    ev = sub.add_parser("evaluate", help="the official Subtask 2 metric (+ report): of --pred against --gold, or of "
+                                         "a pipeline's inference output (--config)")
+    ev.add_argument("--pred", help="Subtask_2_pred.json (default with --config: <output_dir>/inference/...)")
+    ev.add_argument("--gold", help="gold file (default with --config: the prepared test split)")
+    ev.add_argument("--json", dest="json_out", help="write the metrics as JSON here")
     ev.add_argument("--out-dir", help="write metrics.json, report.md and confusion_matrix.png here")
+    _add_config_args(ev)
 
     tr = sub.add_parser("train", help="QLoRA SFT of the emotion or cause model with Ray Train")
     tr.add_argument("--task", choices=["emotion", "cause"], required=True)
     _add_config_args(tr)
 
     inf = sub.add_parser("infer", help="two-stage batch inference with Ray Data")
-    inf.add_argument("--input", required=True, help="file or folder/prefix of .json/.jsonl (local or s3://)")
-    inf.add_argument("--output", required=True, help="output folder or s3:// prefix")
+    inf.add_argument("--input", help="file or folder/prefix of .json/.jsonl (local or s3://; default: the prepared "
+                                     "test split)")
+    inf.add_argument("--output", help="output folder or s3:// prefix (default: <output_dir>/inference)")
+    inf.add_argument("--overwrite", action="store_true", help="replace another run's results at --output")
     _add_config_args(inf)
 
     pipe = sub.add_parser("pipeline", help="prepare -> train emotion -> train cause -> infer -> evaluate")
-    _add_config_args(pipe)
+    _add_config_args(pipe, required=True)
 
     tiny = sub.add_parser("tiny-model", help="build the tiny local Llama-architecture model + tokenizer")
     tiny.add_argument("--out", required=True)
-    tiny.add_argument("--data", help="ECF data folder (default: MECPE_DATA or ../shared/data/ecf)")
+    tiny.add_argument("--data", nargs="+", help="training file(s) (default: data.train_file of the defaults)")
     tiny.add_argument("--seed", type=int, default=0)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "data":
-        from mecpe.data import main_prepare
+# ----------------------------------------------------------------------------------------------- commands
 
-        return main_prepare(args.train, args.test, args.out, args.split, args.val_fraction, args.seed)
-    if args.command == "evaluate":
-        from mecpe.evaluate import main_evaluate
 
-        return main_evaluate(args.pred, args.gold, args.json_out, args.out_dir)
-    if args.command == "train":
-        from mecpe.train import main_train
+def _prepare(args) -> int:
+    from mecpe import storage
+    from mecpe.config import load_config
+    from mecpe.data import counts_table, prepare
+    from mecpe.pipeline import data_dir, ensure_data
 
-        return main_train(args.config, args.task, args.overrides)
-    if args.command == "infer":
-        from mecpe.infer import main_infer
+    cfg = load_config(args.config, args.overrides)
+    d = cfg.data
+    if args.train is None:
+        ensure_data(cfg)
+    out = args.out or data_dir(cfg)
+    result = prepare(args.train or d.path(d.train_file), args.test if args.train else (args.test or d.path(d.test_file)),
+                     out, split=args.split or d.split,
+                     val_fraction=d.val_fraction if args.val_fraction is None else args.val_fraction,
+                     seed=d.seed if args.seed is None else args.seed)
+    names = [k for k in ("train", "val", "reference_test", "test") if k in result]
+    print(counts_table({k: result[k] for k in names}))
+    print(f"rejects: {result['rejects']} (see {storage.join(out, 'rejects.jsonl')})")
+    for message in result["file_errors"]:
+        print(f"file error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR if result["train_file_errors"] else 0
 
-        return main_infer(args.config, args.input, args.output, args.overrides)
-    if args.command == "pipeline":
-        from mecpe.pipeline import main_pipeline
 
-        return main_pipeline(args.config, args.overrides)
-    if args.command == "tiny-model":
-        from mecpe.config import DataConfig
-        from mecpe.modeling import build_tiny_model
+def _synth(args) -> int:
+    from mecpe import synth
 
-        data = DataConfig(data_dir=args.data) if args.data else DataConfig()
-        files = [data.path(data.train_file)]
-        print(build_tiny_model(args.out, files, seed=args.seed))
+    counts = synth.write_corpus(args.out, num_train=args.train, num_test=args.test, seed=args.seed)
+    print(json.dumps(counts, indent=2))
+    return 0
+
+
+def _print_metrics(metrics: dict, cause_utterances: int | None = None) -> None:
+    from mecpe.evaluate import OFFICIAL_KEYS, format_table
+
+    print(format_table(metrics))
+    base = metrics.get("baselines") or {}
+    if base:
+        names = list(base)
+        print("\nbeside the rule baselines (report.md has the full table):")
+        print(f"  {'metric':<20} {'mecpe':>8}" + "".join(f"  {n}" for n in names))
+        for k in OFFICIAL_KEYS:
+            print(f"  {k:<20} {metrics[k]:>8.4f}" + "".join(f"  {base[n][k]:>{len(n)}.4f}" for n in names))
+    if cause_utterances is not None:
+        print(f"\ncause stage: {cause_utterances} utterances predicted non-neutral were asked for their causes")
+    if metrics.get("scope"):
+        print(metrics["scope"])
+
+
+def _evaluate(args) -> int:
+    from mecpe import storage
+    from mecpe.evaluate import evaluate_files, metrics_json, write_report
+
+    if args.config:
+        from mecpe.config import load_config
+        from mecpe.pipeline import step_evaluate
+
+        cfg = load_config(args.config, args.overrides)
+        metrics = step_evaluate(cfg, args.pred, args.gold)
+        _print_metrics(metrics)
+        print(f"report: {storage.join(cfg.output_dir, 'report.md')}")
         return 0
-    return 2
+    if not (args.pred and args.gold):
+        print("mecpe evaluate: error: --pred and --gold are required without --config", file=sys.stderr)
+        return EXIT_USER_ERROR
+    metrics = evaluate_files(args.pred, args.gold)
+    _print_metrics(metrics)
+    if args.json_out:
+        storage.write_bytes(args.json_out, metrics_json(metrics))
+    if args.out_dir:
+        paths = write_report(metrics, args.out_dir)
+        print(f"report written to {paths['report']}")
+    return 0
+
+
+def _train(args) -> int:
+    from mecpe.config import load_config
+    from mecpe.pipeline import step_train
+
+    res = step_train(load_config(args.config, args.overrides), args.task)
+    print(f"{args.task} adapter: {res.adapter_uri} (run {res.run_name}, step {res.global_step}"
+          f"{', already finished' if res.reused else ''})")
+    return 0
+
+
+def _infer(args) -> int:
+    from mecpe import storage
+    from mecpe.config import load_config
+    from mecpe.evaluate import EvaluationError
+    from mecpe.infer.resume import GOLD_FILE, PRED_FILE
+    from mecpe.pipeline import step_infer
+
+    cfg = load_config(args.config, args.overrides)
+    summary = step_infer(cfg, args.input, args.output, overwrite=args.overwrite)
+    out = summary["output"]
+    print(f"{summary['conversations']} conversations predicted, {summary['rejects']} rejected "
+          f"(see {storage.join(out, 'rejects.jsonl')}); {storage.join(out, PRED_FILE)}")
+    if summary["has_gold"]:  # labelled input: score it like the organisers would
+        from mecpe.evaluate import evaluate_files, write_report
+
+        try:
+            metrics = evaluate_files(storage.join(out, PRED_FILE), storage.join(out, GOLD_FILE))
+        except EvaluationError as exc:  # e.g. string ids: the official metric cannot score them
+            print(f"not scored: {exc}")
+            return 0
+        write_report(metrics, out, parse_status=summary["parse_status"], title="mecpe inference (input gold labels)")
+        _print_metrics(metrics, summary["this_run"]["stages"]["cause"]["utterances"])
+    return 0
+
+
+def _pipeline(args) -> int:
+    from mecpe.config import load_config
+    from mecpe.pipeline import run_pipeline
+
+    res = run_pipeline(load_config(args.config, args.overrides))
+    _print_metrics(res["metrics"], res["summary"]["this_run"]["stages"]["cause"]["utterances"])
+    out = res["output_dir"]
+    print("\noutputs:")
+    for name in ("Subtask_2_pred.json", "metrics.json", "report.md", "confusion_matrix.png", "learning_curves.png",
+                 "pipeline.json", "data/", "inference/"):
+        print(f"  {out.rstrip('/')}/{name}")
+    print(f"  emotion adapter: {res['adapters']['emotion']}\n  cause adapter:   {res['adapters']['cause']}")
+    print(f"pipeline finished in {res['timings']['total']} s")
+    return 0
+
+
+def _tiny(args) -> int:
+    from mecpe.config import DataConfig
+    from mecpe.tiny import build_tiny_model
+
+    d = DataConfig()
+    print(build_tiny_model(args.out, args.data or [d.path(d.train_file)], seed=args.seed))
+    return 0
+
+
+COMMANDS = {"evaluate": _evaluate, "train": _train, "infer": _infer, "pipeline": _pipeline, "tiny-model": _tiny}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mecpe import log_to_stdout
+
+    args = build_parser().parse_args(argv)
+    log_to_stdout()
+    run = (_prepare if args.data_command == "prepare" else _synth) if args.command == "data" else \
+        COMMANDS[args.command]
+    return _run(run, args)
+
+
+def _run(run, args) -> int:
+    """Expected failures (bad input, bad config, an output of another run, a cluster that cannot hold the workers)
+    end with one line naming the problem and exit code 2; anything else keeps its traceback."""
+    from mecpe.cluster import UnschedulableError
+    from mecpe.evaluate import EvaluationError
+    from mecpe.infer.resume import RunMismatchError
+
+    try:
+        return run(args)
+    except (EvaluationError, RunMismatchError, UnschedulableError, FileNotFoundError, ValueError) as exc:
+        print(f"mecpe {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
 """Typed configuration for every mecpe step.
 
-One YAML file is the full record of an experiment. It is loaded into these pydantic models
-(unknown keys are errors, so a typo never silently falls back to a default), then
-``key.sub=value`` overrides from the command line are applied. Configs travel into Ray workers
-as plain dicts (``model_dump()``) and are re-validated there.
+One YAML file is the full record of an experiment. It is loaded into these pydantic models (unknown keys are errors,
+so a typo never silently falls back to a default), then ``key.sub=value`` overrides from the command line are applied.
+Each field's ``description`` is what the README's configuration table says about it (generated; a test keeps the two
+equal, and another fails when a documented key is read nowhere). Configs travel into Ray workers as plain dicts
+(``model_dump()``) and are re-validated there.
+
+Precedence, everywhere: a value set in the config (file or override) wins over the environment, which wins over the
+built-in default (``data.data_dir`` over ``MECPE_DATA``; ``storage.s3_endpoint`` / ``s3_region`` over
+``MECPE_S3_ENDPOINT`` / ``AWS_REGION``). Credentials are never config values: the AWS SDK reads them from the
+environment.
 """
 
 from __future__ import annotations
@@ -25,136 +31,155 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """Where the ECF files are. ``MECPE_DATA`` overrides ``data_dir``; file paths are relative to it."""
-
-    data_dir: str = DEFAULT_DATA_DIR
-    train_file: str = "reconstructed/Subtask_2_train.json"
-    test_file: str = "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json"
-    split: Literal["random", "reference"] = "random"
-    val_fraction: float = 0.1
-    seed: int = 42
-    # Use only the first N conversations of each split (quick runs); null = all.
-    limit_train: int | None = None
-    limit_val: int | None = None
-    limit_test: int | None = None
+    data_dir: str | None = Field(None, description="data folder (local or s3://); null = `MECPE_DATA`, else "
+                                                    "`../shared/data/ecf`; the file paths below are relative to it")
+    train_file: str = Field("reconstructed/Subtask_2_train.json",
+                            description="training file, split into train/val by conversation")
+    test_file: str = Field("NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json",
+                           description="gold test file: inference input and scoring reference, never trained on")
+    split: Literal["random", "reference"] = Field(
+        "random", description="random (seeded, by conversation) or reference (the reference system's 81/9/10 split)")
+    val_fraction: float = Field(0.1, description="share of training conversations held out for validation")
+    seed: int = Field(42, description="seed of the train/val split")
+    limit_train: int | None = Field(None, description="train on the first N training conversations only; null = all")
+    limit_val: int | None = Field(None, description="validate on the first N validation conversations only; "
+                                                    "null = all")
+    limit_test: int | None = Field(None, description="infer and score the first N test conversations only (the "
+                                                     "report says so); null = all")
+    synthesize_if_missing: bool = Field(False, description="write the learnable synthetic corpus (`mecpe data "
+                                                            "synth`, defaults) into data_dir when train_file is absent")
 
     def resolved_dir(self) -> str:
-        return _abs(os.environ.get("MECPE_DATA") or self.data_dir)
+        """The data folder: ``data_dir`` if set, else ``MECPE_DATA``, else the default next to the repository."""
+        return _abs(self.data_dir or os.environ.get("MECPE_DATA") or DEFAULT_DATA_DIR)
 
     def path(self, name: str) -> str:
         if "://" in name or os.path.isabs(name):
             return name
-        return str(Path(self.resolved_dir()) / name)
+        base = self.resolved_dir()
+        return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
 
 
 class ModelConfig(_Strict):
-    """Base model: a hub id, a local directory or an ``s3://`` mirror of the weights."""
-
-    base: str = "meta-llama/Llama-2-13b-chat-hf"
-    revision: str | None = None
-    trust_remote_code: bool = False
-    # Local cache for s3:// mirrors (fetched once per node).
-    cache_dir: str = "~/.cache/mecpe/models"
-    # Build the tiny local model at ``base`` when it is absent (embedded default only).
-    build_tiny_if_missing: bool = False
-    attn_implementation: str | None = None
+    base: str = Field("meta-llama/Llama-2-13b-chat-hf",
+                      description="base model: hub id, local folder or s3:// mirror of the weights")
+    revision: str | None = Field(None, description="hub revision (commit) of the base model")
+    trust_remote_code: bool = Field(False, description="allow model code from the hub; off unless you trust the "
+                                                       "source")
+    cache_dir: str = Field("~/.cache/mecpe/models", description="node-local cache for s3:// model mirrors and "
+                                                                "adapters (fetched once per node)")
+    build_tiny_if_missing: bool = Field(False, description="build the tiny local model at model.base from the "
+                                                           "training file when absent (embedded default)")
+    attn_implementation: str | None = Field(None, description="attention kernel (sdpa, eager); null = "
+                                                              "transformers' choice")
 
 
 class QuantizationConfig(_Strict):
-    mode: Literal["nf4", "none"] = "nf4"
-    double_quant: bool = True
-    # auto: bf16 where the device supports it, else fp16 on GPU, fp32 on CPU.
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    mode: Literal["nf4", "none"] = Field("nf4", description="nf4 (QLoRA: 4-bit NF4 base) or none (plain LoRA on a "
+                                                            "bf16/fp32 base)")
+    double_quant: bool = Field(True, description="quantize the NF4 scales too (saves ~0.4 bit per parameter)")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto = bf16 where supported, fp16 on GPUs without bf16 (T4), fp32 on CPU")
 
 
 class LoraSettings(_Strict):
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.1
+    r: int = Field(16, description="LoRA rank")
+    alpha: int = Field(16, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.1, description="dropout on the LoRA input")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
-    )
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="modules that get adapters: a list of names or all-linear")
 
 
 class PromptConfig(_Strict):
-    # Prompt (not answer) token budget: longer conversations are shortened around the target.
-    max_prompt_tokens: int = 1024
-    max_answer_tokens: int = 64
+    max_prompt_tokens: int = Field(1024, description="prompt budget; longer conversations drop utterances far from "
+                                                     "the target")
+    max_answer_tokens: int = Field(64, description="longest answer (with EOS) an example may have")
 
 
 class TrainingConfig(_Strict):
-    epochs: float = 1.0
-    max_steps: int = -1
-    per_device_batch_size: int = 4
-    grad_accum: int = 4
-    learning_rate: float = 2e-3
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    optim: str = "paged_adamw_32bit"
-    weight_decay: float = 0.001
-    max_grad_norm: float = 0.3
-    # auto: on when GPU memory is too small to run without it.
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
-    packing: bool = False
-    group_by_length: bool = True
-    # Token budget per micro-batch (examples x longest, padding included). When set, each micro-batch holds as many
-    # examples of similar length as fit (per_device_batch_size is ignored): even GPU load, <2% padding.
-    max_batch_tokens: int | None = None
-    save_steps: int = 50
-    num_to_keep: int = 2
-    logging_steps: int = 10
-    eval_steps: int | None = None
-    seed: int = 42
-    # Cause model training emotions: gold labels, predictions of an emotion adapter, or gold with noise.
-    cause_emotions: Literal["gold", "predicted", "noised"] = "gold"
-    cause_noise_rate: float = 0.2
-    # Test-only fault injection: os._exit in a worker after this global step (once per run).
-    fail_after_step: int | None = None
+    epochs: float = Field(1.0, description="passes over the training examples (ignored when max_steps > 0)")
+    max_steps: int = Field(-1, description="optimizer steps; -1 = by epochs")
+    per_device_batch_size: int = Field(4, description="examples per worker per micro-batch")
+    grad_accum: int = Field(4, description="micro-batches per optimizer step")
+    learning_rate: float = Field(2e-3, description="peak learning rate")
+    lr_scheduler: str = Field("cosine", description="transformers scheduler name")
+    warmup_ratio: float = Field(0.03, description="share of steps spent warming up")
+    optim: str = Field("paged_adamw_32bit", description="transformers optimizer name (paged_adamw_32bit needs CUDA; "
+                                                        "CPU falls back to adamw_torch)")
+    weight_decay: float = Field(0.001, description="AdamW weight decay")
+    max_grad_norm: float = Field(0.3, description="gradient clipping norm")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto = on only when GPU memory is too small to run without it")
+    group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
+    max_batch_tokens: int | None = Field(None, description="token budget per micro-batch (examples x longest); "
+                                                           "null = per_device_batch_size examples per micro-batch")
+    use_liger_kernel: bool = Field(False, description="Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear "
+                                                      "cross-entropy; the `gpu` extra); CUDA only, ignored on CPU")
+    save_steps: int = Field(50, description="checkpoint every N optimizer steps (resume point after preemption)")
+    num_to_keep: int = Field(2, description="checkpoints kept in storage")
+    logging_steps: int = Field(10, description="log loss and throughput every N steps")
+    eval_steps: int | None = Field(None, description="validation loss every N steps; null = at the end only")
+    seed: int = Field(42, description="training seed")
+    cause_emotions: Literal["gold", "predicted", "noised"] = Field(
+        "gold", description="emotions shown to the cause model in training: gold, predicted or noised")
+    cause_noise_rate: float = Field(0.2, description="share of utterance emotions replaced at random when "
+                                                     "cause_emotions=noised")
 
 
 class ScalingSettings(_Strict):
-    num_workers: int = 1
-    use_gpu: bool = False
-    accelerator_type: str | None = None
-    resources_per_worker: dict[str, float] | None = None
-    max_failures: int = 100
-    # Node preemptions (spot) are counted apart from failures; -1 = always resume after one.
-    max_preemption_failures: int = -1
+    num_workers: int = Field(1, description="training workers (DDP ranks)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    accelerator_type: str | None = Field(None, description="require this GPU type (A100, T4, ...); null = any")
+    resources_per_worker: dict[str, float] | None = Field(None, description="extra resources per worker, e.g. "
+                                                                            "{CPU: 8}")
+    max_failures: int = Field(100, description="worker failures tolerated before the run fails (preemptions are "
+                                               "counted apart)")
+    max_preemption_failures: int = Field(-1, description="node preemptions tolerated before the run fails; "
+                                                         "-1 = unlimited")
 
 
 class StorageConfig(_Strict):
-    """Local dir or ``s3://bucket/prefix``. The S3 endpoint is not a secret; credentials never live here."""
-
-    path: str = "outputs/runs"
-    s3_endpoint: str | None = None
-    s3_region: str | None = None
-    run_name: str | None = None
+    path: str = Field("outputs/runs", description="training runs: local folder or s3://bucket/prefix")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL (not a secret); null = "
+                                                      "`MECPE_S3_ENDPOINT`; credentials come from the environment")
+    s3_region: str | None = Field(None, description="S3 region; null = `AWS_REGION` / `AWS_DEFAULT_REGION`")
+    run_name: str | None = Field(None, description="training run name; null = task + hash of everything that "
+                                                   "shapes the result")
 
 
 class InferenceConfig(_Strict):
-    emotion_adapter: str | None = None
-    cause_adapter: str | None = None
-    # One 4-bit base with both adapters in each actor, or separate models per stage.
-    share_base: bool = False
-    emotion_method: Literal["score", "generate"] = "score"
-    # Emotions the cause stage reads: the emotion stage's predictions, or the input's gold labels (oracle/benchmarks).
-    cause_input: Literal["predicted", "gold"] = "predicted"
-    batch_size: int = 8  # conversations per map_batches call
-    max_batch_tokens: int = 16384
-    num_actors: int = 1
-    num_gpus: float = 0.0
-    num_cpus: float = 1.0
-    accelerator_type: str | None = None
-    max_new_tokens: int = 24
-    reuse_prefix: bool = True
-    lines_per_block: int = 256
+    emotion_adapter: str | None = Field(None, description="emotion LoRA adapter folder (local or s3://); null = "
+                                                          "base model only")
+    cause_adapter: str | None = Field(None, description="cause LoRA adapter folder (local or s3://); null = base "
+                                                        "model only")
+    share_base: bool = Field(False, description="one 4-bit base with both adapters per actor instead of one model "
+                                                "per stage")
+    emotion_method: Literal["score", "generate"] = Field(
+        "score", description="score (pick the most likely of the seven labels) or generate (greedy + parse)")
+    cause_input: Literal["predicted", "gold"] = Field(
+        "predicted", description="emotions read by the cause stage: predicted (the method) or gold (oracle "
+                                 "analysis, benchmarks)")
+    batch_size: int = Field(8, description="conversations per map_batches call")
+    max_batch_tokens: int = Field(16384, description="token budget of one forward pass")
+    num_actors: int = Field(1, description="model actors per stage")
+    num_gpus: float = Field(0.0, description="GPUs per actor (1 on a T4 node; 0 on CPU)")
+    num_cpus: float = Field(1.0, description="CPUs per actor")
+    accelerator_type: str | None = Field(None, description="require this GPU type for the actors (T4 on the "
+                                                           "cluster); null = any")
+    max_new_tokens: int = Field(24, description="longest generated answer")
+    reuse_prefix: bool = Field(True, description="compute each conversation's prompt prefix once and share its KV "
+                                                 "cache")
+    lines_per_block: int = Field(256, description="JSON Lines rows per Ray Data block when reading")
 
 
 class Config(_Strict):
     """A whole experiment. Every step reads the sections it needs."""
 
-    output_dir: str = "outputs/local"
-    ray_address: str | None = None
+    output_dir: str = Field("outputs/local", description="where a step writes its outputs (local folder or s3:// "
+                                                         "prefix)")
+    ray_address: str | None = Field(None, description="Ray cluster to join; null = RAY_ADDRESS or a new local "
+                                                      "instance")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     quantization: QuantizationConfig = Field(default_factory=QuantizationConfig)
@@ -164,7 +189,6 @@ class Config(_Strict):
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
-    inference_scaling: ScalingSettings | None = None
 
 
 def _parse_value(text: str) -> Any:
@@ -189,7 +213,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or defaults), apply overrides, validate."""
+    """Load a YAML config (or defaults), apply overrides, validate; local paths made absolute."""
     raw: dict[str, Any] = {}
     if path:
         with open(path, encoding="utf-8") as fh:
@@ -246,101 +270,29 @@ def config_hash(*parts: Any, length: int = 10) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
-# What every key does: the README's config reference is generated from this (tests keep the two in sync).
-FIELD_DOCS: dict[str, str] = {
-    "output_dir": "where a step writes its outputs (local folder or s3:// prefix)",
-    "ray_address": "Ray cluster to join; null = RAY_ADDRESS or a new local instance",
-    "data.data_dir": "ECF folder; MECPE_DATA overrides it; the file paths below are relative to it",
-    "data.train_file": "training file, split into train/val by conversation",
-    "data.test_file": "gold test file: inference input and scoring reference, never trained on",
-    "data.split": "random (seeded, by conversation) or reference (the reference system's 81/9/10 split)",
-    "data.val_fraction": "share of training conversations held out for validation",
-    "data.seed": "seed of the train/val split",
-    "data.limit_train": "train on the first N training conversations only; null = all",
-    "data.limit_val": "validate on the first N validation conversations only; null = all",
-    "data.limit_test": "infer and score the first N test conversations only; null = all",
-    "model.base": "base model: hub id, local folder or s3:// mirror of the weights",
-    "model.revision": "hub revision (commit) of the base model",
-    "model.trust_remote_code": "allow model code from the hub; off unless you trust the source",
-    "model.cache_dir": "node-local cache for s3:// model mirrors (fetched once per node)",
-    "model.build_tiny_if_missing": "build the tiny local model at model.base when absent (embedded default)",
-    "model.attn_implementation": "attention kernel (sdpa, flash_attention_2, eager); null = transformers' choice",
-    "quantization.mode": "nf4 (QLoRA: 4-bit NF4 base) or none (plain LoRA on a bf16/fp32 base)",
-    "quantization.double_quant": "quantize the NF4 scales too (saves ~0.4 bit per parameter)",
-    "quantization.compute_dtype": "auto = bf16 where supported, fp16 on GPUs without bf16 (T4), fp32 on CPU",
-    "lora.r": "LoRA rank",
-    "lora.alpha": "LoRA scaling numerator (scale = alpha / r)",
-    "lora.dropout": "dropout on the LoRA input",
-    "lora.target_modules": "modules that get adapters: a list of names or all-linear",
-    "prompt.max_prompt_tokens": "prompt budget; longer conversations drop utterances far from the target",
-    "prompt.max_answer_tokens": "longest answer (with EOS) an example may have",
-    "training.epochs": "passes over the training examples (ignored when max_steps > 0)",
-    "training.max_steps": "optimizer steps; -1 = by epochs",
-    "training.per_device_batch_size": "examples per worker per micro-batch",
-    "training.grad_accum": "micro-batches per optimizer step",
-    "training.learning_rate": "peak learning rate",
-    "training.lr_scheduler": "transformers scheduler name",
-    "training.warmup_ratio": "share of steps spent warming up",
-    "training.optim": "transformers optimizer name (paged_adamw_32bit needs CUDA; CPU falls back to adamw_torch)",
-    "training.weight_decay": "AdamW weight decay",
-    "training.max_grad_norm": "gradient clipping norm",
-    "training.gradient_checkpointing": "auto = on only when GPU memory is too small to run without it",
-    "training.packing": "must stay false (raises): use max_batch_tokens for dense, low-padding batches",
-    "training.group_by_length": "batch examples of similar length (less padding)",
-    "training.max_batch_tokens": "token budget per micro-batch (examples x longest); null = per_device_batch_size "
-                                 "examples per micro-batch",
-    "training.save_steps": "checkpoint every N optimizer steps (resume point after preemption)",
-    "training.num_to_keep": "checkpoints kept in storage",
-    "training.logging_steps": "log loss and throughput every N steps",
-    "training.eval_steps": "validation loss every N steps; null = at the end only",
-    "training.seed": "training seed",
-    "training.cause_emotions": "emotions shown to the cause model in training: gold, predicted or noised",
-    "training.cause_noise_rate": "share of utterance emotions replaced at random when cause_emotions=noised",
-    "training.fail_after_step": "test only: kill a worker once after this global step",
-    "scaling.num_workers": "training workers (DDP ranks)",
-    "scaling.use_gpu": "one GPU per worker",
-    "scaling.accelerator_type": "require this GPU type (A100, T4, ...); null = any",
-    "scaling.resources_per_worker": "extra resources per worker, e.g. {CPU: 8}",
-    "scaling.max_failures": "worker failures tolerated before the run fails (preemptions are counted apart)",
-    "scaling.max_preemption_failures": "node preemptions tolerated before the run fails; -1 = unlimited",
-    "storage.path": "training runs: local folder or s3://bucket/prefix",
-    "storage.s3_endpoint": "S3-compatible endpoint URL (not a secret); credentials come from the environment",
-    "storage.s3_region": "S3 region",
-    "storage.run_name": "training run name; null = task + hash of everything that shapes the result",
-    "inference.emotion_adapter": "emotion LoRA adapter folder (local or s3://); null = base model only",
-    "inference.cause_adapter": "cause LoRA adapter folder (local or s3://); null = base model only",
-    "inference.share_base": "one 4-bit base with both adapters per actor instead of one model per stage",
-    "inference.emotion_method": "score (pick the most likely of the seven labels) or generate (greedy + parse)",
-    "inference.cause_input": "emotions read by the cause stage: predicted (the method) or gold (oracle analysis, benchmarks)",
-    "inference.batch_size": "conversations per map_batches call",
-    "inference.max_batch_tokens": "token budget of one forward pass",
-    "inference.num_actors": "model actors per stage",
-    "inference.num_gpus": "GPUs per actor (1 on a T4 node; 0 on CPU)",
-    "inference.num_cpus": "CPUs per actor",
-    "inference.accelerator_type": "require this GPU type for the actors (T4 on the cluster); null = any",
-    "inference.max_new_tokens": "longest generated answer",
-    "inference.reuse_prefix": "compute each conversation's prompt prefix once and share its KV cache",
-    "inference.lines_per_block": "JSON Lines rows per Ray Data block when reading",
-    "inference_scaling": "optional scaling section for inference actors (same keys as scaling); null = inference.*",
-}
-
-
-def config_reference_markdown() -> str:
-    """Markdown table of every config key, its default and what it does (for the README)."""
-    rows = ["| key | default | what it does |", "|---|---|---|"]
+def config_keys() -> dict[str, Any]:
+    """Every leaf key (``section.name``) with its pydantic field, in declaration order."""
+    out: dict[str, Any] = {}
 
     def walk(model: type[BaseModel], prefix: str) -> None:
         for name, field in model.model_fields.items():
-            key = f"{prefix}{name}"
             ann = field.annotation
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, key + ".")
-                continue
-            if key not in FIELD_DOCS:
-                raise KeyError(f"config key {key} has no entry in FIELD_DOCS")
-            default = field.get_default(call_default_factory=True)
-            shown = json.dumps(default) if not isinstance(default, str) else default
-            rows.append(f"| `{key}` | `{shown}` | {FIELD_DOCS[key]} |")
+                walk(ann, f"{prefix}{name}.")
+            else:
+                out[f"{prefix}{name}"] = field
 
     walk(Config, "")
+    return out
+
+
+def config_reference_markdown() -> str:
+    """Markdown table of every config key, its default and its description (for the README)."""
+    rows = ["| key | default | what it does |", "|---|---|---|"]
+    for key, field in config_keys().items():
+        if not field.description:
+            raise KeyError(f"config key {key} has no description")
+        default = field.get_default(call_default_factory=True)
+        shown = json.dumps(default) if not isinstance(default, str) else default
+        rows.append(f"| `{key}` | `{shown}` | {field.description} |")
     return "\n".join(rows)

@@ -1,8 +1,10 @@
-"""ECF Subtask 2 records: parse + validate (bad conversations become rejects), splits, ``prepare``, output writer.
+"""ECF Subtask 2 records: the emotion labels, parse + validate (bad conversations become rejects), the one ECF
+reader, splits, ``prepare``, and the ``Subtask_2_pred.json`` writer.
 
 Two levels of failure. A file that cannot be read as a whole (not JSON, truncated, wrong top-level type)
 is a ``FileError``; one bad conversation is a ``Reject`` and never stops the others. Size is never a reason
-to reject. Inputs are a JSON array in the SemEval schema or JSON Lines (one conversation per line).
+to reject. Inputs are a JSON array in the SemEval schema or JSON Lines (one conversation per line). A ``Reject`` is
+also what inference writes to its ``rejects.jsonl`` (with the stage that set it aside): one record, one format.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import hashlib
 import json
 import math
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from mecpe import storage
 
+# The seven labels, in the official scorer's index order (neutral = 0). Every module takes them from here.
 EMOTIONS = ("neutral", "anger", "disgust", "fear", "joy", "sadness", "surprise")
 MAX_ID_CHARS = 1000
 _KNOWN_UTT_KEYS = ("utterance_ID", "text", "speaker", "emotion", "video_name")
@@ -70,11 +72,20 @@ class Conversation:
 
 @dataclass
 class Reject:
+    """A conversation (or a whole file: ``conversation_id`` None) set aside, naming file, place, field and reason.
+    ``stage``: where it happened (read, validate, emotion, cause, write, assemble); ``retryable``: a prediction
+    failure that a re-run tries again (not counted as done)."""
+
     source: str
     location: str
     conversation_id: str | None
     reason: str
     field: str | None = None
+    stage: str = "validate"
+    retryable: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 class FileError(Exception):
@@ -83,6 +94,9 @@ class FileError(Exception):
     def __init__(self, source: str, position: str, message: str):
         self.source, self.position, self.message = source, position, message
         super().__init__(f"{source}:{position}: {message}" if position else f"{source}: {message}")
+
+    def as_reject(self) -> Reject:
+        return Reject(self.source, self.position or "file", None, f"unreadable file: {self.message}", stage="read")
 
 
 class InvalidConversation(ValueError):
@@ -299,10 +313,20 @@ def _record(location: str, raw: str, bad_bytes: bool, source: str) -> tuple[str,
         obj = json.loads(raw)
     except (ValueError, RecursionError) as exc:
         reason = _BAD_UTF8 if bad_bytes else f"invalid JSON: {_clean(str(exc), 200)}"
-        return location, Reject(source, location, None, reason)
+        return location, Reject(source, location, None, reason, stage="read")
     if _has_surrogates(obj):
-        return location, Reject(source, location, _id_text(obj), _BAD_UTF8)
+        return location, Reject(source, location, _id_text(obj), _BAD_UTF8, stage="read")
     return location, obj
+
+
+def record_from_line(line: bytes, location: str, source: str) -> tuple[str, Any]:
+    """One JSON Lines line (undecoded bytes) -> (location, raw conversation object | Reject): invalid UTF-8 or JSON
+    rejects only this line."""
+    try:
+        raw, bad = line.decode("utf-8"), False
+    except UnicodeDecodeError:
+        raw, bad = line.decode("utf-8", "surrogateescape"), True
+    return _record(location, raw, bad, source)
 
 
 def iter_records(data: bytes, source: str) -> Iterator[tuple[str, Any]]:
@@ -318,13 +342,8 @@ def iter_records(data: bytes, source: str) -> Iterator[tuple[str, Any]]:
     if not stripped:
         raise FileError(source, "byte 0", "empty file")
     if _is_jsonl(stripped, source):
-        for n, line in enumerate(data.split(b"\n"), 1):
-            if line.strip():
-                try:
-                    raw, bad = line.decode("utf-8"), False
-                except UnicodeDecodeError:
-                    raw, bad = line.decode("utf-8", "surrogateescape"), True
-                yield _record(f"line {n}", raw, bad, source)
+        for n, line in storage.iter_lines([data]):
+            yield record_from_line(line, f"line {n}", source)
         return
     try:
         top = json.loads(text)
@@ -337,7 +356,7 @@ def iter_records(data: bytes, source: str) -> Iterator[tuple[str, Any]]:
     for i, obj in enumerate(top):
         location = f"index {i}"
         if _has_surrogates(obj):
-            yield location, Reject(source, location, _id_text(obj), _BAD_UTF8)
+            yield location, Reject(source, location, _id_text(obj), _BAD_UTF8, stage="read")
         else:
             yield location, obj
 
@@ -358,7 +377,7 @@ def _parse(data: bytes, source: str, require_labels: bool, seen: dict,
             first_source, first_location = seen[conv.id]
             rejects.append(Reject(source, location, _clean(str(conv.id), 200),
                                   f"duplicate conversation_ID {_short(conv.id)}: first seen in "
-                                  f"{first_source} ({first_location})", "conversation_ID"))
+                                  f"{first_source} ({first_location})", "conversation_ID"))  # stage validate
             continue
         seen[conv.id] = (source, location)
         convs.append(conv)
@@ -453,7 +472,8 @@ def counts(convs: Iterable[Conversation]) -> dict:
     return out
 
 
-def _table(by_split: dict[str, dict]) -> str:
+def counts_table(by_split: dict[str, dict]) -> str:
+    """Text table of ``counts`` per split: conversations, utterances, pairs and utterances per emotion."""
     names = list(by_split)
     rows = [(key, [by_split[s][key] for s in names]) for key in ("conversations", "utterances", "pairs")]
     rows += [(e, [by_split[s]["emotions"][e] for s in names]) for e in EMOTIONS]
@@ -463,20 +483,8 @@ def _table(by_split: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def counts_table(splits: dict[str, list[Conversation]]) -> str:
-    """Text table: conversations, utterances, pairs and utterances per emotion, one column per split."""
-    return _table({name: counts(convs) for name, convs in splits.items()})
-
-
 def _dump(convs: Iterable[Conversation]) -> bytes:
     return storage.dumps_json([conversation_to_json(c) for c in convs], indent=4)
-
-
-def _reject_json(item: Reject | FileError, role: str) -> dict:
-    if isinstance(item, FileError):
-        return {"kind": "file", "input": role, "source": item.source, "location": item.position,
-                "conversation_id": None, "reason": item.message, "field": None}
-    return {"kind": "conversation", "input": role, **asdict(item)}
 
 
 def prepare(train_uri: str | Sequence[str], test_uri: str | Sequence[str] | None, out_dir: str, *,
@@ -499,9 +507,9 @@ def prepare(train_uri: str | Sequence[str], test_uri: str | Sequence[str] | None
         splits["test"] = test.conversations
 
     outputs = {f"{name}.json": _dump(convs) for name, convs in splits.items()}
-    problems = [_reject_json(r, role) for role, res in (("train", train), ("test", test)) if res
-                for r in [*res.file_errors, *res.rejects]]
-    outputs["rejects.jsonl"] = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in problems).encode()
+    problems = [{"input": role, **r.to_json()} for role, res in (("train", train), ("test", test)) if res
+                for r in [*(e.as_reject() for e in res.file_errors), *res.rejects]]
+    outputs["rejects.jsonl"] = storage.dumps_jsonl(problems)
     for name in ("test.json", "reference_test.json"):
         if name not in outputs:
             storage.delete(storage.join(out_dir, name))
@@ -518,22 +526,6 @@ def prepare(train_uri: str | Sequence[str], test_uri: str | Sequence[str] | None
         "counts": result,
     }, indent=2)
     return result
-
-
-def main_prepare(train: str, test: str | None, out: str, split: str = "random", val_fraction: float = 0.1,
-                 seed: int = 42) -> int:
-    """CLI: prepare, print the counts table and rejects; exit code 2 when a training file was unreadable."""
-    try:
-        result = prepare(train, test, out, split=split, val_fraction=val_fraction, seed=seed)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    names = [k for k in ("train", "val", "reference_test", "test") if k in result]
-    print(_table({k: result[k] for k in names}))
-    print(f"rejects: {result['rejects']} (see {storage.join(out, 'rejects.jsonl')})")
-    for message in result["file_errors"]:
-        print(f"file error: {message}", file=sys.stderr)
-    return 2 if result["train_file_errors"] else 0
 
 
 # --------------------------------------------------------------------------- predictions

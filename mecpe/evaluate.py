@@ -7,21 +7,23 @@ numbers can be compared with the leaderboard. Where the scorer calls ``sys.exit`
 we raise :class:`EvaluationError` with a message naming the file, conversation and pair.
 
 Everything beyond the six official numbers (per-emotion counts, utterance emotion accuracy,
-report files) is diagnostic and never changes the official ones.
+report files, learning curves) is diagnostic and never changes the official ones. Report files are written through
+``mecpe.storage``, so an ``s3://`` output folder works like a local one.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import sys
 from collections import Counter
 from typing import Any, Iterable
 
 import numpy as np
 
-EMOTIONS = ("neutral", "anger", "disgust", "fear", "joy", "sadness", "surprise")  # scorer index order
+from mecpe import storage
+from mecpe.data import EMOTIONS  # the scorer's index order
+
 EMOTION_IDX = {e: i for i, e in enumerate(EMOTIONS)}
 OFFICIAL_KEYS = (
     "precision_pair",
@@ -281,29 +283,16 @@ def score_subtask2(pred: list[dict], gold: list[dict], *, pred_source: str = "pr
     return metrics
 
 
-def _read_json(path: str, what: str) -> Any:
-    """Local path via open(); URIs such as s3:// via mecpe.storage (imported lazily, optional)."""
-    if path.startswith("file://"):
-        path = path[len("file://"):]
+def _read_json(uri: str, what: str) -> Any:
+    """A JSON file (local or s3://) or an EvaluationError naming it."""
     try:
-        if "://" in path:
-            try:
-                from mecpe import storage  # noqa: PLC0415 - optional sibling module
-            except ImportError:
-                raise EvaluationError(f"{what} {path}: remote URIs need mecpe.storage, which is not available") from None
-            try:
-                raw = storage.read_bytes(path)
-            except Exception as exc:  # storage backends raise many types; report them uniformly
-                raise EvaluationError(f"{what} {path}: cannot read ({type(exc).__name__}: {exc})") from None
-        else:
-            with open(path, "rb") as fh:
-                raw = fh.read()
-    except OSError as exc:
-        raise EvaluationError(f"{what} {path}: cannot read ({exc.strerror or exc})") from None
+        raw = storage.read_bytes(uri)
+    except Exception as exc:  # storage backends raise many types; report them uniformly
+        raise EvaluationError(f"{what} {uri}: cannot read ({type(exc).__name__}: {exc})") from None
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EvaluationError(f"{what} {path}: not valid JSON ({exc})") from None
+        raise EvaluationError(f"{what} {uri}: not valid JSON ({exc})") from None
 
 
 def evaluate_files(pred_path: str, gold_path: str) -> dict:
@@ -390,14 +379,27 @@ def _md_table(header: list[str], rows: Iterable[list[Any]]) -> str:
     return "\n".join(out)
 
 
-def _plot_confusion(matrix: list[list[int]], path: str, title: str, xlabel: str, ylabel: str) -> None:
-    """Draw with the object API + Agg canvas so no global pyplot/backend state is touched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - heavy, optional
-    from matplotlib.figure import Figure  # noqa: PLC0415
+def _figure(width: float, height: float):
+    """A matplotlib figure on the Agg canvas (object API: no global pyplot/backend state is touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    m = np.asarray(matrix, dtype=float)
-    fig = Figure(figsize=(7, 6), dpi=100)
+    fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_confusion(matrix: list[list[int]], title: str, xlabel: str, ylabel: str) -> bytes:
+    """A 7x7 confusion matrix as PNG bytes."""
+    m = np.asarray(matrix, dtype=float)
+    fig = _figure(7, 6)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(m, cmap="Blues")
     fig.colorbar(im, ax=ax)
@@ -411,8 +413,35 @@ def _plot_confusion(matrix: list[list[int]], path: str, title: str, xlabel: str,
         for j in range(7):
             ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=8,
                     color="white" if m[i, j] > hi / 2 else "black")
-    fig.tight_layout()
-    fig.savefig(path)
+    return _png(fig)
+
+
+def learning_curves(training: dict[str, dict]) -> dict[str, dict[str, list]]:
+    """Per task, the (step, loss) points of training and validation from an adapter's logged history
+    (``mecpe_train.json``: ``log_history``)."""
+    out = {}
+    for task, info in training.items():
+        hist = info.get("log_history") or []
+        out[task] = {"train": [(h["step"], h["loss"]) for h in hist if "loss" in h and "step" in h],
+                     "validation": [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h and "step" in h]}
+    return out
+
+
+def plot_learning_curves(curves: dict[str, dict[str, list]]) -> bytes:
+    """Training and validation loss per step, one panel per task, as PNG bytes."""
+    fig = _figure(5 * max(1, len(curves)), 4)
+    for k, (task, c) in enumerate(curves.items(), 1):
+        ax = fig.add_subplot(1, max(1, len(curves)), k)
+        for name, style in (("train", "-"), ("validation", "o--")):
+            if c[name]:
+                steps, losses = zip(*c[name])
+                ax.plot(steps, losses, style, label=f"{name} loss")
+        ax.set_title(f"{task} adapter")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss (answer tokens)")
+        ax.set_yscale("log")
+        ax.legend()
+    return _png(fig)
 
 
 def _json_default(o: Any) -> Any:
@@ -429,35 +458,46 @@ def _ordered(metrics: dict) -> dict:
     }
 
 
+def metrics_json(metrics: dict) -> bytes:
+    """Metrics as JSON bytes, the six official keys first."""
+    return (json.dumps(_ordered(metrics), indent=2, default=_json_default) + "\n").encode()
+
+
 def write_report(
     metrics: dict,
     out_dir: str,
     *,
     baselines: dict[str, dict] | None = None,
     parse_status: dict | None = None,
+    training: dict[str, dict] | None = None,
+    notes: list[str] | None = None,
     title: str = "mecpe evaluation",
 ) -> dict[str, str]:
-    """Write metrics.json, report.md and confusion_matrix.png into a local directory; return paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {
-        "metrics": os.path.join(out_dir, "metrics.json"),
-        "report": os.path.join(out_dir, "report.md"),
-        "confusion_matrix": os.path.join(out_dir, "confusion_matrix.png"),
-    }
+    """Write metrics.json, report.md, confusion_matrix.png and (given the adapters' ``training`` info: run name,
+    adapter URI, log history per task) learning_curves.png into ``out_dir`` (local or s3://); return their URIs.
+    ``notes`` (e.g. the scope of a limited run) head the report and go into metrics.json."""
+    paths = {name: storage.join(out_dir, f"{name}.{ext}") for name, ext in
+             (("metrics", "json"), ("report", "md"), ("confusion_matrix", "png"))}
     baselines = baselines or {}
-
     payload = _ordered(metrics)
+    if notes:
+        payload["notes"] = list(notes)
     if baselines:
         payload["baselines"] = {name: _ordered(b) for name, b in baselines.items()}
     if parse_status is not None:
         payload["parse_status"] = parse_status
-    with open(paths["metrics"], "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, default=_json_default)
-        fh.write("\n")
+    curves = None
+    if training:
+        payload["adapters"] = {task: {k: info.get(k) for k in ("run_name", "adapter", "global_step")}
+                               for task, info in training.items()}
+        curves = learning_curves(training)
+        paths["learning_curves"] = storage.join(out_dir, "learning_curves.png")
+    storage.write_bytes(paths["metrics"], (json.dumps(payload, indent=2, default=_json_default) + "\n").encode())
 
     names = list(baselines)
-    md = [f"# {title}", "", "## Official Subtask 2 metrics", "",
-          "Ranking metric: `weighted_f1` (w-avg. F1); `f1_pair` is the micro F1 over the six emotions.", ""]
+    md = [f"# {title}", ""] + [f"> {n}" for n in notes or []] + ([""] if notes else [])
+    md += ["## Official Subtask 2 metrics", "",
+           "Ranking metric: `weighted_f1` (w-avg. F1); `f1_pair` is the micro F1 over the six emotions.", ""]
     md.append(_md_table(["metric", "system"] + [f"baseline: {n}" for n in names],
                         [[k, metrics.get(k, float("nan"))] + [baselines[n].get(k, float("nan")) for n in names]
                          for k in OFFICIAL_KEYS]))
@@ -481,43 +521,33 @@ def write_report(
                             [[e] + list(row) for e, row in zip(EMOTIONS, metrics["emotion_confusion"])]))
     if parse_status:
         md += ["", "## Parse status", ""]
-        md.append(_md_table(["status", "count"], [[k, v] for k, v in parse_status.items()]))
+        nested = all(isinstance(v, dict) for v in parse_status.values())
+        rows = [[stage, k, v] for stage, st in parse_status.items() for k, v in st.items()] if nested else \
+            [["", k, v] for k, v in parse_status.items()]
+        md.append(_md_table(["stage", "status", "count"], rows))
     counts = [k for k in ("num_conversations_scored", "num_pred_conversations_ignored", "num_gold_pairs",
                           "num_pred_pairs", "num_neutral_pred_pairs_ignored") if k in metrics]
     if counts:
         md += ["", "## Counts", ""]
         md.append(_md_table(["count", "value"], [[k, metrics[k]] for k in counts]))
     md += ["", "![confusion matrix](confusion_matrix.png)", ""]
-    with open(paths["report"], "w", encoding="utf-8") as fh:
-        fh.write("\n".join(md))
+    if training:
+        md += ["## Training", ""]
+        md.append(_md_table(["task", "run", "steps", "final train loss", "final validation loss", "adapter"],
+                            [[task, info.get("run_name"), info.get("global_step"),
+                              curves[task]["train"][-1][1] if curves[task]["train"] else float("nan"),
+                              curves[task]["validation"][-1][1] if curves[task]["validation"] else float("nan"),
+                              info.get("adapter")] for task, info in training.items()]))
+        md += ["", "![learning curves](learning_curves.png)", ""]
+    storage.write_bytes(paths["report"], "\n".join(md).encode("utf-8"))
 
     if "emotion_confusion" in metrics:
-        _plot_confusion(metrics["emotion_confusion"], paths["confusion_matrix"],
-                        "Utterance emotion confusion", "predicted", "gold")
+        png = plot_confusion(metrics["emotion_confusion"], "Utterance emotion confusion", "predicted", "gold")
     else:
         conf = metrics.get("pair_confusion") or np.zeros((7, 7), dtype=int).tolist()
-        _plot_confusion(conf, paths["confusion_matrix"],
-                        "Pair confusion (scorer): [e][e] hit, row 0 wrong pred, col 0 missed gold",
-                        "predicted pair emotion", "gold pair emotion")
+        png = plot_confusion(conf, "Pair confusion (scorer): [e][e] hit, row 0 wrong pred, col 0 missed gold",
+                             "predicted pair emotion", "gold pair emotion")
+    storage.write_bytes(paths["confusion_matrix"], png)
+    if curves is not None:
+        storage.write_bytes(paths["learning_curves"], plot_learning_curves(curves))
     return paths
-
-
-def main_evaluate(pred: str, gold: str, json_out: str | None, out_dir: str | None) -> int:
-    """Body of ``mecpe evaluate``: print the table, optionally write JSON / report; 2 on bad input."""
-    try:
-        metrics = evaluate_files(pred, gold)
-    except EvaluationError as exc:
-        print(f"mecpe evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_table(metrics))
-    if json_out:
-        parent = os.path.dirname(json_out)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        with open(json_out, "w", encoding="utf-8") as fh:
-            json.dump(_ordered(metrics), fh, indent=2, default=_json_default)
-            fh.write("\n")
-    if out_dir:
-        paths = write_report(metrics, out_dir)
-        print(f"report written to {paths['report']}")
-    return 0

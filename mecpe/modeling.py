@@ -1,4 +1,4 @@
-"""Tokenizer and model loading (4-bit NF4, LoRA adapters), device/dtype choice, and the tiny local model.
+"""Tokenizer and model loading (4-bit NF4, LoRA adapters), device/dtype choice, node-local caching of remote weights.
 
 Why these choices:
 
@@ -8,38 +8,29 @@ Why these choices:
   processes build the same base.
 * The 4-bit compute dtype is chosen here, once, from the device: bf16 where the GPU has it, fp16 on older GPUs
   (T4), fp32 on CPU (bitsandbytes' CPU backend). The reference misspelt this option and silently computed in fp32.
-* 4-bit on CPU: bitsandbytes >= 0.45 has a CPU backend; ``device_map={"": "cpu"}`` loads NF4 ``Linear4bit`` layers.
-  Its CPU matmul needs every quantized layer's ``in_features`` to be a multiple of the quantization block size (64),
-  hence the tiny model's sizes.
+* 4-bit on CPU: bitsandbytes has a CPU backend; ``device_map={"": "cpu"}`` loads NF4 ``Linear4bit`` layers. Its CPU
+  matmul needs every quantized layer's ``in_features`` to be a multiple of the quantization block size (64), hence
+  the tiny model's sizes (``mecpe.tiny``).
+
+This module knows models, not data: no ECF parsing, no prompts.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
-import random
 import shutil
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
+from mecpe import storage
 from mecpe.config import LoraSettings, ModelConfig, QuantizationConfig
 
 PAD_TOKEN = "<pad>"
 _COMPLETE = ".mecpe_complete"
-# transformers renamed ``torch_dtype`` to ``dtype`` in 4.56; pass whichever this version understands.
-_DTYPE_KW = "dtype"
-try:
-    import transformers as _tf
-
-    if tuple(int(x) for x in _tf.__version__.split(".")[:2]) < (4, 56):
-        _DTYPE_KW = "torch_dtype"
-except Exception:  # pragma: no cover
-    pass
 
 
 # ---------------------------------------------------------------- device, dtype, quantization
@@ -103,7 +94,7 @@ def resolve_model_source(source: str, cache_dir: str = "~/.cache/mecpe/models") 
         tmp = f"{target}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier attempt
-        importlib.import_module("mecpe.storage").download_dir(source, tmp)
+        storage.download_dir(source, tmp)
         with open(os.path.join(tmp, _COMPLETE), "w", encoding="utf-8") as fh:
             json.dump({"uri": source, "time": time.time()}, fh)
         os.replace(tmp, target)
@@ -153,7 +144,7 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, 
     source = resolve_model_source(model_cfg.base, model_cfg.cache_dir)
     qcfg = quantization_config(quant_cfg, device)
     kwargs: dict[str, Any] = {
-        _DTYPE_KW: compute_dtype(quant_cfg, device),
+        "dtype": compute_dtype(quant_cfg, device),
         "device_map": {"": device},
         "trust_remote_code": model_cfg.trust_remote_code,
     }
@@ -213,103 +204,3 @@ def load_for_inference(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | N
         model.set_adapter(next(iter(adapters)))
     model.eval()
     return model, tokenizer
-
-
-# ---------------------------------------------------------------- tiny model
-
-# Llama-2-chat format; special tokens come from the tokenizer's variables, never literal text.
-LLAMA2_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] == 'system' %}{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}"
-    "{% set messages = messages[1:] %}{% else %}{% set sys = '' %}{% endif %}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + (sys if loop.first else '') + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
-    "{% endfor %}"
-)
-_SPECIALS = ["<unk>", "<s>", "</s>", PAD_TOKEN]  # ids 0..3
-
-
-def _read_conversations(uri: str) -> list[SimpleNamespace]:
-    """ECF conversations as light records (JSON array or JSONL), enough to render prompt text."""
-    if "://" in uri and not uri.startswith("file://"):
-        raw = importlib.import_module("mecpe.storage").read_bytes(uri)
-    else:
-        with open(uri.removeprefix("file://"), "rb") as fh:
-            raw = fh.read()
-    text = raw.decode("utf-8")
-    try:
-        records = json.loads(text)
-        records = records if isinstance(records, list) else [records]
-    except json.JSONDecodeError:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    convs = []
-    for rec in records:
-        utts = tuple(SimpleNamespace(id=int(u["utterance_ID"]), text=str(u.get("text", "")),
-                                     speaker=str(u.get("speaker", "")), emotion=u.get("emotion"))
-                     for u in rec.get("conversation", []))
-        if utts:
-            convs.append(SimpleNamespace(id=rec.get("conversation_ID"), utterances=utts))
-    return convs
-
-
-def _tokenizer_corpus(convs: list, rng: random.Random, num_prompts: int = 300) -> list[str]:
-    """Utterance texts and speakers, plus rendered prompts and targets so the prompt vocabulary
-    ("utterance_", "::", the labels, "[INST]") gets compact tokens."""
-    from mecpe import prompts
-
-    corpus = [u.text for c in convs for u in c.utterances] + sorted({u.speaker for c in convs for u in c.utterances})
-    for conv in rng.sample(convs, min(num_prompts, len(convs))):
-        utt = rng.choice(conv.utterances)
-        emotions = {u.id: (u.emotion if u.emotion in prompts.LABELS else "neutral") for u in conv.utterances}
-        corpus.append("[INST] " + prompts.emotion_prompt_text(conv, utt.id) + " [/INST]")
-        corpus.append("[INST] " + prompts.cause_prompt_text(conv, utt.id, emotions) + " [/INST]")
-        corpus.append(prompts.emotion_target(utt.id, emotions[utt.id]))
-        corpus.append(prompts.cause_target(sorted(rng.sample(range(1, len(conv.utterances) + 1),
-                                                             rng.randint(0, min(3, len(conv.utterances)))))))
-    corpus += [prompts.emotion_target(i, lab) for i in range(1, 40) for lab in prompts.LABELS]
-    return corpus
-
-
-def build_tiny_model(out_dir: str, data_files: list[str], seed: int = 0, vocab_size: int = 2048) -> str:
-    """A small random-init ``LlamaForCausalLM`` (~1.3M parameters) and a byte-level BPE tokenizer trained on the
-    ECF texts and our prompt vocabulary, saved with ``save_pretrained`` to ``out_dir``.
-
-    Stands in for Llama-2-13b-chat in tests and CPU runs: same architecture, chat template and special tokens
-    (``<s>``, ``</s>``, ``<unk>``, a separate ``<pad>``), each emotion label a single token. Deterministic: the same
-    data and seed give the same files. Sizes are multiples of 64 so bitsandbytes' CPU NF4 kernels accept them."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from mecpe import prompts
-
-    convs = [c for f in data_files for c in _read_conversations(f)]
-    if not convs:
-        raise ValueError(f"no conversations in {data_files}")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(_tokenizer_corpus(convs, random.Random(seed)), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    # Like Llama's tokenizer, plain encoding prepends <s> (prompts are built with add_special_tokens=False).
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                  pad_token=PAD_TOKEN, model_max_length=4096)
-    tok.chat_template = LLAMA2_CHAT_TEMPLATE
-    multi = [lab for lab in prompts.LABELS
-             if len(tok(" " + lab, add_special_tokens=False)["input_ids"]) != 1]
-    if multi:
-        raise RuntimeError(f"tiny tokenizer: labels {multi} are not single tokens; raise vocab_size")
-
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=384, max_position_embeddings=4096,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir

@@ -39,9 +39,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from mecpe.prompts import LABELS, parse_causes, parse_emotion
-
-EMOTIONS = LABELS
+from mecpe.data import EMOTIONS
+from mecpe.prompts import parse_causes, parse_emotion
 
 __all__ = ["EmotionResult", "CauseResult", "StageStats", "STATS", "predict_emotions", "predict_causes",
            "score_emotion_labels", "cause_answer_ids", "prefix_shared_logits"]
@@ -91,37 +90,13 @@ class StageStats:
 STATS: dict[str, StageStats] = {"emotion": StageStats(), "cause": StageStats()}
 
 
-# ---------------------------------------------------------------- transformers cache compatibility
-
-def _cache_kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (keys, values), each (batch, kv_heads, length, head_dim), from a transformers cache of any era:
-    5.x ``DynamicCache.layers[i].keys``, 4.x ``key_cache``/``value_cache`` lists, or legacy tuples."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    if hasattr(cache, "key_cache"):
-        return list(zip(cache.key_cache, cache.value_cache))
-    return [(k, v) for k, v, *_ in cache]
-
-
-def _make_cache(kv: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    """A fresh ``DynamicCache`` holding ``kv``; ``update`` per layer is the one constructor path common to 4.x/5.x.
-    Pass a generator: ``update`` copies each layer, so only one gathered layer is alive at a time."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k, v, i)
-    return cache
-
+# ---------------------------------------------------------------- KV cache with room for decoding
 
 @functools.lru_cache(maxsize=None)
-def _room_layer_class() -> type | None:
+def _room_layer_class() -> type:
     """A ``DynamicLayer`` with reserved room: ``update`` writes into spare capacity instead of ``torch.cat``, so a
-    decoding step costs no copy of the whole cache. None where transformers has no per-layer cache classes."""
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:
-        return None
+    decoding step costs no copy of the whole cache."""
+    from transformers.cache_utils import DynamicLayer
 
     class RoomLayer(DynamicLayer):
         reserve = 0
@@ -156,11 +131,9 @@ def _room_layer_class() -> type | None:
 
 def _room_cache(model: Any, reserve: int) -> Any:
     """An empty cache whose layers keep ``reserve`` positions of room after the first (prefill) update."""
-    cls = _room_layer_class()
-    if cls is None:
-        return None
     from transformers import DynamicCache
 
+    cls = _room_layer_class()
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     layers = []
     for _ in range(cfg.num_hidden_layers):
@@ -173,12 +146,10 @@ def _room_cache(model: Any, reserve: int) -> Any:
 
 
 def _select_rows(cache: Any, idx: torch.Tensor) -> Any:
-    """Keep batch rows ``idx``, layer by layer in place where the cache can (old rows freed as it goes, so the
-    peak is one layer more, not a second cache)."""
-    if hasattr(cache, "batch_select_indices"):
-        cache.batch_select_indices(idx)
-        return cache
-    return _make_cache((k.index_select(0, idx), v.index_select(0, idx)) for k, v in _cache_kv(cache))
+    """Keep batch rows ``idx``, layer by layer in place (old rows freed as it goes, so the peak is one layer more,
+    not a second cache)."""
+    cache.batch_select_indices(idx)
+    return cache
 
 
 # ---------------------------------------------------------------- model plumbing
@@ -232,8 +203,8 @@ def _mask4d(model: Any, allowed: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _cache_kw(cls: type) -> str:
-    """transformers >= 5.2x calls the KV cache argument ``cache`` (``past_key_values`` deprecated); 5.17 and 4.x
-    only know ``past_key_values``."""
+    """transformers >= 5.2x calls the KV cache argument ``cache`` (``past_key_values`` deprecated); 5.17 only knows
+    ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 

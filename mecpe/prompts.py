@@ -23,8 +23,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-# Same order as ``mecpe.data.EMOTIONS`` (checked by a test); kept here so prompts stays importable on its own.
-LABELS: tuple[str, ...] = ("neutral", "anger", "disgust", "fear", "joy", "sadness", "surprise")
+from mecpe.data import EMOTIONS
+
 MARKER = "::"
 _SENTINEL = "\x00MECPE_CONTENT\x00"
 _INTRO = "Here is a conversation from the TV show Friends, one utterance per line:\n"
@@ -58,7 +58,7 @@ def cause_block(utt: Any, emotion: str) -> str:
 
 
 def emotion_question(utt_id: int) -> str:
-    return (f"Which emotion does utterance_{utt_id} express? Choose exactly one of: {', '.join(LABELS)}. "
+    return (f"Which emotion does utterance_{utt_id} express? Choose exactly one of: {', '.join(EMOTIONS)}. "
             f"Answer with utterance_{utt_id} and the emotion.")
 
 
@@ -236,7 +236,7 @@ def chat_head_tail(tokenizer: Any) -> tuple[list[int], list[int]]:
 
 # ---------------------------------------------------------------- parsers
 
-_LABEL_RE = re.compile(r"\b(" + "|".join(LABELS) + r")\b", re.IGNORECASE)
+_LABEL_RE = re.compile(r"\b(" + "|".join(EMOTIONS) + r")\b", re.IGNORECASE)
 _UTT_RE = re.compile(r"utterance_([0-9]{1,6})", re.IGNORECASE)
 _INT_RE = re.compile(r"-?[0-9]+")
 
@@ -259,7 +259,7 @@ def parse_emotion(text: Any, utt_id: int | None = None) -> tuple[str | None, str
     answer, head = _after_marker(text)
     if answer is None:
         bare = head.strip().strip(".,;:!\"'`").strip().lower()
-        return (bare, "repaired") if bare in LABELS else (None, "invalid")
+        return (bare, "repaired") if bare in EMOTIONS else (None, "invalid")
     m = _LABEL_RE.search(answer)
     if not m:
         return None, "invalid"

@@ -1,24 +1,83 @@
 """One place that touches filesystems: local paths and ``s3://`` URIs through ``pyarrow.fs``.
 
-S3 filesystems are built from the environment only (the AWS SDK's default credential chain reads
-``AWS_ACCESS_KEY_ID`` etc. itself). Explicit keys would travel inside every pickled filesystem sent to a
-Ray task; without them a pickle holds only endpoint, region and options.
+S3 settings (endpoint, region) are explicit: each process that touches S3 calls ``configure`` once with the resolved
+``S3Settings`` (the driver resolves them with ``settings_from(cfg.storage)``, config over environment, and hands the
+same values to its Ray workers), so the driver and every worker use the same endpoint whatever their environment.
+Credentials are never settings: the AWS SDK's default chain reads ``AWS_ACCESS_KEY_ID`` etc. from the environment
+(or an instance profile). Explicit keys would travel inside every pickled filesystem sent to a Ray task; without
+them a pickle holds only endpoint, region and options.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import re
 import uuid
-from typing import Any, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Iterator
 
 import pyarrow.fs as pafs
 
 _CHUNK = 1 << 20
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_ENDPOINT_ENV = ("MECPE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+_REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where S3 is: ``endpoint`` (``http://host:port`` for an S3-compatible server; None = AWS) and ``region``."""
+
+    endpoint: str | None = None
+    region: str = "us-east-1"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _env(names: tuple[str, ...]) -> str | None:
+    return next((os.environ[n] for n in names if os.environ.get(n)), None)
+
+
+def settings_from(storage_cfg: Any = None) -> S3Settings:
+    """Resolve S3 settings: the config's ``s3_endpoint`` / ``s3_region`` when set, else the environment
+    (``MECPE_S3_ENDPOINT``, ``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``; ``AWS_REGION``, ``AWS_DEFAULT_REGION``),
+    else AWS in us-east-1."""
+    endpoint = getattr(storage_cfg, "s3_endpoint", None) or _env(_ENDPOINT_ENV)
+    region = getattr(storage_cfg, "s3_region", None) or _env(_REGION_ENV) or "us-east-1"
+    return S3Settings(endpoint=endpoint, region=region)
+
+
+_settings: S3Settings | None = None
+
+
+def configure(settings: S3Settings | dict | None) -> S3Settings | None:
+    """Set this process's S3 settings (a dict from ``S3Settings.as_dict`` is accepted: what Ray workers receive);
+    None goes back to the environment. Process entry points call it (the CLI, a Ray Train worker, a predictor actor);
+    library calls in a driver use ``using`` instead, so one run's settings never outlive it. Returns the previous."""
+    global _settings
+    previous = _settings
+    _settings = S3Settings(**settings) if isinstance(settings, dict) else settings
+    return previous
+
+
+@contextlib.contextmanager
+def using(settings: S3Settings | dict | None) -> Iterator[S3Settings]:
+    """``configure`` for the duration of a block (a driver-side run), then the previous settings again."""
+    previous = configure(settings)
+    try:
+        yield current_settings()
+    finally:
+        configure(previous)
+
+
+def current_settings() -> S3Settings:
+    """The settings ``configure`` set, else those of the environment (read now)."""
+    return _settings if _settings is not None else settings_from(None)
 
 
 def is_remote(uri: str) -> bool:
@@ -27,12 +86,10 @@ def is_remote(uri: str) -> bool:
 
 def _endpoint(endpoint: str | None) -> tuple[str | None, str]:
     """``http://host:port/`` -> ("host:port", "http"); no scheme means https (pyarrow's default)."""
-    endpoint = endpoint or os.environ.get("MECPE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3") \
-        or os.environ.get("AWS_ENDPOINT_URL")
     if not endpoint:
         return None, "https"
     scheme, sep, rest = endpoint.partition("://")
-    return (rest, scheme) if sep else (scheme, "https")
+    return (rest.rstrip("/"), scheme) if sep else (scheme.rstrip("/"), "https")
 
 
 @functools.lru_cache(maxsize=None)
@@ -40,15 +97,14 @@ def _s3(endpoint_override: str | None, scheme: str, region: str) -> pafs.S3FileS
     return pafs.S3FileSystem(endpoint_override=endpoint_override, scheme=scheme, region=region)
 
 
-def get_filesystem(uri: str, *, endpoint: str | None = None, region: str | None = None
-                   ) -> tuple[pafs.FileSystem, str]:
-    """URI -> (filesystem, path inside it). S3 filesystems are cached per (endpoint, region)."""
+def get_filesystem(uri: str, settings: S3Settings | None = None) -> tuple[pafs.FileSystem, str]:
+    """URI -> (filesystem, path inside it). S3 filesystems (cached per endpoint and region) use ``settings``, or
+    this process's (``configure``)."""
     uri = str(uri)
     if uri.startswith("s3://"):
-        host, scheme = _endpoint(endpoint)
-        host = host.rstrip("/") if host else None
-        region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        return _s3(host, scheme, region), uri[len("s3://"):].rstrip("/")
+        s = settings or current_settings()
+        host, scheme = _endpoint(s.endpoint)
+        return _s3(host, scheme, s.region), uri[len("s3://"):].rstrip("/")
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" in uri:  # gs://, hdfs://, ...: whatever pyarrow supports
@@ -135,6 +191,39 @@ def read_json(uri: str) -> Any:
 
 def write_json(uri: str, obj: Any, *, indent: int | None = None) -> None:
     write_bytes(uri, dumps_json(obj, indent=indent))
+
+
+def dumps_jsonl(objs: Iterable[Any]) -> bytes:
+    """JSON Lines bytes: one compact object per line, UTF-8."""
+    return "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs).encode("utf-8")
+
+
+def iter_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, line) of a byte stream given in chunks, for JSON Lines: a BOM at the start and a CR at
+    line ends are dropped, blank lines skipped, a last line without newline kept. Pieces of a line are joined once
+    (no quadratic re-scanning of a long line)."""
+    lineno, carry, first = 0, [], True
+    for chunk in chunks:
+        if first and chunk:
+            chunk, first = chunk.removeprefix(b"\xef\xbb\xbf"), False
+        *lines, rest = chunk.split(b"\n")
+        for line in lines:
+            if carry:
+                line, carry = b"".join(carry) + line, []
+            lineno += 1
+            line = line.removesuffix(b"\r")
+            if line.strip():
+                yield lineno, line
+        carry.append(rest)
+    last = b"".join(carry).removesuffix(b"\r")
+    if last.strip():
+        yield lineno + 1, last
+
+
+def read_chunks(uri: str) -> Iterator[bytes]:
+    """A file's bytes in 1 MiB chunks (streams: a large file is never held whole)."""
+    fs, path = get_filesystem(uri)
+    yield from _stream(fs, path)
 
 
 def exists(uri: str) -> bool:

@@ -34,13 +34,13 @@ class RestartableS3:
     """A moto S3 server on a fixed loopback port that can be stopped (socket closed: connections are refused) and
     started again on the same port; moto's in-process backend keeps the buckets and objects across restarts.
 
-    ``on_request(method, path)`` (optional) is called for every request before moto handles it: the S3-outage test
-    uses it to stop the server while a checkpoint is being uploaded."""
+    ``on_request(method, path, query)`` (optional) is called for every request before moto handles it: the S3-outage
+    tests use it to stop the server while a checkpoint is being uploaded or recorded."""
 
     def __init__(self, port: int | None = None):
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.on_request: Callable[[str, str], None] | None = None
+        self.on_request: Callable[[str, str, str], None] | None = None
         self.key_ids: set[str] = set()  # access key ids of the signed requests seen (never the secret: not sent)
         self._server = None
         self._thread: threading.Thread | None = None
@@ -57,7 +57,7 @@ class RestartableS3:
                 self.key_ids.add(auth.split("Credential=", 1)[1].split("/", 1)[0])
             hook = self.on_request
             if hook is not None:
-                hook(environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""))
+                hook(environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
             return inner(environ, start_response)
 
         return app
@@ -118,12 +118,13 @@ def fake_cloud() -> Iterator[RestartableS3]:
 
 
 @contextlib.contextmanager
-def local_ray() -> Iterator[str]:
-    """A real local Ray (2 CPUs, no dashboard), started now so its workers inherit the current environment."""
+def local_ray(dashboard: bool = False) -> Iterator[str]:
+    """A real local Ray (2 CPUs; the dashboard only where a test reads Ray's state API), started now so its workers
+    inherit the current environment."""
     import ray
 
     assert not ray.is_initialized(), "another test module left Ray running"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(num_cpus=2, include_dashboard=dashboard, log_to_driver=True)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
@@ -169,3 +170,77 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
 
 def tree_files(root: Path) -> list[Path]:
     return [p for p in Path(root).rglob("*") if p.is_file()]
+
+
+def registered_step(run_dir: str) -> int:
+    """Global step of Ray Train's latest *registered* checkpoint of a run (its controller snapshot in storage; 0 when
+    none): a checkpoint is complete in storage once registered."""
+    from mecpe import storage
+
+    snap_uri = storage.join(run_dir, "checkpoint_manager_snapshot.json")
+    try:
+        latest = storage.read_json(snap_uri).get("latest_checkpoint_result")
+        if not latest:
+            return 0
+        state = storage.join(run_dir, latest["checkpoint_dir_name"], "checkpoint", "trainer_state.json")
+        return int(storage.read_json(state)["global_step"])
+    except (FileNotFoundError, OSError, ValueError, KeyError):
+        return 0
+
+
+def train_with_worker_kill(fit: Callable[[], object], run_dir: str, after_step: int, timeout: float = 600,
+                           workers: str = "RayTrainWorker") -> tuple[object, dict]:
+    """Run ``fit()`` (a training run) in a thread; once Ray Train has registered a checkpoint of at least
+    ``after_step``, SIGKILL one training worker process from outside (what a spot reclaim of a worker does). Returns
+    (fit's result, {"pid", "registered_step"} at the kill). Re-raises fit's exception."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["res"] = fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            box["err"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    step = wait_for(lambda: registered_step(run_dir) >= after_step and registered_step(run_dir), timeout,
+                    f"a registered checkpoint of step {after_step}", interval=0.05, alive=thread.is_alive)
+    pids = alive_actor_pids(workers)
+    assert pids, "no training worker alive to kill"
+    sigkill(pids[0])
+    thread.join(timeout)
+    assert not thread.is_alive(), "the training run did not finish after the kill"
+    if "err" in box:
+        raise box["err"]
+    return box["res"], {"pid": pids[0], "registered_step": step}
+
+
+def kill_busy_actor_task(class_substring: str, alive: Callable[[], bool], timeout: float = 300, tries: int = 3):
+    """SIGKILL the process of an actor of ``class_substring`` *while it runs a task* (Ray's state API: a RUNNING
+    actor task), so the kill takes work with it. Returns that task attempt (task_id, attempt_number, worker_pid).
+    If the attempt had finished by the time the signal landed (the state API lags a little), it tries again on the
+    next running task, up to ``tries`` times."""
+    from ray.util.state import list_tasks
+
+    def running():
+        tasks = list_tasks(filters=[("state", "=", "RUNNING"), ("type", "=", "ACTOR_TASK")], detail=True,
+                           raise_on_missing_output=False)
+        return [t for t in tasks if class_substring in (t.name or "") and t.name.endswith(".submit")]
+
+    def final_state(task):
+        attempts = list_tasks(filters=[("task_id", "=", task.task_id)], detail=True, raise_on_missing_output=False)
+        return next((a.state for a in attempts if a.attempt_number == task.attempt_number
+                     and a.state in ("FAILED", "FINISHED")), None)
+
+    for _ in range(tries):
+        task = wait_for(running, timeout, f"a running {class_substring} task", interval=0.05, alive=alive)[0]
+        sigkill(task.worker_pid)
+        if wait_for(lambda: final_state(task), 60, "the killed attempt's final state") == "FAILED":
+            return task
+    raise AssertionError(f"every kill of a {class_substring} actor landed after its batch had finished")
+
+
+def task_attempts(task_id: str) -> list:
+    from ray.util.state import list_tasks
+
+    return list_tasks(filters=[("task_id", "=", task_id)], detail=True, raise_on_missing_output=False)

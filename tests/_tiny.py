@@ -20,10 +20,10 @@ TRAIN_FILE = DATA_DIR / "reconstructed" / "Subtask_2_train.json"
 
 @functools.lru_cache(maxsize=None)
 def tiny_model_dir(seed: int = 0) -> str:
-    from mecpe import modeling
+    from mecpe.tiny import build_tiny_model
 
     h = hashlib.sha256()
-    for src in (REPO / "mecpe" / "modeling.py", REPO / "mecpe" / "prompts.py"):
+    for src in (REPO / "mecpe" / "tiny.py", REPO / "mecpe" / "modeling.py", REPO / "mecpe" / "prompts.py"):
         h.update(src.read_bytes())
     st = TRAIN_FILE.stat()
     h.update(f"{TRAIN_FILE}|{st.st_size}|{st.st_mtime_ns}|{seed}".encode())
@@ -32,7 +32,7 @@ def tiny_model_dir(seed: int = 0) -> str:
         return str(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    modeling.build_tiny_model(str(tmp), [str(TRAIN_FILE)], seed=seed)
+    build_tiny_model(str(tmp), [str(TRAIN_FILE)], seed=seed)
     try:
         os.replace(tmp, out)
     except OSError:  # another process finished first

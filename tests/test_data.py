@@ -123,18 +123,26 @@ def test_prepare_reference_then_random_removes_stale_outputs(tmp_path, train_fil
     assert json.loads((out / "manifest.json").read_text())["outputs"]["train.json"] != sha_before
 
 
-def test_main_prepare_prints_counts_and_returns_exit_codes(tmp_path, capsys):
-    assert data.main_prepare(str(BAD / "pair_on_neutral.json"), None, str(tmp_path / "ok"), "random", 0.5, 1) == 0
+def _prepare_cli(train, out, *args):
+    from mecpe.cli import main
+
+    return main(["data", "prepare", "--train", str(train), "--out", str(out), *args])
+
+
+def test_cli_prepare_prints_counts_and_returns_exit_codes(tmp_path, capsys):
+    assert _prepare_cli(BAD / "pair_on_neutral.json", tmp_path / "ok", "--val-fraction", "0.5", "--seed", "1") == 0
     printed = capsys.readouterr().out
     assert "conversations" in printed and "surprise" in printed and "rejects: 1" in printed
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     for name in ("duplicate_across_a.json", "not_json.json"):
         (mixed / name).write_bytes((BAD / name).read_bytes())
-    assert data.main_prepare(str(mixed), None, str(tmp_path / "bad"), "random", 0.1, 42) == 2
+    assert _prepare_cli(mixed, tmp_path / "bad") == 2
     rejects = [json.loads(line) for line in (tmp_path / "bad" / "rejects.jsonl").read_text().splitlines()]
-    assert [r["kind"] for r in rejects] == ["file"] and "not_json.json" in rejects[0]["source"]
-    assert data.main_prepare(str(BAD / "not_json.json"), None, str(tmp_path / "none"), "random", 0.1, 42) == 2
+    assert [(r["stage"], r["conversation_id"]) for r in rejects] == [("read", None)]  # the whole file
+    assert "not_json.json" in rejects[0]["source"] and rejects[0]["input"] == "train"
+    assert _prepare_cli(BAD / "not_json.json", tmp_path / "none") == 2
+    assert "no valid training conversation" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- rejects
@@ -310,7 +318,7 @@ def test_write_predictions_official_format(tmp_path):
 
 
 def test_counts_table_lists_every_emotion():
-    table = data.counts_table({"train": [_conv(1)], "val": []})
+    table = data.counts_table({"train": data.counts([_conv(1)]), "val": data.counts([])})
     lines = table.splitlines()
     assert "train" in lines[0] and "val" in lines[0]
     assert [line.split()[0] for line in lines[1:]] == ["conversations", "utterances", "pairs", *EMOTIONS]

@@ -24,7 +24,6 @@ from mecpe.evaluate import (  # noqa: E402
     baseline_predictions,
     evaluate_files,
     format_table,
-    main_evaluate,
     parse_pairs,
     score_subtask2,
     write_report,
@@ -461,9 +460,16 @@ def test_evaluate_files_errors(tmp_path):
         evaluate_files(str(tmp_path / "nope.json"), str(FIXTURES / "gold_small.json"))
 
 
-def test_main_evaluate(tmp_path, capsys):
+def _evaluate_cli(pred, gold, json_out=None, out_dir=None) -> int:
+    from mecpe.cli import main
+
+    return main(["evaluate", "--pred", pred, "--gold", gold] + (["--json", json_out] if json_out else [])
+                + (["--out-dir", out_dir] if out_dir else []))
+
+
+def test_cli_evaluate(tmp_path, capsys):
     out_json = tmp_path / "m" / "metrics.json"
-    rc = main_evaluate(str(FIXTURES / "pred_small.json"), str(FIXTURES / "gold_small.json"),
+    rc = _evaluate_cli(str(FIXTURES / "pred_small.json"), str(FIXTURES / "gold_small.json"),
                        str(out_json), str(tmp_path / "report"))
     assert rc == 0
     assert "weighted_f1" in capsys.readouterr().out
@@ -472,7 +478,7 @@ def test_main_evaluate(tmp_path, capsys):
 
     bad = tmp_path / "bad_pred.json"
     bad.write_text(json.dumps([conv(1, [["1_Joy", "1"]]), conv(2, [])]))
-    rc = main_evaluate(str(bad), str(FIXTURES / "gold_small.json"), None, None)
+    rc = _evaluate_cli(str(bad), str(FIXTURES / "gold_small.json"))
     err = capsys.readouterr().err
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "Joy" in err and "bad_pred.json" in err

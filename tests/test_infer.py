@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pyarrow as pa
@@ -85,7 +83,8 @@ def predictions(out: Path) -> dict:
 
 
 def test_parse_stage_rows_to_conversations_or_rejects():
-    from mecpe.infer import _RAW_SCHEMA, ROW_SCHEMA, ParseStage
+    from mecpe.infer.source import RAW_SCHEMA
+    from mecpe.infer.stages import ROW_SCHEMA, ParseStage
 
     good = {"conversation_ID": 7, "conversation": [{"utterance_ID": 1, "text": "Hi .", "speaker": "Ross"}]}
 
@@ -102,7 +101,7 @@ def test_parse_stage_rows_to_conversations_or_rejects():
                                                           "field": None}).encode()),
         raw("c.json", "error", -1, "1:23", b"unreadable file: not valid JSON"),
     ]
-    out = ParseStage()(pa.Table.from_pylist(rows, schema=_RAW_SCHEMA))
+    out = ParseStage()(pa.Table.from_pylist(rows, schema=RAW_SCHEMA))
     assert out.schema == ROW_SCHEMA
     got = out.to_pylist()
     assert [(r["source"], r["location"], r["reject"] is None) for r in got] == [
@@ -121,7 +120,7 @@ def test_parse_stage_rows_to_conversations_or_rejects():
 def test_reader_streams_jsonl_lines_and_splits_arrays(ray_cluster, tmp_path):
     """Lines as raw bytes across read chunks (a 200 kB line, CRLF, BOM, blank lines, no final newline), blocks of
     at most ``per_block`` rows; a JSON array split into elements; a truncated array is one error row."""
-    from mecpe.infer import _make_raw_datasource
+    from mecpe.infer.source import make_raw_datasource
 
     conv = {"conversation_ID": 1, "conversation": [{"utterance_ID": 1, "text": "x" * 200_000, "speaker": "A"}]}
     lines = [b"\xef\xbb\xbf" + json.dumps(conv).encode() + b"\r", b"", b"  ", b"\xff broken", b'{"a": 1}']
@@ -129,7 +128,7 @@ def test_reader_streams_jsonl_lines_and_splits_arrays(ray_cluster, tmp_path):
     a, b = tmp_path / "in.jsonl", tmp_path / "in.json"
     a.write_bytes(jsonl)
     b.write_text("[]")
-    src = _make_raw_datasource([("in.jsonl", str(a), 0), ("in.json", str(b), 1)], None, 2)
+    src = make_raw_datasource([("in.jsonl", str(a), 0), ("in.json", str(b), 1)], None, 2)
 
     def read(data, path):
         return [r for block in src._read_stream(pa.BufferReader(data), path) for r in block.to_pylist()], \
@@ -149,7 +148,7 @@ def test_reader_streams_jsonl_lines_and_splits_arrays(ray_cluster, tmp_path):
 
 def test_assemble_dedupes_copies_and_duplicate_ids(tmp_path):
     from mecpe import storage
-    from mecpe.infer import META, assemble
+    from mecpe.infer.resume import META, assemble
 
     def rec(cid, uid, fi, pos, emo="joy"):
         return {"conversation_ID": cid, "conversation": [
@@ -169,12 +168,13 @@ def test_assemble_dedupes_copies_and_duplicate_ids(tmp_path):
          "conversation_id": "3", "field": None, "key": "3", "file_index": 0, "position": 3},
         {"uid": "u2", "stage": "emotion", "reason": "boom", "retryable": True, "source": "f0", "location": "line 2",
          "conversation_id": "2", "field": None, "key": "2", "file_index": 0, "position": 2}])
-    asm = assemble(str(tmp_path), str(tmp_path / "pred.json"))
-    pred = json.loads((tmp_path / "pred.json").read_text())
+    asm = assemble(str(tmp_path))
+    pred = json.loads((tmp_path / "Subtask_2_pred.json").read_text())
     assert [r["conversation_ID"] for r in pred] == [1, 2] and asm.conversations == 2
     assert pred[0]["conversation"][0]["emotion"] == "anger"  # file 0 position 9 comes before file 1
     assert META not in pred[0] and "parse_status" not in pred[0]["conversation"][0]
-    assert asm.duplicates_in_shards == 1 and asm.utterances == 2 and asm.gold is None
+    assert asm.duplicates_in_shards == 1 and asm.utterances == 2 and not asm.has_gold
+    assert not (tmp_path / "gold.json").exists()
     reasons = {r["uid"]: r for r in asm.rejects}
     assert set(reasons) == {"u1", "u3"}  # u2's failed attempt is superseded by its record
     assert reasons["u1"]["stage"] == "assemble" and "duplicate conversation_ID" in reasons["u1"]["reason"]
@@ -195,9 +195,11 @@ def test_end_to_end_40_conversations(baseline, gold40):
     assert all(u["emotion"] in SEVEN for c in pred for u in c["conversation"])
     metrics = score_subtask2(pred, gold40)
     assert 0.0 <= metrics["weighted_f1"] <= 1.0
-    on_disk = json.loads((out / "metrics.json").read_text())
-    assert on_disk["weighted_f1"] == pytest.approx(metrics["weighted_f1"])
-    assert (out / "report.md").exists()
+    # labelled input: the gold labels of the predicted conversations, in prediction order, for mecpe evaluate
+    gold_file = json.loads((out / "gold.json").read_text())
+    assert summary["has_gold"] and score_subtask2(pred, gold_file) == metrics
+    assert [c["conversation_ID"] for c in gold_file] == [c["conversation_ID"] for c in pred]
+    assert not (out / "metrics.json").exists()  # scoring is mecpe evaluate's job, not inference's
 
     assert summary["conversations"] == 40 and summary["utterances"] == n_utts and summary["rejects"] == 0
     assert sum(summary["parse_status"]["emotion"].values()) == n_utts
@@ -323,10 +325,12 @@ def test_share_base_nf4_with_adapters(ray_cluster, tiny, gold40, tmp_path):
     assert sum(summary["parse_status"]["cause"].values()) == n_gold_emotional
 
 
-def test_s3_input_and_output(ray_cluster, tiny, gold40, s3_server):
+def test_s3_input_and_output(ray_cluster, tiny, gold40, s3_server, capsys):
+    """``mecpe infer`` from and to S3: the shards, the predictions, and (labelled input) the report written through
+    mecpe.storage into the bucket."""
     import boto3
 
-    from mecpe.infer import run_inference
+    from mecpe.cli import main
 
     s3 = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1")
     bucket = s3_server["bucket"]
@@ -334,16 +338,20 @@ def test_s3_input_and_output(ray_cluster, tiny, gold40, s3_server):
     s3.put_object(Bucket=bucket, Key="infer-in/part-1.jsonl",
                   Body="".join(json.dumps(c) + "\n" for c in convs[:6]).encode())
     s3.put_object(Bucket=bucket, Key="infer-in/part-2.json", Body=json.dumps(convs[6:]).encode())
-    summary = run_inference(make_cfg(tiny), f"s3://{bucket}/infer-in", f"s3://{bucket}/infer-out")
-    assert summary["conversations"] == 12 and summary["rejects"] == 0
+    assert main(["infer", "--input", f"s3://{bucket}/infer-in", "--output", f"s3://{bucket}/infer-out",
+                 f"model.base={tiny}", "quantization.mode=none", "prompt.max_prompt_tokens=512",
+                 "inference.batch_size=8", "inference.num_cpus=0.5"]) == 0
+    assert "weighted_f1" in capsys.readouterr().out
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="infer-out/")["Contents"]}
-    for name in ("Subtask_2_pred.json", "summary.json", "metrics.json", "rejects.jsonl", "_run.json"):
+    for name in ("Subtask_2_pred.json", "gold.json", "summary.json", "metrics.json", "report.md",
+                 "confusion_matrix.png", "rejects.jsonl", "_run.json"):
         assert f"infer-out/{name}" in keys, keys
     assert any(k.startswith("infer-out/records/part-") for k in keys)
     pred = json.loads(s3.get_object(Bucket=bucket, Key="infer-out/Subtask_2_pred.json")["Body"].read())
     assert sorted(c["conversation_ID"] for c in pred) == sorted(c["conversation_ID"] for c in convs)
     metrics = json.loads(s3.get_object(Bucket=bucket, Key="infer-out/metrics.json")["Body"].read())
-    assert 0.0 <= metrics["weighted_f1"] <= 1.0
+    assert 0.0 <= metrics["weighted_f1"] <= 1.0 and metrics["num_conversations_scored"] == 12
+    summary = json.loads(s3.get_object(Bucket=bucket, Key="infer-out/summary.json")["Body"].read())
     assert [i["uri"] for i in summary["provenance"]["inputs"]] == [
         f"s3://{bucket}/infer-in/part-1.jsonl", f"s3://{bucket}/infer-in/part-2.json"]
 
@@ -387,39 +395,9 @@ def test_bad_input_mixed_good_and_bad(ray_cluster, tiny, gold40, tmp_path):
     assert summary["conversations"] == 5 and summary["rejects"] == 6
 
 
-def test_interrupted_run_resumes_exactly_once(ray_cluster, tiny, input40, baseline, tmp_path):
-    """A driver killed after 2 of 20 shards; the re-run finishes the rest: same records as the uninterrupted run,
-    none twice."""
-    from mecpe.infer import CRASH_ENV, run_inference
-
-    base_out, _ = baseline
-    out = tmp_path / "out"
-    script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(REPO / 'tests')!r})
-        from test_infer import make_cfg
-        from mecpe.infer import run_inference
-        run_inference(make_cfg({tiny!r}, batch_size=2), {str(input40)!r}, {str(out)!r})
-    """)
-    env = dict(os.environ, RAY_ADDRESS=ray_cluster, **{CRASH_ENV: "2"})
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    first = read_shards(out)
-    assert 0 < len(first) < 40
-    assert not (out / "Subtask_2_pred.json").exists()
-
-    summary = run_inference(make_cfg(tiny, batch_size=2), str(input40), str(out))
-    assert summary["resumed"] and summary["done_before_this_run"] == len(first)
-    assert summary["conversations"] == 40 and summary["this_run"]["records"] == 40 - len(first)
-    records = read_shards(out)
-    uids = [r["_mecpe"]["uid"] for r in records]
-    assert len(uids) == len(set(uids)) == 40
-    assert predictions(out) == predictions(base_out)
-
-
 def test_refuses_output_of_another_run(baseline, tiny, input40, capsys):
-    from mecpe.infer import RunMismatchError, main_infer, run_inference
+    from mecpe.cli import main
+    from mecpe.infer import RunMismatchError, run_inference
 
     out, summary = baseline
     before = json.loads((out / "_run.json").read_text())
@@ -427,37 +405,42 @@ def test_refuses_output_of_another_run(baseline, tiny, input40, capsys):
     with pytest.raises(RunMismatchError, match="holds the results of another run") as err:
         run_inference(cfg, str(input40), str(out))
     assert "differs in: inference" in str(err.value)
-    rc = main_infer(None, str(input40), str(out), [f"model.base={tiny}", "quantization.mode=none"])
+    rc = main(["infer", "--input", str(input40), "--output", str(out), f"model.base={tiny}", "quantization.mode=none"])
     assert rc == 2 and "holds the results of another run" in capsys.readouterr().err
     assert json.loads((out / "_run.json").read_text()) == before  # untouched
 
 
-@pytest.mark.heavy
 def test_overwrite_replaces_another_run(ray_cluster, tiny, gold40, tmp_path):
+    """``--overwrite`` (run_inference(overwrite=True)) is the only way to replace another run's results: the old
+    shards and files are deleted first, so the two runs never mix."""
+    from mecpe.cli import main
     from mecpe.infer import RunMismatchError, run_inference
 
     src = tmp_path / "in.json"
-    src.write_text(json.dumps(gold40[:4]))
+    src.write_text(json.dumps(gold40[:3]))
     out = tmp_path / "out"
     first = run_inference(make_cfg(tiny), str(src), str(out))
+    old_shards = {p.name for p in (out / "records").glob("*.jsonl")}
     other = make_cfg(tiny, emotion_method="generate")
     with pytest.raises(RunMismatchError):
         run_inference(other, str(src), str(out))
-    second = run_inference(other, str(src), str(out), overwrite=True)
-    assert second["run_id"] != first["run_id"] and second["conversations"] == 4 and not second["resumed"]
+    assert main(["infer", "--input", str(src), "--output", str(out), "--overwrite", f"model.base={tiny}",
+                 "quantization.mode=none", "prompt.max_prompt_tokens=512", "inference.batch_size=8",
+                 "inference.num_cpus=0.5", "inference.emotion_method=generate"]) == 0
+    second = json.loads((out / "summary.json").read_text())
+    assert second["run_id"] != first["run_id"] and second["conversations"] == 3 and not second["resumed"]
     assert json.loads((out / "_run.json").read_text())["run_id"] == second["run_id"]
-    assert len(read_shards(out)) == 4
+    assert len(read_shards(out)) == 3 and not old_shards & {p.name for p in (out / "records").glob("*.jsonl")}
 
 
 @pytest.mark.heavy
 def test_full_test_set_cli(ray_cluster, tiny, data_dir, tmp_path):
     """`mecpe infer` on all 341 official test conversations."""
-    from mecpe.infer import main_infer
+    from mecpe.cli import main
 
     out = tmp_path / "out"
-    rc = main_infer(None, str(data_dir / TEST_FILE), str(out),
-                    [f"model.base={tiny}", "quantization.mode=none", "inference.num_cpus=0.5",
-                     "inference.batch_size=16"])
+    rc = main(["infer", "--input", str(data_dir / TEST_FILE), "--output", str(out), f"model.base={tiny}",
+               "quantization.mode=none", "inference.num_cpus=0.5", "inference.batch_size=16"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["conversations"] == 341 and summary["utterances"] == 3101 and summary["rejects"] == 0

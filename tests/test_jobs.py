@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,12 +33,6 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_cluster_yaml_matches_ray_schema():
@@ -84,40 +77,47 @@ def _check_report(out: Path):
     assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
 
 
-def test_pipeline_smoke_end_to_end(tmp_path, tiny_model_dir, ray_local):
-    from mecpe.pipeline import main_pipeline
+def test_pipeline_smoke_end_to_end(tmp_path, tiny_model_dir, ray_local, capsys):
+    """``mecpe pipeline`` with the smoke config: every step, and ``data.limit_test=12`` honoured: inference and
+    scoring on the first 12 test conversations only, and the report says so."""
+    from mecpe.cli import main
 
     out = tmp_path / "smoke"
-    rc = main_pipeline(str(REPO / "jobs/configs/smoke.yaml"),
-                       [f"output_dir={out}", f"storage.path={out}/runs", f"model.base={tiny_model_dir}"])
+    rc = main(["pipeline", "--config", str(REPO / "jobs/configs/smoke.yaml"), f"output_dir={out}",
+               f"storage.path={out}/runs", f"model.base={tiny_model_dir}"])
     assert rc == 0
+    printed = capsys.readouterr().out
+    assert "weighted_f1" in printed and "cause stage:" in printed and "first 12 of the 341" in printed
     pred = json.loads((out / "Subtask_2_pred.json").read_text())
     test_ids = [c["conversation_ID"] for c in json.loads((out / "data" / "test.json").read_text())]
-    assert sorted(c["conversation_ID"] for c in pred) == sorted(test_ids)
+    assert len(test_ids) == 341 and [c["conversation_ID"] for c in pred] == sorted(test_ids[:12])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_conversations_scored"] == 12 and "data.limit_test=12" in metrics["notes"][0]
+    assert "first 12 of the 341 test conversations" in (out / "report.md").read_text()
+    summary = json.loads((out / "inference" / "summary.json").read_text())
+    assert summary["conversations"] == 12
     _check_report(out)
-    assert len(json.loads((out / "metrics.json").read_text())["emotion_confusion"]) == 7
+    assert len(metrics["emotion_confusion"]) == 7
+    # the adapters' runs and their learning curves are in the report
+    assert set(metrics["adapters"]) == {"emotion", "cause"}
+    assert all(a["run_name"].startswith(t + "-") for t, a in metrics["adapters"].items())
+    assert (out / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.fixture()
-def ray_head(tmp_path, s3_server, data_dir):
-    """A real Ray head on loopback with its own ports and temp dir; stopped afterwards.
+def ray_head(s3_server, data_dir):
+    """A real Ray head on loopback (its own ports and temp dir), ready to take jobs; only its own processes are
+    stopped afterwards (tests/_ray_head.py). The job runs in an uploaded copy of the repo, so the data folder is
+    passed as an absolute MECPE_DATA."""
+    from _ray_head import RayHead
 
-    The job runs in an uploaded copy of the repo, so the data folder is passed as an absolute MECPE_DATA.
-    """
-    port, dash = _free_port(), _free_port()
-    temp_dir = Path("/tmp") / f"mecpe-ray-{os.getpid()}-{port}"  # short: Ray's socket paths have a length limit
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="token",
-               MECPE_DATA=str(Path(data_dir).resolve()))
-    subprocess.run(
-        [str(BIN / "ray"), "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--include-dashboard=true",
-         "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=180)
+    head = RayHead(env=dict(os.environ, MECPE_DATA=str(Path(data_dir).resolve())))
     try:
-        yield {"address": f"http://127.0.0.1:{dash}", "env": env}
+        head.wait_for_job_server()
+        yield {"address": head.address, "env": head.env}
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        head.stop()
+        shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_pipeline_to_s3(ray_head, s3_server, tiny_model_dir):
@@ -140,8 +140,9 @@ def test_ray_job_submit_pipeline_to_s3(ray_head, s3_server, tiny_model_dir):
             for o in page.get("Contents", [])]
     assert f"{prefix}/Subtask_2_pred.json" in keys
     assert f"{prefix}/metrics.json" in keys and f"{prefix}/report.md" in keys
+    assert f"{prefix}/learning_curves.png" in keys and f"{prefix}/confusion_matrix.png" in keys
     assert any(k.startswith(f"{prefix}/inference/records/") for k in keys), keys
     adapters = [k for k in keys if k.endswith("adapter/adapter_config.json")]
     assert len(adapters) == 2, keys  # emotion + cause
     metrics = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/metrics.json")["Body"].read())
-    assert 0.0 <= metrics["weighted_f1"] <= 1.0
+    assert 0.0 <= metrics["weighted_f1"] <= 1.0 and metrics["num_conversations_scored"] == 12

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import filecmp
 import os
-import sys
 import threading
 import time
-import types
 
 import pytest
 import torch
 
 from mecpe import modeling
 from mecpe.config import LoraSettings, ModelConfig, QuantizationConfig
-from mecpe.prompts import LABELS, PromptBuilder
+from mecpe.data import EMOTIONS
+from mecpe.prompts import PromptBuilder
+from mecpe.tiny import build_tiny_model
 
 from _tiny import TRAIN_FILE, conversations, tiny_model_dir
 
@@ -40,11 +40,11 @@ def _linear4bit_count(model) -> int:
 
 def test_tiny_model_deterministic(tiny, tmp_path):
     t0 = time.time()
-    again = modeling.build_tiny_model(str(tmp_path / "again"), [str(TRAIN_FILE)], seed=0)
+    again = build_tiny_model(str(tmp_path / "again"), [str(TRAIN_FILE)], seed=0)
     assert time.time() - t0 < 60
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert filecmp.cmp(os.path.join(tiny, name), os.path.join(again, name), shallow=False), name
-    other = modeling.build_tiny_model(str(tmp_path / "other"), [str(TRAIN_FILE)], seed=1)
+    other = build_tiny_model(str(tmp_path / "other"), [str(TRAIN_FILE)], seed=1)
     assert not filecmp.cmp(os.path.join(tiny, "model.safetensors"), os.path.join(other, "model.safetensors"),
                            shallow=False)
 
@@ -55,7 +55,7 @@ def test_tiny_tokenizer(tiny):
     assert {tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token} == {"<s>", "</s>", "<unk>", "<pad>"}
     assert tok.chat_template and tok.padding_side == "right"
     assert tok("hi")["input_ids"][0] == tok.bos_token_id
-    for label in LABELS:
+    for label in EMOTIONS:
         assert len(tok(" " + label, add_special_tokens=False)["input_ids"]) == 1, label
     assert modeling.load_tokenizer(tiny, for_inference=True).padding_side == "left"
 
@@ -148,30 +148,36 @@ def test_load_for_inference_two_adapters(mcfg, tmp_path):
     assert not torch.allclose(a, b) and not torch.allclose(a, c)
 
 
-def test_resolve_model_source(tiny, tmp_path, monkeypatch):
+def test_resolve_model_source(tiny, tmp_path, monkeypatch, s3_server):
+    """Local folders and hub ids pass through; an s3:// mirror (real S3 server) is fetched once per node even when
+    several actors ask at once (the real download, counted by a spy)."""
+    from mecpe import storage
+
     assert modeling.resolve_model_source(tiny, str(tmp_path)) == os.path.abspath(tiny)
     assert modeling.resolve_model_source("meta-llama/Llama-2-13b-chat-hf", str(tmp_path)) == \
         "meta-llama/Llama-2-13b-chat-hf"
+    mirror = f"s3://{s3_server['bucket']}/models/tiny-{time.time_ns()}"
+    storage.upload_dir(tiny, mirror)
     calls = []
+    real = storage.download_dir
 
-    def download_dir(uri, local_dir):
+    def counted(uri, local_dir):
         calls.append(uri)
         time.sleep(0.3)  # long enough for the other threads to be waiting on the lock
-        os.makedirs(local_dir)
-        with open(os.path.join(local_dir, "config.json"), "w") as fh:
-            fh.write("{}")
+        return real(uri, local_dir)
 
-    monkeypatch.setitem(sys.modules, "mecpe.storage", types.SimpleNamespace(download_dir=download_dir))
+    monkeypatch.setattr(storage, "download_dir", counted)
     results = []
     threads = [threading.Thread(target=lambda: results.append(
-        modeling.resolve_model_source("s3://bucket/models/tiny", str(tmp_path / "cache")))) for _ in range(4)]
+        modeling.resolve_model_source(mirror, str(tmp_path / "cache")))) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert calls == ["s3://bucket/models/tiny"] and len(set(results)) == 1 and len(results) == 4
-    assert os.path.exists(os.path.join(results[0], "config.json"))
-    assert modeling.resolve_model_source("s3://bucket/models/tiny", str(tmp_path / "cache")) == results[0]
+    assert calls == [mirror] and len(set(results)) == 1 and len(results) == 4
+    assert filecmp.cmp(os.path.join(results[0], "model.safetensors"), os.path.join(tiny, "model.safetensors"),
+                       shallow=False)
+    assert modeling.resolve_model_source(mirror, str(tmp_path / "cache")) == results[0]
     assert len(calls) == 1
 
 

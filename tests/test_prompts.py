@@ -31,11 +31,6 @@ def _emotions(conv):
     return {u.id: u.emotion for u in conv.utterances}
 
 
-def test_labels_match_data():
-    data = pytest.importorskip("mecpe.data")
-    assert prompts.LABELS == tuple(data.EMOTIONS)
-
-
 def test_chat_template_rendering(tok):
     b = PromptBuilder(tok)
     rendered = tok.apply_chat_template([{"role": "user", "content": "hello there"}], tokenize=False,
@@ -225,7 +220,7 @@ def test_parse_causes(text, n, ids, status):
 
 
 def test_parsers_roundtrip_targets():
-    for label in prompts.LABELS:
+    for label in prompts.EMOTIONS:
         assert parse_emotion(prompts.emotion_target(7, label), 7) == (label, "ok")
     for ids in ([], [1], [2, 5, 9]):
         assert parse_causes(prompts.cause_target(ids), 9) == (ids, "ok")

@@ -26,7 +26,7 @@ import pytest
 from mecpe import storage
 from mecpe.config import load_config
 
-from _faults import alive_actor_pids, local_ray, sigkill, wait_for
+from _faults import kill_busy_actor_task, local_ray, task_attempts, wait_for
 from _tiny import REPO, tiny_model_dir
 
 BAD = Path(__file__).parent / "fixtures" / "bad_inputs"
@@ -36,7 +36,7 @@ N_CONVS = 24
 
 @pytest.fixture(scope="module")
 def ray_address():
-    with local_ray() as address:
+    with local_ray(dashboard=True) as address:  # the actor test reads Ray's state API
         yield address
 
 
@@ -98,9 +98,11 @@ def _check_exactly_once(out: Path, gold: list[dict], baseline: Path) -> None:
 
 
 @pytest.mark.reliability(
-    fault="Predictor actor process (EmotionPredictor) SIGKILLed mid-batch",
-    behaviour="Ray Data restarts the actor and retries its batches; shards are atomic and assembly keeps one record "
-              "per input uid, so no conversation is missing or duplicated and predictions equal an uninterrupted run")
+    fault="Predictor actor process (EmotionPredictor) SIGKILLed while it runs a batch",
+    behaviour="The kill takes that batch with it (Ray's state API: the running attempt ends FAILED); Ray Data "
+              "restarts the actor and runs the batch again (a later attempt of the same task FINISHED); shards are "
+              "atomic and assembly keeps one record per input uid, so no conversation is missing or duplicated and "
+              "predictions equal an uninterrupted run")
 def test_actor_sigkill_mid_batch(ray_address, tiny, input_file, gold, baseline, tmp_path):
     from mecpe.infer import run_inference
 
@@ -115,17 +117,16 @@ def test_actor_sigkill_mid_batch(ray_address, tiny, input_file, gold, baseline, 
 
     thread = threading.Thread(target=job, daemon=True)
     thread.start()
-    wait_for(lambda: len(list((out / "records").glob("*.jsonl"))) >= 2 if (out / "records").exists() else False,
-             300, "the first shards", interval=0.05, alive=thread.is_alive)
-    pids = wait_for(lambda: alive_actor_pids("EmotionPredictor"), 60, "the EmotionPredictor actor",
-                    alive=thread.is_alive)
-    sigkill(pids[0])
-    done_at_kill = len(_shard_records(out))
+    killed = kill_busy_actor_task("EmotionPredictor", alive=thread.is_alive)
     thread.join(600)
     assert not thread.is_alive()
     if "err" in box:
         raise box["err"]
-    assert done_at_kill < N_CONVS, "the job had finished before the kill"
+    # the state API reports task events with a lag: wait for the retried attempt's
+    redone = wait_for(lambda: [a for a in task_attempts(killed.task_id)
+                               if a.attempt_number > killed.attempt_number and a.state == "FINISHED"],
+                      60, "the killed batch to be run again")
+    assert redone[0].worker_pid != killed.worker_pid  # by the restarted actor, a new process
     assert box["summary"]["conversations"] == N_CONVS and box["summary"]["rejects"] == 0
     _check_exactly_once(out, gold, baseline)
 
@@ -135,7 +136,7 @@ def test_actor_sigkill_mid_batch(ray_address, tiny, input_file, gold, baseline, 
     behaviour="The re-run recognises its run id in _run.json, skips the conversations already in shards and "
               "predicts the rest: each input conversation exactly once, predictions identical to an uninterrupted run")
 def test_job_sigkill_at_half_then_rerun(ray_address, tiny, input_file, gold, baseline, tmp_path):
-    from mecpe.infer import main_infer
+    from mecpe.cli import main
 
     out = tmp_path / "out"
     log = open(tmp_path / "job.log", "wb")
@@ -153,7 +154,7 @@ def test_job_sigkill_at_half_then_rerun(ray_address, tiny, input_file, gold, bas
         log.close()
     first = {r["_mecpe"]["uid"] for r in _shard_records(out)}
     assert N_CONVS // 2 <= len(first) < N_CONVS and not (out / "Subtask_2_pred.json").exists()
-    assert main_infer(None, str(input_file), str(out), _overrides(tiny)) == 0
+    assert main(["infer", "--input", str(input_file), "--output", str(out), *_overrides(tiny)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed"] and summary["done_before_this_run"] == len(first)
     assert summary["this_run"]["records"] == N_CONVS - len(first)
@@ -171,7 +172,8 @@ def _tree_digest(root: Path) -> dict[str, str]:
     behaviour="Refused before any work with RunMismatchError naming what differs (CLI: exit code 2); the old "
               "results are left byte-for-byte untouched; overwrite=true is the only way to replace them")
 def test_output_of_another_run_is_refused(baseline, tiny, input_file, tmp_path, capsys):
-    from mecpe.infer import RunMismatchError, main_infer, run_inference
+    from mecpe.cli import main
+    from mecpe.infer import RunMismatchError, run_inference
 
     before = _tree_digest(baseline)
     other_cfg = load_config(None, _overrides(tiny, **{"inference.emotion_method": "generate"}))
@@ -181,7 +183,7 @@ def test_output_of_another_run_is_refused(baseline, tiny, input_file, tmp_path, 
     other_input.write_text(input_file.read_text().splitlines()[0] + "\n")
     with pytest.raises(RunMismatchError, match="differs in: inputs"):
         run_inference(load_config(None, _overrides(tiny)), str(other_input), str(baseline))
-    assert main_infer(None, str(other_input), str(baseline), _overrides(tiny)) == 2
+    assert main(["infer", "--input", str(other_input), "--output", str(baseline), *_overrides(tiny)]) == 2
     assert "holds the results of another run" in capsys.readouterr().err
     assert _tree_digest(baseline) == before
     # shards without _run.json (e.g. copied in by hand): unknown provenance, refused too
@@ -377,14 +379,15 @@ def test_bad_corpus_accounts_for_everything(corpus_run):
     fault="Bad input: empty input folder / prefix (no .json or .jsonl files)",
     behaviour="Clear error before any work: FileNotFoundError 'no .json/.jsonl input files at ...'; CLI exit code 2")
 def test_empty_input_folder(tiny, tmp_path, capsys):
-    from mecpe.infer import main_infer, run_inference
+    from mecpe.cli import main
+    from mecpe.infer import run_inference
 
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an input")
     with pytest.raises(FileNotFoundError, match="no .json/.jsonl input files"):
         run_inference(load_config(None, _overrides(tiny)), str(empty), str(tmp_path / "out"))
-    assert main_infer(None, str(empty), str(tmp_path / "out"), _overrides(tiny)) == 2
+    assert main(["infer", "--input", str(empty), "--output", str(tmp_path / "out"), *_overrides(tiny)]) == 2
     assert "no .json/.jsonl input files" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

@@ -66,10 +66,12 @@ def test_credentials_never_written(ray_address, cloud, data_dir, tmp_path, capfd
                              "training.per_device_batch_size=2", "training.grad_accum=1", "training.save_steps=2",
                              "training.optim=adamw_torch", "training.logging_steps=1",
                              "scaling.resources_per_worker={CPU: 2}", f"storage.path=s3://{BUCKET}/sec/runs"])
+    s3 = boto3.session.Session().client("s3", endpoint_url=cloud.endpoint, region_name="us-east-1")
+    before = {o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+              for o in page.get("Contents", [])}  # other tests' objects (moto's backend is per process)
     res = step_train(cfg, "emotion")
     assert res.adapter_uri.startswith(f"s3://{BUCKET}/sec/runs/")
 
-    s3 = boto3.session.Session().client("s3", endpoint_url=cloud.endpoint, region_name="us-east-1")
     lines = [json.dumps(c) for c in gold[:3]]
     lines += [json.dumps({**gold[3], "conversation_ID": cid}) for cid in ESCAPING]
     s3.put_object(Bucket=BUCKET, Key="sec/in/part-1.jsonl", Body=("\n".join(lines) + "\n").encode())
@@ -79,7 +81,13 @@ def test_credentials_never_written(ray_address, cloud, data_dir, tmp_path, capfd
     summary = run_inference(icfg, f"s3://{BUCKET}/sec/in", f"s3://{BUCKET}/sec/infer")
     assert summary["conversations"] == 3 + len(ESCAPING) and summary["rejects"] == 0
     # gold-labelled input with string ids: predictions written, scoring skipped with the reason (it used to crash)
-    assert summary["has_gold"] is False and "non-integer conversation_ID" in summary["metrics_error"]
+    # gold-labelled input with string ids: predictions and gold.json written; the official metric cannot score
+    # string ids, and says so (it used to crash) instead of failing the run
+    from mecpe.evaluate import EvaluationError, evaluate_files
+
+    assert summary["has_gold"] is True
+    with pytest.raises(EvaluationError, match="non-integer conversation_ID"):
+        evaluate_files(f"s3://{BUCKET}/sec/infer/Subtask_2_pred.json", f"s3://{BUCKET}/sec/infer/gold.json")
     # the credentials really flowed from the environment to every S3 client (driver, Train workers, Data tasks)
     assert cloud.key_ids == {FAKE_KEY_ID}
 
@@ -113,8 +121,9 @@ def test_credentials_never_written(ray_address, cloud, data_dir, tmp_path, capfd
         if found := _scan(blob):
             leaks[name] = found
     assert not leaks, leaks
-    # object keys: everything under the prefixes it was given; ids that would escape stay inside
-    assert all(k == "sec/" or k.startswith(("sec/runs/", "sec/in/", "sec/infer/")) for k in keys), keys
+    # object keys: everything this test wrote is under the prefixes it was given; ids that would escape stay inside
+    new = [k for k in keys if k not in before]
+    assert all(k == "sec/" or k.startswith(("sec/runs/", "sec/in/", "sec/infer/")) for k in new), new
     assert all(".." not in k.split("/") for k in keys)
 
 
@@ -210,14 +219,9 @@ _PROBE = textwrap.dedent("""
     import psutil, ray
     from ray._raylet import AuthenticationMode, get_authentication_mode
     from mecpe.config import load_config
-    which = sys.argv[1]
+    from mecpe.cluster import connect
     cfg = load_config(None, [])  # the embedded default: no ray_address, no RAY_ADDRESS -> a new local Ray
-    if which == "infer":
-        from mecpe.infer import _connect
-        _connect(cfg)
-    else:
-        from mecpe.train import _ensure_ray
-        _ensure_ray(cfg)
+    connect(cfg.ray_address)  # the one way training and inference join Ray
     url = ray._private.worker.get_dashboard_url()
     port = int(url.rsplit(":", 1)[1]) if url else None
     binds = set()
@@ -235,10 +239,9 @@ _PROBE = textwrap.dedent("""
     fault="Embedded default Ray (no cluster address): token authentication and network exposure",
     behaviour="mecpe starts local Ray with Ray's defaults and never disables them: token authentication on, "
               "dashboard and job server (same HTTP server) listening on 127.0.0.1 only")
-@pytest.mark.parametrize("entry", ["infer", "train"])
-def test_embedded_ray_token_auth_and_loopback(entry, tmp_path):
+def test_embedded_ray_token_auth_and_loopback(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    proc = subprocess.run([sys.executable, "-c", _PROBE, entry], cwd=REPO, env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("PROBE ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -247,6 +250,6 @@ def test_embedded_ray_token_auth_and_loopback(entry, tmp_path):
     assert probe["dashboard"] and probe["dashboard"].split("://")[-1].startswith("127.0.0.1:"), probe
     assert probe["binds"] == ["127.0.0.1"], probe
     # and nothing in mecpe, the job configs or the cluster file turns authentication off
-    texts = [p.read_text() for p in [*(REPO / "mecpe").glob("*.py"), *(REPO / "jobs").rglob("*.*"),
+    texts = [p.read_text() for p in [*(REPO / "mecpe").rglob("*.py"), *(REPO / "jobs").rglob("*.*"),
                                      REPO / "cluster.yaml"] if p.is_file()]
     assert not any(re.search(r"RAY_AUTH_MODE\W+disabled|dashboard_host\W+0\.0\.0\.0", t) for t in texts)

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from mecpe import storage, train
+from mecpe import storage
 from mecpe.config import load_config
 from mecpe.pipeline import step_train
+from mecpe.train import checkpoints, recipe
+from mecpe.train.driver import run_identity
 
 from _faults import BUCKET, alive_actor_pids, fake_cloud, local_ray, sigkill, wait_for
 from _tiny import REPO, tiny_model_dir, train_records
@@ -66,28 +68,28 @@ def _write_splits(output_dir: Path) -> None:
 
 def _run_dir(cfg) -> str:
     data = storage.join(cfg.output_dir, "data")
-    name, _ = train.run_identity(cfg, "emotion", storage.join(data, "train.json"), storage.join(data, "val.json"))
+    name, _ = run_identity(cfg, "emotion", storage.join(data, "train.json"), storage.join(data, "val.json"))
     return storage.join(cfg.storage.path, name)
 
 
 def _complete_checkpoints(run_dir: str) -> list[int]:
     """Steps of the checkpoints whose folder in storage verifies against its manifest (local storage)."""
     steps = []
-    for step, uri in train._stored_checkpoints(run_dir):
-        if train.verify_checkpoint(uri) is None:
+    for step, uri in checkpoints.stored_checkpoints(run_dir):
+        if checkpoints.verify_checkpoint(uri) is None:
             steps.append(step)
     return steps
 
 
 def _latest_registered(run_dir: str) -> tuple[str, int]:
     """Ray Train's latest registered checkpoint (its snapshot in storage): (folder name, global step), or
-    (None, 0) when the controller had registered none (a killed worker's reports can be lost, see train.py)."""
+    (None, 0) when the controller had registered none (a killed worker's reports can be lost, see mecpe/train/checkpoints.py)."""
     snap_uri = storage.join(run_dir, "checkpoint_manager_snapshot.json")
     if not storage.exists(snap_uri) or not storage.read_json(snap_uri).get("latest_checkpoint_result"):
         return None, 0
     snap = storage.read_json(snap_uri)
     name = snap["latest_checkpoint_result"]["checkpoint_dir_name"]
-    state = storage.read_json(storage.join(run_dir, name, train.HF_CHECKPOINT, "trainer_state.json"))
+    state = storage.read_json(storage.join(run_dir, name, checkpoints.HF_CHECKPOINT, "trainer_state.json"))
     return name, int(state["global_step"])
 
 
@@ -95,13 +97,30 @@ def _steps(metrics: dict) -> list[int]:
     return [h["step"] for h in metrics["log_history"] if "loss" in h]
 
 
-def _check_finished(res, resumed_from: int) -> None:
+def _losses(metrics: dict) -> list[float]:
+    return [h["loss"] for h in metrics["log_history"] if "loss" in h]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_address, tiny, tmp_path_factory) -> list[float]:
+    """Per-step losses of the same run without any fault: what every resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    _write_splits(out / "out")
+    res = step_train(load_config(None, _overrides(tiny, str(out / "out"), str(out / "runs"))), "emotion")
+    assert res.metrics["resumed_from_step"] is None and _steps(res.metrics) == list(range(1, MAX_STEPS + 1))
+    return _losses(res.metrics)
+
+
+def _check_finished(res, resumed_from: int, reference: list[float]) -> None:
+    """Finished at MAX_STEPS, resumed where expected, and every step's loss equal to the uninterrupted run's: the
+    optimizer, scheduler, RNG and batch order were restored, not reinitialized."""
     m = res.metrics
     assert res.global_step == MAX_STEPS == m["global_step"]
     assert m["resumed_from_step"] == resumed_from and m["first_logged_step"] == resumed_from + 1
     assert _steps(m) == list(range(1, MAX_STEPS + 1))  # global step continues: no gap, no repeat
-    meta = storage.read_json(storage.join(res.adapter_uri, train.META_FILE))
-    marker = storage.read_json(storage.join(res.adapter_uri, train.COMPLETE_MARKER))
+    assert _losses(m) == pytest.approx(reference, rel=1e-4)
+    meta = storage.read_json(storage.join(res.adapter_uri, recipe.META_FILE))
+    marker = storage.read_json(storage.join(res.adapter_uri, recipe.COMPLETE_MARKER))
     assert meta["global_step"] == marker["global_step"] == MAX_STEPS
 
 
@@ -115,8 +134,9 @@ def _wait_workers_gone(timeout: float = 120) -> None:
 @pytest.mark.reliability(
     fault="Training worker process SIGKILLed at a random step (spot reclaim of a worker)",
     behaviour="Ray Train restarts the worker group (FailureConfig); the worker resumes from the latest checkpoint "
-              "(global step, optimizer, scheduler, RNG); the final adapter is written once, by the last attempt")
-def test_worker_sigkill_resumes_from_last_checkpoint(ray_address, tiny, tmp_path):
+              "(global step, optimizer, scheduler, RNG: every step's loss equals an uninterrupted run's); the final "
+              "adapter is written once, by the last attempt")
+def test_worker_sigkill_resumes_from_last_checkpoint(ray_address, tiny, tmp_path, uninterrupted):
     seed = int(os.environ.get("MECPE_FAULT_SEED") or time.time_ns() % 10_000)
     kill_after = random.Random(seed).choice([1, 2, 3])  # complete checkpoints before the kill
     print(f"fault seed {seed}: SIGKILL the worker once {kill_after} checkpoint(s) exist")
@@ -148,7 +168,7 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_address, tiny, tmp_path
     resumed = res.metrics["resumed_from_step"]
     assert resumed is not None and resumed >= kill_after * SAVE_STEPS and resumed % SAVE_STEPS == 0
     assert resumed < MAX_STEPS
-    _check_finished(res, resumed)
+    _check_finished(res, resumed, uninterrupted)
     # written once, after the kill, by the attempt that finished
     adapter = Path(res.adapter_uri)
     assert all(p.stat().st_mtime >= killed_at for p in adapter.iterdir())
@@ -183,7 +203,7 @@ def killed_driver_run(ray_address, tiny, tmp_path_factory):
             proc.kill()
         log.close()
     _wait_workers_gone()
-    assert not storage.exists(storage.join(run_dir, "adapter", train.COMPLETE_MARKER))
+    assert not storage.exists(storage.join(run_dir, "adapter", recipe.COMPLETE_MARKER))
     pristine = root / "pristine"
     shutil.copytree(runs, pristine)
     return {"overrides": overrides, "runs": runs, "pristine": pristine, "run_dir": run_dir, "cfg": cfg,
@@ -198,8 +218,9 @@ def _restore(run: dict) -> None:
 @pytest.mark.reliability(
     fault="Driver process SIGKILLed mid-training, job resubmitted with the same config",
     behaviour="The run name is a hash of the config and data, so the resubmitted job finds the same Ray Train run "
-              "and resumes from its latest checkpoint; the global step continues")
-def test_driver_sigkill_then_resubmit_resumes(killed_driver_run):
+              "and resumes from its latest checkpoint; the global step continues and every step's loss equals an "
+              "uninterrupted run's")
+def test_driver_sigkill_then_resubmit_resumes(killed_driver_run, uninterrupted):
     run = killed_driver_run
     _restore(run)
     _, registered_step = _latest_registered(run["run_dir"])
@@ -207,7 +228,7 @@ def test_driver_sigkill_then_resubmit_resumes(killed_driver_run):
     assert 0 <= registered_step <= newest < MAX_STEPS and newest > 0
     res = step_train(load_config(None, run["overrides"]), "emotion")
     assert not res.reused and res.run_dir == run["run_dir"]
-    _check_finished(res, newest)  # the newest complete checkpoint, whether or not Ray Train had registered it
+    _check_finished(res, newest, uninterrupted)  # the newest complete checkpoint, whether or not Ray Train had registered it
     assert res.metrics["skipped_checkpoints"] == []
     again = step_train(load_config(None, run["overrides"]), "emotion")  # a third submission: nothing to do
     assert again.reused and again.global_step == MAX_STEPS
@@ -217,11 +238,12 @@ def test_driver_sigkill_then_resubmit_resumes(killed_driver_run):
     fault="Latest checkpoint truncated on disk (a file cut short) before the resubmitted job resumes",
     behaviour="Every checkpoint carries a manifest (size + sha256 per file); the resuming worker detects the "
               "truncated one, logs it, reports it in skipped_checkpoints and resumes from the previous complete one")
-def test_truncated_checkpoint_falls_back_to_previous(killed_driver_run):
+def test_truncated_checkpoint_falls_back_to_previous(killed_driver_run, uninterrupted):
     run = killed_driver_run
     _restore(run)
-    stored = train._stored_checkpoints(run["run_dir"])  # newest first
-    (newest_step, newest), earlier = stored[0], [s for s, uri in stored[1:] if train.verify_checkpoint(uri) is None]
+    stored = checkpoints.stored_checkpoints(run["run_dir"])  # newest first
+    (newest_step, newest), earlier = stored[0], [s for s, uri in stored[1:]
+                                                 if checkpoints.verify_checkpoint(uri) is None]
     assert earlier, "the killed run left a single checkpoint"
     victim = Path(newest) / "optimizer.pt"
     os.truncate(victim, victim.stat().st_size // 2)
@@ -229,38 +251,34 @@ def test_truncated_checkpoint_falls_back_to_previous(killed_driver_run):
     skipped = res.metrics["skipped_checkpoints"]
     assert [s["checkpoint"] for s in skipped] == [newest]
     assert "optimizer.pt" in skipped[0]["reason"] and "truncated" in skipped[0]["reason"]
-    _check_finished(res, max(earlier))
+    _check_finished(res, max(earlier), uninterrupted)
 
 
 # ============================================================================================ S3 outage
 
 
-@pytest.mark.reliability(
-    fault="S3 unavailable (server stopped, connections refused) while a checkpoint is being uploaded; back 8 s later",
-    behaviour="The failed upload fails the worker, Ray Train retries it and the run finishes once S3 is back (or "
-              "run_training raises a clear storage error and a resubmission finishes); the latest registered "
-              "checkpoint is always complete, a half-uploaded one is never used")
-def test_s3_outage_during_checkpoint_upload(ray_address, cloud, tiny, tmp_path):
-    import boto3
-
-    prefix = f"outage-{int(time.time())}"
+def _run_with_outage(cloud, tiny, tmp_path, prefix: str, trigger) -> tuple[object, Exception | None, dict]:
+    """A training run on S3 during which S3 stops (connections refused) for 8 s when ``trigger(state, method,
+    path)`` first returns True for a request; returns (the finished result, the error the first run_training raised
+    or None, state). ``state`` tracks the checkpoint folders seen and, for each completed write of the controller's
+    snapshot, how many folders had been seen by then."""
     out = tmp_path / "out"
     _write_splits(out)
-    overrides = _overrides(tiny, str(out), f"s3://{BUCKET}/{prefix}/runs")
-    cfg = load_config(None, overrides)
-    s3 = boto3.session.Session().client("s3", endpoint_url=cloud.endpoint, region_name="us-east-1")
-    seen: list[str] = []
-    state = {"outage": None}
+    cfg = load_config(None, _overrides(tiny, str(out), f"s3://{BUCKET}/{prefix}/runs"))
+    state: dict = {"folders": [], "snapshots": [], "outage": None}
 
-    def on_request(method: str, path: str) -> None:
-        # a PUT into the second checkpoint folder: the upload is under way; stop S3 now, start it 8 s later
-        if method != "PUT" or "/checkpoint_" not in path or "/checkpoint/" not in path or state["outage"]:
+    def on_request(method: str, path: str, query: str) -> None:
+        if state["outage"]:
             return
-        folder = path.split("/checkpoint/")[0]
-        if folder not in seen:
-            seen.append(folder)
-        if len(seen) == 2:
-            state["outage"] = {"folder": folder.rsplit("/", 1)[-1], "path": path}
+        done = (method == "POST" and "uploadId=" in query) or (method == "PUT" and "partNumber=" not in query)
+        if path.endswith("/checkpoint_manager_snapshot.json") and done:
+            state["snapshots"].append(len(state["folders"]))  # a completed write, and the folders seen by then
+        elif method == "PUT" and "/checkpoint/" in path:
+            folder = path.split("/checkpoint/")[0]
+            if folder not in state["folders"]:
+                state["folders"].append(folder)
+        if trigger(state, method, path):
+            state["outage"] = path
 
             def outage():
                 cloud.stop()
@@ -270,19 +288,24 @@ def test_s3_outage_during_checkpoint_upload(ray_address, cloud, tiny, tmp_path):
             threading.Thread(target=outage, daemon=True).start()
 
     cloud.on_request = on_request
-    error = None
+    res = error = None
     try:
-        try:
-            res = step_train(cfg, "emotion")
-        except Exception as exc:  # noqa: BLE001 - allowed outcome, checked below
-            error = exc
+        res = step_train(cfg, "emotion")
+    except Exception as exc:  # noqa: BLE001 - an allowed outcome, checked by the caller
+        error = exc
     finally:
         cloud.on_request = None
         wait_for(lambda: cloud.running, 30, "S3 to come back")
     assert state["outage"] is not None and cloud.stops >= 1, "the outage never fired"
-    if error is not None:  # a clear error, then the resubmission finishes
-        assert any(w in str(error) for w in ("S3", "s3", "connect", "Connection", "storage")), repr(error)
+    if error is not None:  # the resubmission
         res = step_train(cfg, "emotion")
+    return res, error, state
+
+
+def _check_outage_run(res, prefix: str, tmp_path, uninterrupted: list[float]) -> None:
+    import boto3
+
+    s3 = boto3.session.Session().client("s3", endpoint_url=os.environ["MECPE_S3_ENDPOINT"], region_name="us-east-1")
     run_key = f"{prefix}/runs/{res.run_name}"
     # the latest registered checkpoint, and every checkpoint of the snapshot, is complete
     snap = json.loads(s3.get_object(Bucket=BUCKET, Key=f"{run_key}/checkpoint_manager_snapshot.json")["Body"].read())
@@ -290,10 +313,51 @@ def test_s3_outage_during_checkpoint_upload(ray_address, cloud, tiny, tmp_path):
     assert snap["latest_checkpoint_result"]["checkpoint_dir_name"] in names
     for name in names:
         local = tmp_path / "verify" / name
-        storage.download_dir(f"s3://{BUCKET}/{run_key}/{name}/{train.HF_CHECKPOINT}", str(local))
-        assert train.verify_checkpoint(str(local)) is None, name
+        storage.download_dir(f"s3://{BUCKET}/{run_key}/{name}/{checkpoints.HF_CHECKPOINT}", str(local))
+        assert checkpoints.verify_checkpoint(str(local)) is None, name
     m = res.metrics
     assert res.global_step == MAX_STEPS and _steps(m) == list(range(1, MAX_STEPS + 1))
     assert m["resumed_from_step"] is not None and m["resumed_from_step"] >= SAVE_STEPS  # resumed, not restarted
     assert m["first_logged_step"] == m["resumed_from_step"] + 1
-    assert storage.exists(storage.join(res.adapter_uri, train.COMPLETE_MARKER))
+    assert _losses(m) == pytest.approx(uninterrupted, rel=1e-4)
+    assert storage.exists(storage.join(res.adapter_uri, recipe.COMPLETE_MARKER))
+
+
+@pytest.mark.reliability(
+    fault="S3 unavailable (server stopped, connections refused) for 8 s while a worker uploads a checkpoint",
+    behaviour="The failed upload fails the worker and Ray Train restarts the worker group; if Ray Train's controller "
+              "hits the outage too (recording a checkpoint), run_training starts the run again after a pause; either "
+              "way the run resumes from its latest complete checkpoint (a half-uploaded one is never used) and "
+              "finishes in the same call, every step's loss equal to an uninterrupted run's")
+def test_s3_outage_during_worker_checkpoint_upload(ray_address, cloud, tiny, tmp_path, uninterrupted,
+                                                   record_property):
+    prefix = f"outage-worker-{time.time_ns()}"
+
+    def during_worker_upload(state, method, path):  # the first upload into the second checkpoint folder
+        return method == "PUT" and "/checkpoint/" in path and len(state["folders"]) == 2
+
+    res, error, _ = _run_with_outage(cloud, tiny, tmp_path, prefix, during_worker_upload)
+    assert error is None, f"run_training raised instead of finishing the run: {error!r}"
+    record_property("outcome", "the run finished in the same run_training call, no resubmission")
+    _check_outage_run(res, prefix, tmp_path, uninterrupted)
+
+
+@pytest.mark.reliability(
+    fault="S3 unavailable (server stopped, connections refused) for 8 s while Ray Train's controller records a "
+          "checkpoint (its checkpoint_manager_snapshot.json)",
+    behaviour="Ray Train stops the run with a ControllerError carrying the storage error (AWS NETWORK_CONNECTION); "
+              "run_training recognises a storage error, waits and starts the run again, which resumes from the "
+              "latest complete checkpoint and finishes in the same call, every step's loss equal to an "
+              "uninterrupted run's")
+def test_s3_outage_during_controller_snapshot(ray_address, cloud, tiny, tmp_path, uninterrupted, record_property):
+    prefix = f"outage-controller-{time.time_ns()}"
+
+    def during_snapshot(state, method, path):
+        return path.endswith("/checkpoint_manager_snapshot.json") and len(state["folders"]) >= 2
+
+    res, error, _ = _run_with_outage(cloud, tiny, tmp_path, prefix, during_snapshot)
+    assert error is None, f"run_training raised instead of starting the run again: {error!r}"
+    assert res.restarts and all(r.startswith("ControllerError") for r in res.restarts), res.restarts
+    assert "NETWORK_CONNECTION" in res.restarts[0] and "checkpoint_manager_snapshot.json" in res.restarts[0]
+    record_property("outcome", "run_training started the run again after the ControllerError; it finished")
+    _check_outage_run(res, prefix, tmp_path, uninterrupted)

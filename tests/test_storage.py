@@ -87,8 +87,8 @@ def test_endpoint_and_region_from_environment(monkeypatch):
     for key in ("MECPE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(key, raising=False)
 
-    def options(uri, **kw):
-        fs, path = storage.get_filesystem(uri, **kw)
+    def options(uri, settings=None):
+        fs, path = storage.get_filesystem(uri, settings)
         return fs.__reduce__()[1][0], path
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://10.0.0.1:9000")
@@ -100,8 +100,19 @@ def test_endpoint_and_region_from_environment(monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     opts, _ = options("s3://bkt/k")
     assert (opts["endpoint_override"], opts["scheme"], opts["region"]) == ("minio.local", "https", "eu-west-1")
-    opts, _ = options("s3://bkt/k", endpoint="http://h:1", region="ap-south-1")
+    opts, _ = options("s3://bkt/k", storage.S3Settings(endpoint="http://h:1", region="ap-south-1"))
     assert (opts["endpoint_override"], opts["scheme"], opts["region"]) == ("h:1", "http", "ap-south-1")
+    # the config wins over the environment; settings_from resolves, using/configure apply them
+    from mecpe.config import StorageConfig
+
+    explicit = storage.settings_from(StorageConfig(s3_endpoint="http://cfg:2", s3_region="ca-central-1"))
+    assert explicit == storage.S3Settings("http://cfg:2", "ca-central-1")
+    assert storage.settings_from(StorageConfig()) == storage.S3Settings("https://minio.local", "eu-west-1")
+    with storage.using(explicit):
+        opts, _ = options("s3://bkt/k")
+        assert (opts["endpoint_override"], opts["region"]) == ("cfg:2", "ca-central-1")
+    opts, _ = options("s3://bkt/k")  # restored: the environment again
+    assert opts["endpoint_override"] == "minio.local"
     assert storage.get_filesystem("s3://x/y")[0] is storage.get_filesystem("s3://z")[0]  # cached
 
 
@@ -115,7 +126,7 @@ def test_pickled_s3_filesystem_carries_no_secret(s3_server, monkeypatch):
     with clone.open_input_stream(f"{s3_server['bucket']}/pickle/probe.txt") as fh:
         assert fh.read() == b"probe"
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "mecpe-very-secret-value")
-    fresh, _ = storage.get_filesystem("s3://b/k", endpoint="http://127.0.0.1:1")
+    fresh, _ = storage.get_filesystem("s3://b/k", storage.S3Settings(endpoint="http://127.0.0.1:1"))
     assert b"mecpe-very-secret-value" not in pickle.dumps(fresh)
 
 

@@ -12,10 +12,14 @@ import time
 import pytest
 import torch
 
-from mecpe import storage, train
+from mecpe import storage
 from mecpe.config import Config
+from mecpe.data import EMOTIONS
 from mecpe.prompts import PromptBuilder, cause_target, emotion_target
+from mecpe.train import examples, recipe, run_training
+from mecpe.train.driver import run_identity
 
+from _faults import train_with_worker_kill
 from _tiny import conversations, tiny_model_dir, train_records
 
 
@@ -73,23 +77,31 @@ def _losses(metrics: dict) -> list[tuple[int, float]]:
 
 def _check_adapter(adapter: str) -> dict:
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml",
-                 train.META_FILE, train.COMPLETE_MARKER):
+                 recipe.META_FILE, recipe.COMPLETE_MARKER):
         assert storage.exists(storage.join(adapter, name)), name
-    return storage.read_json(storage.join(adapter, train.META_FILE))
+    return storage.read_json(storage.join(adapter, recipe.META_FILE))
+
+
+def _run_dir(cfg: Config, task: str, train_uri: str, val_uri: str | None = None) -> str:
+    return storage.join(cfg.storage.path, run_identity(cfg, task, train_uri, val_uri)[0])
 
 
 # ============================================================================================ no Ray
 
 
 def test_labels_mask_everything_but_answer_and_eos(tok):
+    """Through trl's collator (the one SFTTrainer builds for our pre-tokenized examples): loss on the answer and its
+    EOS only; padding is the pad token, never eos, and never learned."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     convs = conversations(8)
     builder = PromptBuilder(tok, 512)
     for task in ("emotion", "cause"):
-        rows, stats = train.build_examples(task, convs, builder)
+        rows, stats = examples.build_examples(task, convs, builder)
         assert stats["examples"] == len(rows) > 3 and stats["over_budget"] == 0
         picked = list({r["length"]: r for r in rows}.values())[:4]  # different lengths: the batch is padded
         assert len(picked) == 4
-        batch = train.PadCollator(tok.pad_token_id, tok.eos_token_id)(picked)
+        batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(picked)
         assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
         for i, row in enumerate(picked):
             conv = next(c for c in convs if str(c.id) == row["conv_id"])
@@ -104,14 +116,12 @@ def test_labels_mask_everything_but_answer_and_eos(tok):
             assert (labels[n - len(learned):n] != -100).all() and (labels[:n - len(learned)] == -100).all()
             assert (ids[n:] == tok.pad_token_id).all() and (labels[n:] == -100).all() and (mask[n:] == 0).all()
         assert tok.pad_token_id != tok.eos_token_id
-    with pytest.raises(ValueError):
-        train.PadCollator(tok.eos_token_id, tok.eos_token_id)
 
 
 def test_over_budget_examples_are_reported_not_cut(tok):
     convs = conversations(4)
     builder = PromptBuilder(tok, 60)  # smaller than any prompt's fixed part: nothing can fit
-    rows, stats = train.build_examples("emotion", convs, builder, max_answer_tokens=8)
+    rows, stats = examples.build_examples("emotion", convs, builder, max_answer_tokens=8)
     assert stats["over_budget"] == len(rows) > 0 and stats["shortened_prompts"] > 0
     assert all(r["length"] > 68 and len(r["input_ids"]) == len(r["labels"]) == r["length"] for r in rows)
     assert stats["over_budget_ids"][0] == f"{rows[0]['conv_id']}:{rows[0]['utt_id']}"
@@ -119,69 +129,63 @@ def test_over_budget_examples_are_reported_not_cut(tok):
 
 def test_cause_emotion_modes(tok):
     convs = conversations(40)
-    gold = [train.shown_emotions(c, "gold") for c in convs]
-    noised = [train.shown_emotions(c, "noised", noise_rate=0.3, seed=1) for c in convs]
-    assert noised == [train.shown_emotions(c, "noised", noise_rate=0.3, seed=1) for c in convs]  # seeded
+    gold = [examples.shown_emotions(c, "gold") for c in convs]
+    noised = [examples.shown_emotions(c, "noised", noise_rate=0.3, seed=1) for c in convs]
+    assert noised == [examples.shown_emotions(c, "noised", noise_rate=0.3, seed=1) for c in convs]  # seeded
     changed = sum(g[u] != n[u] for g, n in zip(gold, noised) for u in g)
     total = sum(len(g) for g in gold)
     assert 0.15 * total < changed < 0.45 * total
-    assert all(lab in train.LABELS for n in noised for lab in n.values())
+    assert all(lab in EMOTIONS for n in noised for lab in n.values())
 
     records = [{"conversation_ID": c.id, "conversation": [{"utterance_ID": u.id, "emotion": "joy"}
                                                           for u in c.utterances]} for c in convs[:2]]
-    pred = train.normalize_predictions(records)
-    assert train.shown_emotions(convs[0], "predicted", predicted=pred) == {u.id: "joy" for u in convs[0].utterances}
+    pred = examples.normalize_predictions(records)
+    assert examples.shown_emotions(convs[0], "predicted", predicted=pred) == \
+        {u.id: "joy" for u in convs[0].utterances}
     with pytest.raises(ValueError, match="no predicted emotion"):
-        train.shown_emotions(convs[5], "predicted", predicted=pred)
+        examples.shown_emotions(convs[5], "predicted", predicted=pred)
     # every utterance shown as non-neutral gets a cause example; gold-neutral ones have [] as target
-    rows, _ = train.build_examples("cause", convs[:2], PromptBuilder(tok, 512),
-                                   emotions_of=lambda c: train.shown_emotions(c, "predicted", predicted=pred))
+    rows, _ = examples.build_examples("cause", convs[:2], PromptBuilder(tok, 512),
+                                      emotions_of=lambda c: examples.shown_emotions(c, "predicted", predicted=pred))
     assert len(rows) == sum(len(c.utterances) for c in convs[:2])
 
 
 def test_token_budget_batches(tok):
     """Every example exactly once, padded size within the budget (a lone over-budget example is its own batch),
     little padding on the real ECF prompts, and a seeded order (so a resumed run skips the same batches)."""
-    rows, _ = train.build_examples("emotion", conversations(60), PromptBuilder(tok, 512))
+    rows, _ = examples.build_examples("emotion", conversations(60), PromptBuilder(tok, 512))
     lengths = [r["length"] for r in rows]
-    s = train.TokenBudgetBatchSampler(lengths, 2048, seed=3)
+    s = examples.TokenBudgetBatchSampler(lengths, 2048, seed=3)
     batches = list(s)
     assert sorted(i for b in batches for i in b) == list(range(len(rows))) and len(s) == len(batches)
     assert all(len(b) * max(lengths[i] for i in b) <= 2048 for b in batches)
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     assert 1 - sum(lengths) / padded < 0.03
     assert len({len(b) for b in batches}) > 2  # short examples many to a batch, long ones few
-    assert list(train.TokenBudgetBatchSampler(lengths, 2048, seed=3)) == batches
+    assert list(examples.TokenBudgetBatchSampler(lengths, 2048, seed=3)) == batches
     s.set_epoch(1)
     assert list(s) != batches and sorted(map(sorted, s)) == sorted(map(sorted, batches))
-    assert sorted(train.TokenBudgetBatchSampler([5, 900, 7], 100)) == [[0, 2], [1]]  # 900 tokens: a batch alone
+    assert sorted(examples.TokenBudgetBatchSampler([5, 900, 7], 100)) == [[0, 2], [1]]  # 900 tokens: alone
     with pytest.raises(ValueError, match="max_batch_tokens"):
-        train.TokenBudgetBatchSampler(lengths, 0)
+        examples.TokenBudgetBatchSampler(lengths, 0)
 
 
 def test_run_identity(tiny, splits, tmp_path):
     cfg = _cfg(tiny, str(tmp_path / "runs"))
-    name, h = train.run_identity(cfg, "emotion", splits["train"], splits["val"])
+    name, h = run_identity(cfg, "emotion", splits["train"], splits["val"])
     assert name == f"emotion-{h}"
     same = cfg.model_copy(deep=True)
-    same.training.fail_after_step, same.training.save_steps = 2, 2
+    same.training.save_steps, same.training.use_liger_kernel = 2, True
     same.storage.path, same.scaling.num_workers = "s3://b/elsewhere", 4
-    assert train.run_identity(same, "emotion", splits["train"], splits["val"]) == (name, h)
+    assert run_identity(same, "emotion", splits["train"], splits["val"]) == (name, h)
     other = cfg.model_copy(deep=True)
     other.training.learning_rate = 1e-4
-    assert train.run_identity(other, "emotion", splits["train"], splits["val"])[0] != name
-    assert train.run_identity(cfg, "emotion", splits["val"], splits["val"])[0] != name  # input content
-    assert train.run_identity(cfg, "cause", splits["train"], splits["val"])[0].startswith("cause-")
+    assert run_identity(other, "emotion", splits["train"], splits["val"])[0] != name
+    assert run_identity(cfg, "emotion", splits["val"], splits["val"])[0] != name  # input content
+    assert run_identity(cfg, "cause", splits["train"], splits["val"])[0].startswith("cause-")
     named = cfg.model_copy(deep=True)
     named.storage.run_name = "mine"
-    assert train.run_identity(named, "emotion", splits["train"], splits["val"])[0] == "mine"
-    packing = cfg.model_copy(deep=True)
-    packing.training.packing = True
-    with pytest.raises(ValueError, match="packing"):
-        train.run_training(packing, "emotion", train_convs_uri=splits["train"])
-    odd = _cfg(tiny, str(tmp_path / "runs"), save_steps=2, fail_after_step=3)
-    with pytest.raises(ValueError, match="multiple of training.save_steps"):
-        train.run_training(odd, "emotion", train_convs_uri=splits["train"])
+    assert run_identity(named, "emotion", splits["train"], splits["val"])[0] == "mine"
 
 
 # ============================================================================================ Ray Train runs
@@ -203,7 +207,7 @@ def _check_generates(cfg: Config, adapter: str) -> None:
 
 def test_emotion_run_nf4_then_reused(ray_local, tiny, splits, tmp_path):
     cfg = _cfg(tiny, str(tmp_path / "runs"))
-    res = train.run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
+    res = run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
     assert not res.reused and res.global_step == 8 and res.run_name.startswith("emotion-")
     assert res.adapter_uri == storage.join(str(tmp_path / "runs"), res.run_name, "adapter")
     losses = _losses(res.metrics)
@@ -218,7 +222,7 @@ def test_emotion_run_nf4_then_reused(ray_local, tiny, splits, tmp_path):
     assert storage.list_files(storage.join(res.run_dir, "tensorboard"), suffixes=None)
 
     t0 = time.time()
-    again = train.run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
+    again = run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
     assert again.reused and time.time() - t0 < 10
     assert (again.run_name, again.adapter_uri, again.global_step) == (res.run_name, res.adapter_uri, 8)
     _check_generates(cfg, res.adapter_uri)
@@ -227,7 +231,7 @@ def test_emotion_run_nf4_then_reused(ray_local, tiny, splits, tmp_path):
 def test_cause_run_nf4(ray_local, tiny, splits, tmp_path):
     """Also the token-budget batches: the trainer's own data loader, with almost no padding."""
     cfg = _cfg(tiny, str(tmp_path / "runs"), max_steps=6, max_batch_tokens=1536)
-    res = train.run_training(cfg, "cause", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
+    res = run_training(cfg, "cause", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
     losses = _losses(res.metrics)
     assert res.global_step == 6 and losses[0][1] > losses[-1][1]
     tput = res.metrics["throughput"]
@@ -241,70 +245,71 @@ def test_cause_run_nf4(ray_local, tiny, splits, tmp_path):
     _check_generates(cfg, res.adapter_uri)
 
 
-def test_killed_worker_resumes_from_checkpoint(ray_local, tiny, splits, tmp_path):
-    """Rank 0 dies right after the step-2 checkpoint; Ray Train restarts it and HF resumes at step 3."""
-    cfg = _cfg(tiny, str(tmp_path / "runs"), max_steps=6, save_steps=2, fail_after_step=2)
-    res = train.run_training(cfg, "emotion", train_convs_uri=splits["train"])
-    assert storage.exists(storage.join(res.run_dir, train.FAULT_MARKER))  # the fault did fire
-    m = res.metrics
-    assert m["resumed_from_step"] == 2 and m["first_logged_step"] > 2
-    assert res.global_step == 6 == m["global_step"]
+def test_killed_worker_resumes_and_matches_uninterrupted(ray_local, tiny, splits, tmp_path):
+    """A worker SIGKILLed once Ray Train registered the step-2 checkpoint: Ray Train restarts it, HF resumes from the
+    newest complete checkpoint, and every step's loss equals an uninterrupted run's (optimizer, scheduler, RNG and the
+    seeded token-budget batch order restored, the batches already seen skipped, not redrawn)."""
+    runs = str(tmp_path / "runs")
+    cfg = _cfg(tiny, runs, max_steps=6, save_steps=2, max_batch_tokens=1536)
+    killed, kill = train_with_worker_kill(lambda: run_training(cfg, "emotion", train_convs_uri=splits["train"]),
+                                          _run_dir(cfg, "emotion", splits["train"]), after_step=2)
+    m = killed.metrics
+    assert 2 <= kill["registered_step"] <= m["resumed_from_step"] < 6 and m["first_logged_step"] > 2
+    assert killed.global_step == 6 == m["global_step"]
     # the history restored from the checkpoint continues without a gap or a repeat
     assert [s for s, _ in _losses(m)] == [1, 2, 3, 4, 5, 6]
     assert m["train_loss"] == pytest.approx(sum(x for _, x in _losses(m)) / 6)  # whole run, not this attempt
-    _check_adapter(res.adapter_uri)
-    events = storage.list_files(storage.join(res.run_dir, "tensorboard"), suffixes=None)
+    _check_adapter(killed.adapter_uri)
+    events = storage.list_files(storage.join(killed.run_dir, "tensorboard"), suffixes=None)
     assert len(events) >= 2  # the killed attempt's curves were synced at its checkpoint
-
-
-def test_resumed_token_budget_run_matches_uninterrupted(ray_local, tiny, splits, tmp_path):
-    """Killed after the step-2 checkpoint, a token-budget run resumes on the very batches an uninterrupted run
-    trains on: same losses at every step (the seeded batch order is skipped, not redrawn)."""
-    runs = str(tmp_path / "runs")
-    killed = train.run_training(_cfg(tiny, runs, max_steps=5, save_steps=2, fail_after_step=2, max_batch_tokens=1536),
-                               "emotion", train_convs_uri=splits["train"])
-    assert killed.metrics["resumed_from_step"] == 2
-    whole = train.run_training(_cfg(tiny, runs + "-whole", max_steps=5, save_steps=2, max_batch_tokens=1536),
-                             "emotion", train_convs_uri=splits["train"])
+    whole = run_training(_cfg(tiny, runs + "-whole", max_steps=6, save_steps=2, max_batch_tokens=1536), "emotion",
+                         train_convs_uri=splits["train"])
     assert whole.metrics["resumed_from_step"] is None and not whole.reused
-    assert [s for s, _ in _losses(killed.metrics)] == [1, 2, 3, 4, 5]
-    assert [x for _, x in _losses(killed.metrics)] == pytest.approx([x for _, x in _losses(whole.metrics)], rel=1e-4)
+    assert [x for _, x in _losses(m)] == pytest.approx([x for _, x in _losses(whole.metrics)], rel=1e-4)
 
 
 def test_s3_storage_checkpoints_and_adapter(ray_local, s3_server, tiny, splits):
-    """Checkpoints, the fault marker and the adapter land in S3 (moto on loopback); resume reads from S3."""
+    """Checkpoints and the adapter land in S3 (moto on loopback); a worker killed after the step-2 checkpoint
+    resumes from S3."""
     import boto3
 
     prefix = f"train-{int(time.time())}"
-    cfg = _cfg(tiny, f"s3://{s3_server['bucket']}/{prefix}/runs", max_steps=4, save_steps=2, fail_after_step=2)
-    res = train.run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
+    cfg = _cfg(tiny, f"s3://{s3_server['bucket']}/{prefix}/runs", max_steps=6, save_steps=2)
+    res, kill = train_with_worker_kill(
+        lambda: run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"]),
+        _run_dir(cfg, "emotion", splits["train"], splits["val"]), after_step=2)
     assert res.adapter_uri.startswith(f"s3://{s3_server['bucket']}/{prefix}/runs/emotion-")
-    assert res.global_step == 4 and res.metrics["resumed_from_step"] == 2
+    assert res.global_step == 6 and res.metrics["resumed_from_step"] >= kill["registered_step"] >= 2
     s3 = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1")
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=s3_server["bucket"],
                                                                               Prefix=prefix)
             for o in page.get("Contents", [])]
     run = f"{prefix}/runs/{res.run_name}"
-    assert any(k.startswith(f"{run}/checkpoint_") and k.endswith("/checkpoint/trainer_state.json") for k in keys)
-    assert f"{run}/adapter/adapter_model.safetensors" in keys and f"{run}/adapter/{train.COMPLETE_MARKER}" in keys
-    assert f"{run}/{train.FAULT_MARKER}" in keys
+    assert any(k.startswith(f"{run}/") and k.endswith("/checkpoint/trainer_state.json") for k in keys)
+    assert f"{run}/adapter/adapter_model.safetensors" in keys and f"{run}/adapter/{recipe.COMPLETE_MARKER}" in keys
     _check_adapter(res.adapter_uri)
-    again = train.run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
-    assert again.reused and again.global_step == 4
+    again = run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
+    assert again.reused and again.global_step == 6
 
 
-@pytest.mark.heavy
 def test_two_workers_ddp_with_checkpointing_resume(ray_local, tiny, splits, tmp_path):
-    """2 DDP ranks (gloo on CPU), gradient checkpointing on, rank 0 killed after step 2: per-rank RNG states are
-    merged into one Ray checkpoint and both ranks resume from it."""
-    cfg = _cfg(tiny, str(tmp_path / "runs"), max_steps=6, save_steps=2, fail_after_step=2,
-               gradient_checkpointing="on")
-    cfg.scaling.num_workers, cfg.scaling.resources_per_worker = 2, {"CPU": 1}
-    res = train.run_training(cfg, "emotion", train_convs_uri=splits["train"])
+    """The cluster trains with several DDP workers: 2 ranks (gloo on CPU), gradient checkpointing on, one rank
+    SIGKILLed after the step-2 checkpoint. Both ranks' RNG states are in every checkpoint, both ranks resume from it,
+    and every step's loss equals an uninterrupted 2-rank run's."""
+    def cfg_for(path):
+        cfg = _cfg(tiny, path, max_steps=5, save_steps=2, gradient_checkpointing="on")
+        cfg.scaling.num_workers, cfg.scaling.resources_per_worker = 2, {"CPU": 1}
+        return cfg
+
+    cfg = cfg_for(str(tmp_path / "runs"))
+    res, kill = train_with_worker_kill(lambda: run_training(cfg, "emotion", train_convs_uri=splits["train"]),
+                                       _run_dir(cfg, "emotion", splits["train"]), after_step=2)
     m = res.metrics
-    assert m["num_workers"] == 2 and m["gradient_checkpointing"] is True
-    assert m["resumed_from_step"] == 2 and m["first_logged_step"] == 3 and res.global_step == 6
-    ckpts = [p for p in os.listdir(res.run_dir)
-             if p.startswith("checkpoint_") and os.path.isdir(os.path.join(res.run_dir, p))]
-    assert ckpts and all(os.path.exists(os.path.join(res.run_dir, c, "checkpoint", f"rng_state_{r}.pth"))
-                         for c in ckpts for r in (0, 1))
+    assert m["num_workers"] == 2 and m["gradient_checkpointing"] is True and res.global_step == 5
+    assert m["resumed_from_step"] >= kill["registered_step"] >= 2 and m["first_logged_step"] == m["resumed_from_step"] + 1
+    manifests = [p.parent for p in (tmp_path / "runs" / res.run_name).rglob("mecpe_checkpoint_rank0.json")]
+    assert manifests and all((d / f"rng_state_{r}.pth").exists() and (d / f"mecpe_checkpoint_rank{r}.json").exists()
+                             for d in manifests for r in (0, 1))
+    whole = run_training(cfg_for(str(tmp_path / "whole")), "emotion", train_convs_uri=splits["train"])
+    assert [s for s, _ in _losses(m)] == [1, 2, 3, 4, 5]
+    assert [x for _, x in _losses(m)] == pytest.approx([x for _, x in _losses(whole.metrics)], rel=1e-4)

@@ -1,0 +1,116 @@
+"""The layout's rules (docs/architecture.md), checked on the source: no import circle, command-line concerns only in
+the CLI, pure prompts, each concept defined once."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PKG = REPO / "mecpe"
+
+
+def _module(path: Path) -> str:
+    rel = path.relative_to(REPO).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """mecpe modules a file imports anywhere (module level or inside functions), resolved to modules."""
+    modules = {_module(p) for p in PKG.rglob("*.py")}
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("mecpe")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mecpe"):
+            for a in node.names:  # `from mecpe import storage` names a module; `from mecpe.x import f` does not
+                out.add(f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module)
+    return out
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module(p): _imports(p) - {_module(p)} for p in PKG.rglob("*.py")}
+
+
+def test_no_import_circle():
+    graph = _graph()
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                raise AssertionError("import circle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+
+
+def test_the_layers_point_one_way():
+    """Lower layers never import higher ones: storage/config know no other mecpe module; data knows storage;
+    prompts knows data; the CLI is imported by nothing but jobs/."""
+    graph = _graph()
+    allowed = {
+        "mecpe.storage": set(),
+        "mecpe.config": set(),
+        "mecpe.data": {"mecpe.storage"},
+        "mecpe.prompts": {"mecpe.data"},
+        "mecpe.modeling": {"mecpe.storage", "mecpe.config"},
+    }
+    for module, deps in allowed.items():
+        assert graph[module] <= deps, f"{module} imports {graph[module] - deps}"
+    assert not [m for m, deps in graph.items() if "mecpe.cli" in deps], "library code imports the CLI"
+    assert "mecpe.evaluate" not in set().union(*(graph[m] for m in graph if m.startswith("mecpe.infer"))), \
+        "inference imports evaluation (scoring belongs to the evaluate step)"
+
+
+def test_command_line_concerns_only_in_the_cli():
+    """Argument parsing, printing and exit codes live in mecpe/cli.py; library modules return values, raise errors
+    and log progress."""
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "print":
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} print()")
+            elif isinstance(node, ast.Attribute) and node.attr == "exit" and getattr(node.value, "id", "") == "sys":
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} sys.exit")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)) and "argparse" in ast.unparse(node):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} argparse")
+    assert not offenders, offenders
+    for job in (REPO / "jobs").glob("*.py"):
+        assert "from mecpe.cli import main" in job.read_text(), f"{job.name} must be a call into the CLI"
+
+
+def test_prompts_are_pure():
+    tree = ast.parse((PKG / "prompts.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"ray", "torch", "transformers", "pyarrow", "os"}, imported
+
+
+def test_each_concept_defined_once():
+    """The emotion labels, the Ray connection and the reject record are each defined in one place."""
+    labels, connects, rejects = [], [], []
+    for path in PKG.rglob("*.py"):
+        text = path.read_text()
+        if '"neutral", "anger", "disgust"' in text:
+            labels.append(path.name)
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "ray.init":
+                connects.append(path.name)
+            if isinstance(node, ast.ClassDef) and "Reject" in node.name and "Error" not in node.name:
+                rejects.append(path.name)
+    assert labels == ["data.py"], labels
+    assert connects == ["cluster.py"], connects
+    assert rejects == ["data.py"], rejects
