@@ -1,23 +1,30 @@
-"""The Ray cluster as mecpe sees it: joining it, and checking before a step waits on it that some node (or node type
-the autoscaler may launch) can ever hold what the step asks for.
+"""The Ray cluster as mecpe sees it: joining it, and checking before a step waits on it that the cluster can ever
+give the step its workers.
 
-Without the check, a step whose workers ask for a resource that no node type offers (``accelerator_type:H100`` on a
-cluster of A100 and T4 nodes, a typo) waits forever: Ray keeps the request pending in case a node shows up. With an
-autoscaler the cluster's node types are known (the autoscaler reports them to the GCS as the cluster config), so the
-step fails at once with the missing resource named; without one, the nodes there now are all there will be.
+Without the check, a step whose workers ask for something no node offers (``accelerator_type:H100`` on a cluster of
+A100 and T4 nodes, a typo, more GPU actors than the node types can ever hold) waits forever: Ray keeps the request
+pending in case a node shows up. Two cases:
+
+* an autoscaler runs (``ray up`` starts autoscaler v2 since Ray 2.50): the request is put to it
+  (``ray.autoscaler.sdk.request_resources``), and what it reports as infeasible for its node types fails the step at
+  once, naming the missing resource; a feasible request is withdrawn again (the step's own tasks drive scaling);
+* no autoscaler: the nodes there now are all there will be, so their total resources decide.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from typing import Mapping
 
 log = logging.getLogger(__name__)
+_BASIC = {"CPU", "GPU", "memory", "object_store_memory"}
 
 
 class UnschedulableError(RuntimeError):
-    """No node and no node type of the cluster offers every resource a worker or actor asks for."""
+    """The cluster can never hold the workers or actors a step asks for."""
 
 
 def connect(ray_address: str | None = None) -> None:
@@ -29,39 +36,84 @@ def connect(ray_address: str | None = None) -> None:
         ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
 
 
-def node_shapes() -> tuple[str, list[tuple[str, dict[str, float]]]]:
-    """What the cluster can offer one bundle: ("node types", [(name, resources)]) from the autoscaler's cluster config
-    when there is one, else ("nodes", [(node id, total resources)]) of the nodes alive now."""
+def _status():
+    """The GCS's cluster status (autoscaler v2 state and cluster resource state), or None where unavailable."""
     import ray
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
     try:
-        config = ray._private.state.state.get_cluster_config()  # reported by the autoscaler
-    except Exception:  # noqa: BLE001 - an older GCS or no autoscaler: fall back to the live nodes
-        config = None
-    groups = [] if config is None else [
-        (g.name, {k: float(v) for k, v in g.resources.items()}) for g in config.node_group_configs if g.max_count != 0]
-    if groups:
-        return "node types", groups
-    return "nodes", [(n["NodeID"][:12], dict(n.get("Resources") or {})) for n in ray.nodes() if n.get("Alive")]
+        client = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
+        reply = GetClusterStatusReply()
+        reply.ParseFromString(client.get_cluster_status(timeout_s=10))
+        return reply
+    except Exception:  # noqa: BLE001 - an older GCS: no autoscaler state to read
+        return None
 
 
-def check_schedulable(bundle: Mapping[str, float], what: str) -> None:
-    """Raise ``UnschedulableError`` naming the missing resource when no node / node type can hold ``bundle`` (the
-    resources of one worker or actor). Resources asked for in amounts of 0 are ignored."""
+def _capacity(node_totals: list[dict[str, float]], need: dict[str, float]) -> int:
+    """How many bundles ``need`` the nodes can hold, each node on its own (a bundle never spans nodes)."""
+    total = 0
+    for res in node_totals:
+        fits = min((math.floor(res.get(k, 0.0) / v + 1e-9) for k, v in need.items()), default=0)
+        total += max(fits, 0)
+    return total
+
+
+def _names(need: dict[str, float]) -> str:
+    special = [k for k in need if k not in _BASIC] or list(need)
+    return ", ".join(repr(k) for k in special)
+
+
+def check_schedulable(bundle: Mapping[str, float], what: str, count: int = 1, timeout_s: float = 30) -> None:
+    """Raise ``UnschedulableError`` when the cluster can never hold ``count`` workers of ``bundle`` (the resources
+    of one worker or actor), naming the resource at fault. Resources asked for in amounts of 0 are ignored."""
+    import ray
+
     need = {k: float(v) for k, v in bundle.items() if v}
-    kind, shapes = node_shapes()
-    if not shapes or any(all(res.get(k, 0.0) >= v for k, v in need.items()) for _, res in shapes):
+    if not need:
         return
-    # the resources no shape has at all name the problem best; else the best-fitting shape's shortfall
-    absent = sorted(k for k in need if not any(res.get(k, 0.0) > 0 for _, res in shapes))
-    if absent:
-        detail = f"no {kind[:-1]} offers {', '.join(repr(a) for a in absent)}"
-    else:
-        name, res = max(shapes, key=lambda s: sum(s[1].get(k, 0.0) >= v for k, v in need.items()))
-        short = {k: res.get(k, 0.0) for k, v in need.items() if res.get(k, 0.0) < v}
-        detail = f"the closest {kind[:-1]} {name!r} has only {short}"
-    offered = "; ".join(f"{name}: {dict(sorted(res.items()))}" for name, res in shapes)
+    status = _status()
+    if status is not None and status.autoscaling_state.autoscaler_state_version > 0:
+        _ask_autoscaler(need, what, count, status, timeout_s)
+        return
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    if _internal_kv_get("__autoscaling_status"):  # autoscaler v1: it does not say what it cannot launch
+        log.info("autoscaler v1: cannot check ahead that %s can be scheduled", what)
+        return
+    nodes = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+    if _capacity(nodes, need) >= count:
+        return
+    absent = sorted(k for k in need if not any(res.get(k, 0.0) > 0 for res in nodes))
+    offered = "; ".join(str({k: v for k, v in sorted(res.items()) if not k.startswith("node:")}) for res in nodes)
+    detail = (f"no node offers {', '.join(repr(a) for a in absent)}" if absent else
+              f"its nodes hold only {_capacity(nodes, need)} of them")
     raise UnschedulableError(
-        f"{what} asks for {need} per worker, which the cluster can never schedule: {detail}. The cluster's {kind}: "
-        f"{offered}. Fix the config (scaling.accelerator_type / inference.accelerator_type, resources) or add a node "
-        f"type that offers it (cluster.yaml, available_node_types).")
+        f"{what} needs {count} x {need}, which this cluster (no autoscaler) can never hold: {detail}. Its nodes: "
+        f"{offered}. Fix the config (accelerator_type, resources, number of workers or actors) or add nodes.")
+
+
+def _ask_autoscaler(need: dict[str, float], what: str, count: int, status, timeout_s: float) -> None:
+    from ray.autoscaler.sdk import request_resources
+
+    seen = status.cluster_resource_state.cluster_resource_state_version
+    request_resources(bundles=[need] * count)
+    try:
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            st = _status()
+            for constraint in st.autoscaling_state.infeasible_cluster_resource_constraints:
+                for req in constraint.resource_requests:
+                    got = dict(req.request.resources_bundle)
+                    if got.keys() == need.keys() and all(abs(got[k] - need[k]) < 1e-6 for k in need):
+                        raise UnschedulableError(
+                            f"{what} needs {count} x {need}, and the cluster's autoscaler reports that its node types "
+                            f"can never hold that: check {_names(need)} (offered by no node type, or by too few "
+                            f"nodes within max_workers). Fix the config (accelerator_type, resources, number of "
+                            f"workers or actors) or the node types (cluster.yaml, available_node_types).")
+            if st.autoscaling_state.last_seen_cluster_resource_state_version > seen:
+                return  # the autoscaler considered the request and found node types for it
+            time.sleep(0.5)
+        log.warning("the autoscaler did not consider the request for %s within %.0f s; going on", what, timeout_s)
+    finally:
+        request_resources(bundles=[])

@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# Ray heads started by tests (tests/_ray_head.py) use token authentication, Ray's default; this process must speak it
+# to join them. Ray reads the mode once, at import, so it is set before any test module imports ray.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

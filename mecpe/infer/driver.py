@@ -133,14 +133,14 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
     files = list_inputs(input_uri, exclude=output_uri)
     shas = {f: storage.sha256(f) for f in files}
     ident = run_identity(cfg, files, shas)
-    resumed = claim_output(output_uri, ident, overwrite)
     cluster.connect(cfg.ray_address)
-    res = stage_resources(cfg)
-    cluster.check_schedulable(res.bundle(), "an inference actor")
+    pools = 1 if cfg.inference.share_base else 2  # one actor pool per stage, or one for both
+    res = _fit_cpu_actors(stage_resources(cfg), pools)
+    cluster.check_schedulable(res.bundle(), "inference", count=res.num_actors * pools)
+    resumed = claim_output(output_uri, ident, overwrite)
     done = done_uids(output_uri) if resumed else set()
     if done:
         log.info("resuming run %s: %d conversations already done", ident["run_id"], len(done))
-    res = _fit_cpu_actors(res, 1 if cfg.inference.share_base else 2)
     done_ref = ray.put(frozenset(done)) if done else None
     ds = build_dataset(cfg, files, output_uri, done_ref, res, settings)
 

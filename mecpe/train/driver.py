@@ -131,7 +131,7 @@ def _run(cfg: Config, task: str, train_uri: str | None, val_uri: str | None, pre
         return done
 
     cluster.connect(cfg.ray_address)
-    cluster.check_schedulable(worker_bundle(cfg), f"training ({task}) worker")
+    cluster.check_schedulable(worker_bundle(cfg), f"training ({task})", count=cfg.scaling.num_workers)
     fs, fs_path = storage.get_filesystem(cfg.storage.path, settings)
     sc = cfg.scaling
     remote = storage.is_remote(cfg.storage.path)

@@ -1,0 +1,138 @@
+"""Scale from zero: the autoscaler (v2, as ``ray up`` starts it since Ray 2.50) with Ray's fake multi-node provider
+and cluster.yaml's node types (``min_workers: 0``), the pipeline submitted with ``ray job submit`` to its head, as a
+user submits it to the cloud cluster. Nodes are read from Ray (``ray.nodes()``, the state API), never assumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _cluster import actor_nodes, autoscaler_env, autoscaling_config, node_type_of
+from _faults import wait_for
+from _ray_head import BIN, RayHead, free_port
+from _tiny import REPO, tiny_model_dir
+
+IDLE_TIMEOUT_MIN = 0.1  # 6 s, so the test sees nodes go
+
+
+def _cluster_overrides(tiny: str) -> list[str]:
+    """jobs/configs/ecf-llama2-13b.yaml's placement (A100 training workers, T4 inference actors, one per T4 node with
+    both adapters) on the tiny model; a CPU per training worker instead of a GPU (tests/_cluster.py says why)."""
+    return [f"model.base={tiny}", "scaling.use_gpu=false", "scaling.resources_per_worker={CPU: 1}",
+            "scaling.accelerator_type=A100", "inference.num_gpus=1", "inference.accelerator_type=T4",
+            "inference.num_cpus=0.25", "inference.share_base=true", "inference.num_actors=2",
+            "inference.batch_size=4", "data.limit_test=8"]
+
+
+@pytest.fixture(scope="module")
+def autoscaling_head(tmp_path_factory, data_dir):
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    assert not ray.is_initialized(), "another test module left Ray running"
+    root = tmp_path_factory.mktemp("autoscaling")
+    port = free_port()
+    gcs = f"{get_node_ip_address()}:{port}"
+    config = root / "autoscaling.yaml"
+    config.write_text(yaml.safe_dump(autoscaling_config(gcs, IDLE_TIMEOUT_MIN)))
+    head = RayHead(num_cpus=0, port=port, extra_args=[f"--autoscaling-config={config}"],
+                   env=dict(os.environ, **autoscaler_env(), MECPE_DATA=str(Path(data_dir).resolve())))
+    try:
+        head.wait_for_job_server()
+        ray.init(address=gcs)
+        yield {"head": head, "gcs": gcs, "root": root}
+    finally:
+        ray.shutdown()
+        head.stop()
+
+
+def _alive_types() -> list[str]:
+    import ray
+
+    return sorted(node_type_of(n["Resources"]) for n in ray.nodes() if n["Alive"])
+
+
+@pytest.mark.reliability(
+    fault="Scale from zero: the pipeline submitted (ray job submit) to a cluster that has only its head "
+          "(cluster.yaml's node types, min_workers 0, the autoscaler v2)",
+    behaviour="The autoscaler launches an A100-type node for training and T4-type nodes for inference; training "
+              "workers run only on A100 nodes and the inference actors only on T4 nodes (Ray's state API); the "
+              "nodes are released after the idle timeout")
+def test_scale_from_zero_pipeline_job(autoscaling_head, tmp_path):
+    import ray
+
+    assert _alive_types() == ["head"]
+    out = tmp_path / "out"
+    # The job runs from the repository on this disk (as from an image with mecpe in it), not from an uploaded
+    # --working-dir (tests/test_jobs.py covers that): the fake provider's nodes share this machine's Ray session
+    # folder, and a node starting up clears the runtime-env files that are the job workers' working directory.
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", autoscaling_head["head"].address, "--",
+           sys.executable, str(REPO / "jobs" / "pipeline.py"), "--config", str(REPO / "jobs" / "configs" / "smoke.yaml"),
+           f"output_dir={out}", f"storage.path={out}/runs", *_cluster_overrides(tiny_model_dir())]
+    seen: list[list[str]] = []
+    types: dict[str, str] = {}  # node id -> type, read while the node is alive (a dead node reports no resources)
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            alive = [n for n in ray.nodes() if n["Alive"]]
+            types.update({n["NodeID"]: node_type_of(n["Resources"]) for n in alive})
+            seen.append(sorted(node_type_of(n["Resources"]) for n in alive))
+            done.wait(0.5)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=autoscaling_head["head"].env, capture_output=True, text=True,
+                              timeout=900)
+    finally:
+        done.set()
+        watcher.join()
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in log.lower(), log[-5000:]
+    assert any("a100" in s for s in seen) and any("t4" in s for s in seen), seen  # launched on demand
+    workers = set().union(*actor_nodes("RayTrainWorker").values())
+    predictors = set().union(*actor_nodes("EmotionCausePredictor").values())
+    assert workers and {types[n] for n in workers} == {"a100"}, workers
+    assert predictors and {types[n] for n in predictors} == {"t4"}, predictors
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_conversations_scored"] == 8
+    # released after the idle timeout
+    wait_for(lambda: _alive_types() == ["head"], 120, "the worker nodes to be released")
+
+
+@pytest.mark.reliability(
+    fault="A config whose accelerator_type no node type of the cluster offers (H100 on a cluster of A100 and T4 "
+          "nodes), for training and for inference",
+    behaviour="The step asks the autoscaler before it waits; it fails within seconds with exit code 2 and a "
+              "message naming the resource (accelerator_type:H100), instead of waiting forever")
+def test_unschedulable_accelerator_fails_fast(autoscaling_head, data_dir, tmp_path, capsys):
+    from mecpe.cli import main
+
+    gold = json.loads((data_dir / "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json").read_text())[:2]
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(gold))
+    base = [*_cluster_overrides(tiny_model_dir()), f"ray_address={autoscaling_head['gcs']}"]
+    t0 = time.monotonic()
+    assert main(["infer", "--input", str(src), "--output", str(tmp_path / "out"), *base,
+                 "inference.accelerator_type=H100"]) == 2
+    err = capsys.readouterr().err
+    assert "accelerator_type:H100" in err and "inference" in err, err
+    assert not (tmp_path / "out" / "_run.json").exists()  # refused before claiming the output
+    out = tmp_path / "train"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "train.json").write_text(json.dumps(gold))
+    (out / "data" / "val.json").write_text(json.dumps(gold[:1]))
+    assert main(["train", "--task", "emotion", f"output_dir={out}", f"storage.path={out}/runs", *base,
+                 "scaling.accelerator_type=H100"]) == 2
+    err = capsys.readouterr().err
+    assert "accelerator_type:H100" in err and "training" in err, err
+    assert time.monotonic() - t0 < 120
