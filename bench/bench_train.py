@@ -4,16 +4,22 @@ Runs ``mecpe.train.run_training`` (the product path: TorchTrainer, 4-bit NF4 bas
 LoRA, completion-only SFT on the real ECF emotion prompts) for a few steps per LoRA variant and reads the
 ``useful_tokens_per_s`` that the job itself logs (non-pad tokens / wall second, ``ThroughputCallback``):
 
-    ref      the reference LoRA settings: r 16, alpha 16, q/k/v/o; token-budget micro-batches (--max-batch-tokens)
-    r64      r 64, alpha 16, all linear layers; token-budget micro-batches
-    ref-b8   the reference LoRA settings, fixed micro-batches of --batch examples, length-grouped (the before)
+    ref        the reference LoRA settings: r 16, alpha 16, q/k/v/o; token-budget micro-batches (--budgets)
+    ref-liger  the same with Liger's fused Triton kernels (training.use_liger_kernel)
+    r64        r 64, alpha 16, all linear layers; token-budget micro-batches
+    ref-b8     the reference LoRA settings, fixed micro-batches of --batch examples, length-grouped (the before)
+
+Every variant runs for each token budget of ``--budgets`` and each gradient-checkpointing setting of ``--ckpt``;
+``--memory-cap-gib`` caps every process's CUDA memory (bench/benchsite/sitecustomize.py), to find what fits a
+smaller GPU (an A100 40 GB) on a larger one; ``--profile-steps 2-4,40-42`` writes torch.profiler tables of those steps
+to OUT/profile/.
 
 MFU = 4 x 13e9 x useful tok/s / 790e12 (LoRA on a frozen base: forward + input-gradient backward, no weight
 gradients; 790 TFLOP/s = H200 dense bf16). Padding waste = 1 - useful / padded tokens. One-epoch wall time is the
 useful tokens of each training set (tokenized with the model's tokenizer) over the measured rate.
 
-    python bench/bench_train.py --model /tmp/standin-13b --out OUT [--steps 24] [--max-batch-tokens 8192]
-        [--batch 8] [--variants ref,r64,ref-b8]
+    python bench/bench_train.py --model /tmp/standin-13b --out OUT [--steps 64] [--budgets 8192] [--ckpt auto]
+        [--batch 8] [--variants ref,ref-liger] [--memory-cap-gib 39.5] [--logging-steps 4]
     python bench/bench_train.py --model - --out - --from-json OUT/bench_train.json     (reprint a saved run)
 """
 
@@ -31,7 +37,9 @@ sys.path.insert(0, REPO)
 
 REF = ["lora.r=16", "lora.alpha=16", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"]
 R64 = ["lora.r=64", "lora.alpha=16", "lora.target_modules=all-linear"]
-VARIANTS = {"ref": (REF, "tokens"), "r64": (R64, "tokens"), "ref-b8": (REF, "examples")}
+LIGER = ["training.use_liger_kernel=true"]
+VARIANTS = {"ref": (REF, "tokens"), "ref-liger": (REF + LIGER, "tokens"), "r64": (R64, "tokens"),
+            "ref-b8": (REF, "examples")}
 PEAK_FLOPS = 790e12  # H200 dense bf16
 PARAMS = 13e9
 
@@ -68,15 +76,16 @@ def steady_rate(windows: list[float]) -> float | None:
 
 
 def run_variant(name: str, model: str, splits: dict, out: str, steps: int, batch: int, max_tokens: int,
-                use_gpu: bool, extra: list[str]) -> dict:
+                use_gpu: bool, extra: list[str], ckpt: str = "auto", logging_steps: int = 4) -> dict:
     from mecpe.config import load_config
     from mecpe.train import run_training
 
     overrides = [f"model.base={model}", "quantization.mode=nf4", f"scaling.use_gpu={str(use_gpu).lower()}",
                  f"training.max_steps={steps}", f"training.per_device_batch_size={batch}", "training.grad_accum=1",
                  f"training.max_batch_tokens={max_tokens if VARIANTS[name][1] == 'tokens' else 'null'}",
-                 f"training.save_steps={steps}", "training.logging_steps=4", "training.eval_steps=null",
-                 f"storage.path={out}/runs", f"storage.run_name=bench-{name}-{int(time.time())}",
+                 f"training.gradient_checkpointing={ckpt}",
+                 f"training.save_steps={steps}", f"training.logging_steps={logging_steps}", "training.eval_steps=null",
+                 f"storage.path={out}/runs", f"storage.run_name=bench-{name}-{max_tokens}-{ckpt}-{int(time.time())}",
                  *VARIANTS[name][0], *extra]
     if not use_gpu:
         overrides.append("training.optim=adamw_torch")
@@ -88,14 +97,18 @@ def run_variant(name: str, model: str, splits: dict, out: str, steps: int, batch
     windows = [h["useful_tokens_per_s"] for h in m.get("log_history", []) if "useful_tokens_per_s" in h]
     tput = m.get("throughput", {})
     rate = steady_rate(windows) or tput.get("useful_tokens_per_s", 0.0)
-    return {"variant": name, "overrides": overrides, "steps": m.get("global_step"), "job_wall_s": round(wall, 1),
+    return {"variant": name, "budget": max_tokens if VARIANTS[name][1] == "tokens" else None, "ckpt_setting": ckpt,
+            "overrides": overrides, "steps": m.get("global_step"), "job_wall_s": round(wall, 1),
             "useful_tok_s": rate, "useful_tok_s_windows": windows,
             "useful_tok_s_whole_run": tput.get("useful_tokens_per_s"),
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True (mecpe default)"),
             "useful_token_fraction": tput.get("useful_token_fraction"),
             "gradient_checkpointing": m.get("gradient_checkpointing"), "compute_dtype": m.get("compute_dtype"),
             "optimizer": m.get("optimizer"), "train_loss": m.get("train_loss"), "gpu_peak_gib": m.get("gpu_peak_gib"),
-            "model_load_s": m.get("model_load_s"),
+            "model_load_s": m.get("model_load_s"), "use_liger_kernel": m.get("use_liger_kernel"),
+            "steps_log": [{k: h.get(k) for k in ("step", "useful_tokens_per_s", "cuda_mallocs", "cuda_alloc_retries",
+                                                 "cuda_reserved_gib", "loss")}
+                          for h in m.get("log_history", []) if "useful_tokens_per_s" in h],
             "mfu": 4 * PARAMS * rate / PEAK_FLOPS}
 
 
@@ -107,8 +120,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8, help="per-device batch (grad_accum 1); 16 OOMs an H200 "
                     "without gradient checkpointing when length grouping puts 16 ~1,000-token examples together")
-    ap.add_argument("--max-batch-tokens", type=int, default=8192, help="token budget per micro-batch")
-    ap.add_argument("--variants", default="ref,r64,ref-b8")
+    ap.add_argument("--budgets", default="8192", help="token budgets per micro-batch (comma list)")
+    ap.add_argument("--ckpt", default="auto", help="gradient checkpointing settings (comma list of auto,on,off)")
+    ap.add_argument("--variants", default="ref,ref-liger")
+    ap.add_argument("--memory-cap-gib", type=float, default=None, help="cap every process's CUDA memory")
+    ap.add_argument("--logging-steps", type=int, default=4)
+    ap.add_argument("--profile-steps", help="optimizer step windows to profile, e.g. 2-4,40-42")
+    ap.add_argument("--no-epoch", action="store_true", help="skip the one-epoch token count")
     ap.add_argument("--override", action="append", default=[], help="extra config overrides")
     ap.add_argument("--from-json", help="no run: print the table of a saved bench_train.json, steady rates "
                     "recomputed from its logged windows")
@@ -129,35 +147,51 @@ def main() -> None:
     res: dict = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "model": a.model,
                  "device": torch.cuda.get_device_name(0) if use_gpu else "cpu", "variants": []}
     splits = prepare(a.data, a.out)
-    ray.init(include_dashboard=False)
+    env = {}
+    if a.memory_cap_gib:
+        env["MECPE_BENCH_GPU_CAP_GIB"] = str(a.memory_cap_gib)
+        res["memory_cap_gib"] = a.memory_cap_gib
+    if a.profile_steps:
+        env.update(MECPE_BENCH_PROFILE_STEPS=a.profile_steps, MECPE_BENCH_PROFILE_DIR=os.path.join(a.out, "profile"))
+    if env:  # bench/benchsite/sitecustomize.py acts on them in every process of the cluster
+        site = os.path.join(REPO, "bench", "benchsite")
+        env["PYTHONPATH"] = os.pathsep.join([site, *filter(None, [os.environ.get("PYTHONPATH")])])
+    ray.init(include_dashboard=False, runtime_env={"env_vars": env} if env else None)
     for name in a.variants.split(","):
-        try:
-            v = run_variant(name, a.model, splits, a.out, a.steps, a.batch, a.max_batch_tokens, use_gpu, a.override)
-        except Exception as exc:  # e.g. out of GPU memory: record it, go on with the next variant
-            v = {"variant": name, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-            print(f"[bench_train] {name} failed: {v['error']}", flush=True)
-        res["variants"].append(v)
-        json.dump(res, open(os.path.join(a.out, "bench_train.json"), "w"), indent=1, default=str)
-    res["epoch_tokens"] = epoch_tokens(a.model, splits["train"], 1024)  # CPU only: after the GPU work
+        for budget in [int(b) for b in a.budgets.split(",")]:
+            for ckpt in a.ckpt.split(","):
+                try:
+                    v = run_variant(name, a.model, splits, a.out, a.steps, a.batch, budget, use_gpu, a.override, ckpt,
+                                    a.logging_steps)
+                except Exception as exc:  # e.g. out of GPU memory: record it, go on with the next variant
+                    v = {"variant": name, "budget": budget, "ckpt_setting": ckpt,
+                         "error": f"{type(exc).__name__}: {exc}"[:2000]}
+                    print(f"[bench_train] {name} {budget} {ckpt} failed: {v['error']}", flush=True)
+                res["variants"].append(v)
+                json.dump(res, open(os.path.join(a.out, "bench_train.json"), "w"), indent=1, default=str)
+    if not a.no_epoch:
+        res["epoch_tokens"] = epoch_tokens(a.model, splits["train"], 1024)  # CPU only: after the GPU work
     json.dump(res, open(os.path.join(a.out, "bench_train.json"), "w"), indent=1, default=str)
     print_table(res)
 
 
 def print_table(res: dict) -> None:
-    et = res["epoch_tokens"]
-    print(f"\n{res['date']} {res['device']}  {res['command']}")
-    print("| variant | useful tok/s (steady) | MFU | useful tok/s (whole run) | padding waste | grad ckpt | peak GPU GiB "
-          "| 1 epoch emotion | 1 epoch cause |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    et = res.get("epoch_tokens")
+    cap = f", CUDA memory capped at {res['memory_cap_gib']} GiB" if res.get("memory_cap_gib") else ""
+    print(f"\n{res['date']} {res['device']}{cap}  {res['command']}")
+    print("| variant | budget | useful tok/s (steady) | MFU | useful tok/s (whole run) | padding waste | grad ckpt "
+          "| peak GPU GiB | 1 epoch emotion | 1 epoch cause |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for v in res["variants"]:
         if "error" in v:
-            print(f"| {v['variant']} | failed: {v['error'][:150]} ||||||||")
+            why = "out of memory" if "out of GPU memory" in v["error"] else v["error"][:150]
+            print(f"| {v['variant']} | {v.get('budget')} | failed: {why} ||||| {v.get('ckpt_setting')} ||||")
             continue
         rate = v["useful_tok_s"] or float("nan")
         waste = 1 - (v["useful_token_fraction"] or 0)
-        print(f"| {v['variant']} | {rate:.0f} | {v['mfu']:.3f} | {v['useful_tok_s_whole_run']:.0f} | {waste:.2%} | "
-              f"{v['gradient_checkpointing']} | {v['gpu_peak_gib']} | "
-              f"{et['emotion'] / rate / 60:.1f} min | {et['cause'] / rate / 60:.1f} min |")
+        epochs = (f"{et['emotion'] / rate / 60:.1f} min | {et['cause'] / rate / 60:.1f} min" if et else " | ")
+        print(f"| {v['variant']} | {v.get('budget')} | {rate:.0f} | {v['mfu']:.3f} | {v['useful_tok_s_whole_run']:.0f} | "
+              f"{waste:.2%} | {v['gradient_checkpointing']} | {v['gpu_peak_gib']} | {epochs} |")
 
 
 if __name__ == "__main__":
