@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--data", nargs="+", help="training file(s) (default: data.train_file of the defaults)")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--layers", type=int, default=4, help="decoder layers (model.tiny.num_layers)")
+    tiny.add_argument("--output-scale", type=float, default=1.0, help="model.tiny.output_scale")
+    tiny.add_argument("--pretrain-steps", type=int, default=0, help="recap pretraining steps (model.tiny.pretrain_steps)")
     return parser
 
 
@@ -182,7 +185,9 @@ def _pipeline(args) -> int:
     from mecpe.config import load_config
     from mecpe.pipeline import run_pipeline
 
-    res = run_pipeline(load_config(args.config, args.overrides))
+    cfg = load_config(args.config, args.overrides)
+    res = run_pipeline(cfg)
+    print(f"\n== {args.config}: predictions for {cfg.data.path(cfg.data.test_file)}, scored against its gold labels ==")
     _print_metrics(res["metrics"], res["summary"]["this_run"]["stages"]["cause"]["utterances"])
     out = res["output_dir"]
     print("\noutputs:")
@@ -199,7 +204,8 @@ def _tiny(args) -> int:
     from mecpe.tiny import build_tiny_model
 
     d = DataConfig()
-    print(build_tiny_model(args.out, args.data or [d.path(d.train_file)], seed=args.seed))
+    print(build_tiny_model(args.out, args.data or [d.path(d.train_file)], seed=args.seed, num_layers=args.layers,
+                           output_scale=args.output_scale, pretrain_steps=args.pretrain_steps))
     return 0
 
 

@@ -3,16 +3,19 @@ give the step its workers.
 
 Without the check, a step whose workers ask for something no node offers (``accelerator_type:H100`` on a cluster of
 A100 and T4 nodes, a typo, more GPU actors than the node types can ever hold) waits forever: Ray keeps the request
-pending in case a node shows up. Two cases:
+pending in case a node shows up. Three cases:
 
-* an autoscaler runs (``ray up`` starts autoscaler v2 since Ray 2.50): the request is put to it
-  (``ray.autoscaler.sdk.request_resources``), and what it reports as infeasible for its node types fails the step at
-  once, naming the missing resource; a feasible request is withdrawn again (the step's own tasks drive scaling);
+* autoscaler v2 runs (``ray up`` starts it since Ray 2.50): the request is put to it
+  (``ray.autoscaler.v2.sdk.request_cluster_resources``), and what it reports as infeasible for its node types fails
+  the step at once, naming the missing resource; a feasible request is withdrawn again (the step's own tasks drive
+  scaling);
+* an autoscaler v1: it does not report what it cannot launch; nothing is checked;
 * no autoscaler: the nodes there now are all there will be, so their total resources decide.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -64,7 +67,7 @@ def _names(need: dict[str, float]) -> str:
     return ", ".join(repr(k) for k in special)
 
 
-def check_schedulable(bundle: Mapping[str, float], what: str, count: int = 1, timeout_s: float = 30) -> None:
+def check_schedulable(bundle: Mapping[str, float], what: str, count: int = 1, timeout_s: float = 60) -> None:
     """Raise ``UnschedulableError`` when the cluster can never hold ``count`` workers of ``bundle`` (the resources
     of one worker or actor), naming the resource at fault. Resources asked for in amounts of 0 are ignored."""
     import ray
@@ -74,11 +77,9 @@ def check_schedulable(bundle: Mapping[str, float], what: str, count: int = 1, ti
         return
     status = _status()
     if status is not None and status.autoscaling_state.autoscaler_state_version > 0:
-        _ask_autoscaler(need, what, count, status, timeout_s)
+        _ask_autoscaler(need, what, count, timeout_s)
         return
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    if _internal_kv_get("__autoscaling_status"):  # autoscaler v1: it does not say what it cannot launch
+    if _autoscaler_v1():  # it does not say what it cannot launch
         log.info("autoscaler v1: cannot check ahead that %s can be scheduled", what)
         return
     nodes = [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
@@ -93,15 +94,38 @@ def check_schedulable(bundle: Mapping[str, float], what: str, count: int = 1, ti
         f"{offered}. Fix the config (accelerator_type, resources, number of workers or actors) or add nodes.")
 
 
-def _ask_autoscaler(need: dict[str, float], what: str, count: int, status, timeout_s: float) -> None:
-    from ray.autoscaler.sdk import request_resources
+def _autoscaler_v1() -> bool:
+    """An autoscaler v1 runs. Every head's monitor writes this status; a head started without a cluster config (``ray
+    start``, local Ray) runs it read-only, and then each node's type is just ``node_<node id>``."""
+    from ray.experimental.internal_kv import _internal_kv_get
 
-    seen = status.cluster_resource_state.cluster_resource_state_version
-    request_resources(bundles=[need] * count)
     try:
+        report = json.loads(_internal_kv_get("__autoscaling_status") or b"{}").get("autoscaler_report") or {}
+    except ValueError:
+        return False
+    mapping = report.get("node_type_mapping") or {}
+    return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items())
+
+
+def _ask_autoscaler(need: dict[str, float], what: str, count: int, timeout_s: float) -> None:
+    import ray
+    from ray.autoscaler.v2.sdk import request_cluster_resources
+
+    # The v2 call itself: ray.autoscaler.sdk.request_resources picks v1 or v2 once per process and caches it, so a
+    # process that met a cluster without autoscaler v2 before would write its request where v2 never reads it.
+    gcs = ray.get_runtime_context().gcs_address
+    request_cluster_resources(gcs, [{"resources": need}] * count)
+    try:
+        # Every read of the cluster state (ours and the autoscaler's) takes the next version number, so an
+        # autoscaler report on a version above this read's comes from a read made after the request was stored.
+        # (A version read before the request lets a report that never saw it pass as "feasible".)
+        first = _status()
+        seen = first.cluster_resource_state.cluster_resource_state_version if first is not None else 0
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             st = _status()
+            if st is None:  # the GCS did not answer in time; ask again
+                continue
             for constraint in st.autoscaling_state.infeasible_cluster_resource_constraints:
                 for req in constraint.resource_requests:
                     got = dict(req.request.resources_bundle)
@@ -116,4 +140,4 @@ def _ask_autoscaler(need: dict[str, float], what: str, count: int, status, timeo
             time.sleep(0.5)
         log.warning("the autoscaler did not consider the request for %s within %.0f s; going on", what, timeout_s)
     finally:
-        request_resources(bundles=[])
+        request_cluster_resources(gcs, [])

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEFAULT_DATA_DIR = "../shared/data/ecf"
 
@@ -60,6 +60,15 @@ class DataConfig(_Strict):
         return f"{base.rstrip('/')}/{name}" if "://" in base else str(Path(base) / name)
 
 
+class TinyModelSettings(_Strict):
+    num_layers: int = Field(4, description="decoder layers of the tiny model (hidden size 128)")
+    output_scale: float = Field(1.0, description="factor on the random output layer: LoRA keeps it frozen, and at "
+                                                 "1.0 no answer can become confident (`mecpe.tiny`)")
+    pretrain_steps: int = Field(0, description="steps of recap pretraining on the training file's text when "
+                                               "building (16 conversations a step); 0 = a random base")
+    seed: int = Field(0, description="seed of the tokenizer, the weights and the pretraining order")
+
+
 class ModelConfig(_Strict):
     base: str = Field("meta-llama/Llama-2-13b-chat-hf",
                       description="base model: hub id, local folder or s3:// mirror of the weights")
@@ -70,6 +79,7 @@ class ModelConfig(_Strict):
                                                                 "adapters (fetched once per node)")
     build_tiny_if_missing: bool = Field(False, description="build the tiny local model at model.base from the "
                                                            "training file when absent (embedded default)")
+    tiny: TinyModelSettings = Field(default_factory=TinyModelSettings)
     attn_implementation: str | None = Field(None, description="attention kernel (sdpa, eager); null = "
                                                               "transformers' choice")
 
@@ -125,6 +135,12 @@ class TrainingConfig(_Strict):
         "gold", description="emotions shown to the cause model in training: gold, predicted or noised")
     cause_noise_rate: float = Field(0.2, description="share of utterance emotions replaced at random when "
                                                      "cause_emotions=noised")
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _on_off(cls, value):
+        """YAML reads a bare on / off as a boolean (``gradient_checkpointing: off``, ``...=on``)."""
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class ScalingSettings(_Strict):

@@ -56,6 +56,17 @@ def compute_dtype(quant_cfg: QuantizationConfig | None, device: str) -> torch.dt
     return torch.float32
 
 
+def use_shape_agnostic_attention(device: str) -> None:
+    """On CUDA, turn PyTorch's cuDNN attention backend off for SDPA, leaving the flash and memory-efficient kernels.
+
+    cuDNN's attention builds an execution plan for every new input shape, on the CPU, in the hundreds of
+    milliseconds (bench/RESULTS.md, 2026-11-29 profile: 10 s of 11 s in three warm-up training steps). mecpe's
+    shapes change all the time: token-budget training batches, packed inference rows, and every decoding step (the
+    KV length grows), so that cost never amortizes; the other kernels have none."""
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def quantization_config(quant_cfg: QuantizationConfig | None, device: str):
     """NF4 ``BitsAndBytesConfig`` (double quantization as configured), or None for mode ``none``."""
     if quant_cfg is None or quant_cfg.mode == "none":
@@ -141,6 +152,7 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, 
     decides that) and the KV cache is turned off."""
     from transformers import AutoModelForCausalLM
 
+    use_shape_agnostic_attention(device)
     source = resolve_model_source(model_cfg.base, model_cfg.cache_dir)
     qcfg = quantization_config(quant_cfg, device)
     kwargs: dict[str, Any] = {

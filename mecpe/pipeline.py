@@ -44,13 +44,24 @@ def ensure_model(cfg: Config) -> None:
     absent (``model.build_tiny_if_missing``)."""
     if not cfg.model.build_tiny_if_missing or storage.is_remote(cfg.model.base):
         return
+    from mecpe.tiny import BUILD_FILE, build_tiny_model
+
+    tiny = cfg.model.tiny
     if os.path.exists(os.path.join(cfg.model.base, "config.json")):
+        built = os.path.join(cfg.model.base, BUILD_FILE)
+        recipe = storage.read_json(built) if os.path.exists(built) else {}
+        wanted = tiny.model_dump()
+        have = {k: recipe.get(k) for k in wanted}
+        if recipe and have != wanted:
+            raise ValueError(f"{cfg.model.base} holds a tiny model built with {have}, the config asks for model.tiny "
+                             f"{wanted}: delete the folder or set model.base to another one")
         return
-    from mecpe.tiny import build_tiny_model
 
     ensure_data(cfg)
-    log.info("building the tiny local model at %s", cfg.model.base)
-    build_tiny_model(cfg.model.base, [cfg.data.path(cfg.data.train_file)])
+    log.info("building the tiny local model at %s (%d layers, %d pretraining steps)", cfg.model.base,
+             tiny.num_layers, tiny.pretrain_steps)
+    build_tiny_model(cfg.model.base, [cfg.data.path(cfg.data.train_file)], seed=tiny.seed, num_layers=tiny.num_layers,
+                     output_scale=tiny.output_scale, pretrain_steps=tiny.pretrain_steps)
 
 
 def step_prepare(cfg: Config) -> dict:

@@ -74,6 +74,9 @@ class StageStats:
     generated_tokens: int = 0
     forward_passes: int = 0
     seconds: float = 0.0
+    prefill_s: float = 0.0  # device time of the passes over whole prompts (scoring, decoding's first pass)
+    decode_s: float = 0.0  # device time of the one-token-per-block decoding passes after it
+    decode_steps: int = 0
 
     def add(self, other: "StageStats") -> "StageStats":
         for k, v in asdict(other).items():
@@ -438,7 +441,9 @@ def score_emotion_labels(model: Any, tokenizer: Any, builder: Any, conversations
     got: dict[tuple[int, int], list[float]] = {}
     with _inference(model) as dev:
         for batch in _batches(_segments(items, reuse_prefix, max_batch_tokens), max_batch_tokens):
+            t0 = _synced(dev)
             got.update(_score_batch(model, batch, pad, dev))
+            stats.prefill_s += _synced(dev) - t0
             stats.forward_passes += 1
             stats.computed_tokens += sum(len(p) + sum(len(b.question) for b in bl) for row in batch for p, bl in row)
             stats.generated_tokens += sum(b.width - len(b.question) for row in batch for _, bl in row for b in bl)
@@ -563,8 +568,11 @@ def _decode_batch(model: Any, batch: list[list[_Seg]], pad: int, dev, max_new_to
     m = max(map(len, slots))
     cols = torch.tensor(sorted({c for _, c in lay.ends}), device=dev)
     cache = _room_cache(model, m * max_new_tokens)
+    t0 = _synced(dev)
     logits, cache = _forward(model, lay.ids, _prefill_mask(model, lay), lay.pos, cache, cols)
     stats.forward_passes += 1
+    t1 = _synced(dev)
+    stats.prefill_s += t1 - t0
     colidx = {c: k for k, c in enumerate(cols.tolist())}
     first = {g: logits[i, colidx[c]] for g, (i, c) in enumerate(lay.ends)}
     # per-slot bookkeeping (rows x slots); -3 marks a slot that is empty or finished
@@ -633,10 +641,19 @@ def _decode_batch(model: Any, batch: list[list[_Seg]], pad: int, dev, max_new_to
         allowed[:, torch.arange(m), width - m + torch.arange(m)] = True  # itself (finished slots: only itself)
         logits, cache = _forward(model, inp.to(dev), _mask4d(model, allowed[:, None]), spos, cache, m)
         stats.forward_passes += 1
+        stats.decode_steps += 1
         spos = spos + 1
         live = [(i, j, g) for i, j, g, _ in nxt]
         last = logits[[i for i, _, _ in live], [j for _, j, _ in live]].float()
+    stats.decode_s += _synced(dev) - t1
     return {lay.blocks[g].key: toks for g, toks in gen.items()}
+
+
+def _synced(dev) -> float:
+    """A wall-clock mark after the device's queued work (a sync on CUDA; one per phase, not per step)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
 
 
 def _generate(model: Any, tokenizer: Any, items: list[tuple[tuple[int, ...], _Block]], reuse_prefix: bool,

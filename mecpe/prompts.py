@@ -124,7 +124,9 @@ class PromptBuilder:
         out = self.tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return list(out) if isinstance(text, str) else [list(x) for x in out]
 
-    def _blocks(self, conv: Any, kind: str, emotions: Mapping[int, str] | None) -> tuple[list[int], list[list[int]]]:
+    def blocks(self, conv: Any, kind: str = "emotion",
+               emotions: Mapping[int, str] | None = None) -> tuple[list[int], list[list[int]]]:
+        """(utterance ids, token ids of each utterance's block) as prompts of ``kind`` show them (memoized)."""
         shown = None if emotions is None else tuple(emotions[u.id] for u in conv.utterances)
         key = (id(conv), kind, shown)
         hit = self._cache.get(key)
@@ -193,14 +195,14 @@ class PromptBuilder:
         return regions
 
     def emotion_prompt(self, conv: Any, utt_id: int) -> PromptIds:
-        ids, blocks = self._blocks(conv, "emotion", None)
+        ids, blocks = self.blocks(conv, "emotion", None)
         return self._assemble("emotion", ids, blocks, utt_id, self._user(emotion_question(utt_id)) + self.tail)
 
     def cause_prompt(self, conv: Any, utt_id: int, emotions: Mapping[int, str]) -> PromptIds:
         missing = [u.id for u in conv.utterances if not emotions.get(u.id)]
         if missing:
             raise ValueError(f"conversation {conv.id}: no emotion for utterances {missing}")
-        ids, blocks = self._blocks(conv, "cause", emotions)
+        ids, blocks = self.blocks(conv, "cause", emotions)
         return self._assemble("cause", ids, blocks, utt_id,
                               self._user(cause_question(utt_id, emotions[utt_id])) + self.tail)
 

@@ -20,8 +20,12 @@ def file_digests(uris: Iterable[str]) -> dict[str, str]:
 
 
 def model_part(model: ModelConfig) -> dict[str, Any]:
-    """The model settings that shape outputs (not where the weights are cached, nor whether to build them)."""
-    return {k: getattr(model, k) for k in ("base", "revision", "trust_remote_code", "attn_implementation")}
+    """The model settings that shape outputs (not where the weights are cached); the tiny model's recipe when it is
+    built here."""
+    part = {k: getattr(model, k) for k in ("base", "revision", "trust_remote_code", "attn_implementation")}
+    if model.build_tiny_if_missing:
+        part["tiny"] = model.tiny.model_dump()
+    return part
 
 
 def run_id(parts: dict[str, Any], length: int = 10) -> str:

@@ -72,8 +72,11 @@ class StaticCluster:
         n = len(self.homes)
         home = self.root / f"home-{node_type}-{n}"
         home.mkdir(parents=True, exist_ok=True)
+        # Ray's token authentication (tests/conftest.py) reads the token from ~/.ray/auth_token, which the head
+        # wrote under the real HOME: the node is pointed at that file, as a cloud node gets the cluster's token.
+        token = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
         node = self.cluster.add_node(**node_args(self.types[node_type]["resources"]),
-                                     env_vars={"HOME": str(home)})
+                                     env_vars={"HOME": str(home), "RAY_AUTH_TOKEN_PATH": token})
         self.nodes[node.node_id] = (node_type, node)
         self.homes[node.node_id] = home
         return node.node_id

@@ -27,6 +27,9 @@ def test_overrides_are_typed_and_unknown_keys_fail(tmp_path):
     cfg = load_config(str(path), ["training.max_steps=7", "lora.target_modules=all-linear", "inference.num_gpus=0.5"])
     assert cfg.training.max_steps == 7 and cfg.lora.r == 8
     assert cfg.lora.target_modules == "all-linear" and cfg.inference.num_gpus == 0.5
+    # YAML turns a bare on / off into booleans: the settings that take those words still read them
+    assert load_config(None, ["training.gradient_checkpointing=off"]).training.gradient_checkpointing == "off"
+    assert load_config(None, ["training.gradient_checkpointing=on"]).training.gradient_checkpointing == "on"
     with pytest.raises(Exception, match="no_such_key"):
         load_config(str(path), ["training.no_such_key=1"])
     with pytest.raises(Exception, match="max_steps"):

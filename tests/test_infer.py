@@ -207,6 +207,10 @@ def test_end_to_end_40_conversations(baseline, gold40):
     assert sum(summary["parse_status"].get("cause", {}).values()) == n_emotional
     assert summary["this_run"]["stages"]["emotion"]["utterances"] == n_utts
     assert summary["this_run"]["stages"]["emotion"]["utt_per_s_per_actor"] > 0
+    engine = summary["this_run"]["engine"]  # the engine's own counters, summed over the batches
+    assert engine["emotion"]["prompts"] == n_utts and engine["cause"]["prompts"] == n_emotional
+    assert engine["emotion"]["prefill_s"] > 0 and engine["cause"]["decode_steps"] > 0
+    assert len(engine["load_s"]) == 2 and all(s > 0 for s in engine["load_s"])  # one per actor (two stages)
     prov = summary["provenance"]
     assert prov["base_model"] and prov["mecpe_version"] and len(prov["inputs"][0]["sha256"]) == 64
     assert json.loads((out / "summary.json").read_text())["run_id"] == summary["run_id"]

@@ -51,6 +51,22 @@ def test_cluster_yaml_matches_ray_schema():
     assert "rayproject/ray" in cluster["docker"]["image"] and "gpu" in cluster["docker"]["image"]
 
 
+def test_cluster_image_gets_the_tested_dependency_bounds():
+    """cluster.yaml installs mecpe's dependencies into the Ray image: each with the bounds pyproject.toml states."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = {re.split(r"[<>=\[]", spec, maxsplit=1)[0].lower(): spec
+              for spec in project["dependencies"] + project["optional-dependencies"]["gpu"]}
+    setup = " ".join(yaml.safe_load((REPO / "cluster.yaml").read_text())["setup_commands"])
+    installed = re.findall(r'"([^"]+)"', setup)
+    assert installed, setup
+    for spec in installed:
+        name = re.split(r"[<>=\[]", spec, maxsplit=1)[0].lower()
+        assert wanted.get(name) == spec, f"cluster.yaml installs {spec}, pyproject.toml says {wanted.get(name)}"
+
+
 def test_configs_have_launch_command_and_load():
     from mecpe.config import load_config
 

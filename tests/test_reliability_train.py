@@ -102,13 +102,20 @@ def _losses(metrics: dict) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_address, tiny, tmp_path_factory) -> list[float]:
-    """Per-step losses of the same run without any fault: what every resumed run must reproduce."""
+def uninterrupted_run(ray_address, tiny, tmp_path_factory) -> dict:
+    """The same run without any fault: its config and result."""
     out = tmp_path_factory.mktemp("uninterrupted")
     _write_splits(out / "out")
-    res = step_train(load_config(None, _overrides(tiny, str(out / "out"), str(out / "runs"))), "emotion")
+    cfg = load_config(None, _overrides(tiny, str(out / "out"), str(out / "runs")))
+    res = step_train(cfg, "emotion")
     assert res.metrics["resumed_from_step"] is None and _steps(res.metrics) == list(range(1, MAX_STEPS + 1))
-    return _losses(res.metrics)
+    return {"cfg": cfg, "res": res}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> list[float]:
+    """Per-step losses of the run without any fault: what every resumed run must reproduce."""
+    return _losses(uninterrupted_run["res"].metrics)
 
 
 def _check_finished(res, resumed_from: int, reference: list[float]) -> None:
@@ -361,3 +368,33 @@ def test_s3_outage_during_controller_snapshot(ray_address, cloud, tiny, tmp_path
     assert "NETWORK_CONNECTION" in res.restarts[0] and "checkpoint_manager_snapshot.json" in res.restarts[0]
     record_property("outcome", "run_training started the run again after the ControllerError; it finished")
     _check_outage_run(res, prefix, tmp_path, uninterrupted)
+
+
+# ============================================================================================ lost after the last step
+
+
+def _adapter_tensors(adapter_uri: str) -> dict:
+    from safetensors.torch import load
+
+    return load(storage.read_bytes(storage.join(adapter_uri, "adapter_model.safetensors")))
+
+
+@pytest.mark.reliability(
+    fault="The node lost after the run's last checkpoint, before the adapter was written (the adapter folder "
+          "removed, the job resubmitted)",
+    behaviour="The resubmitted run takes the adapter from the last step's checkpoint without training a step more: "
+              "global step max_steps, every step's loss and the adapter weights equal to the finished run's")
+def test_lost_after_last_checkpoint_trains_no_extra_step(uninterrupted_run, uninterrupted):
+    import torch
+
+    cfg, first = uninterrupted_run["cfg"], uninterrupted_run["res"]
+    weights = _adapter_tensors(first.adapter_uri)
+    storage.delete_dir(first.adapter_uri)
+    res = step_train(cfg, "emotion")
+    m = res.metrics
+    assert not res.reused and m["resumed_from_step"] == MAX_STEPS == m["global_step"] == res.global_step
+    assert m["first_logged_step"] is None  # this attempt trained nothing
+    assert _steps(m) == list(range(1, MAX_STEPS + 1)) and _losses(m) == pytest.approx(uninterrupted, rel=1e-6)
+    again = _adapter_tensors(res.adapter_uri)
+    assert again.keys() == weights.keys() and all(torch.equal(again[k], weights[k]) for k in weights)
+

@@ -10,6 +10,7 @@ the shards (``mecpe.infer.resume``). Scoring is not its job: ``mecpe.evaluate`` 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -25,7 +26,7 @@ from mecpe.infer.resume import (
 )
 from mecpe.infer.source import LIGHT_CPUS, list_inputs, read_raw
 from mecpe.infer.stages import (
-    CausePredictor, EmotionCausePredictor, EmotionPredictor, ParseStage, ShardWriter,
+    CausePredictor, EmotionCausePredictor, EmotionPredictor, ParseStage, ShardWriter, merge_engine,
 )
 
 log = logging.getLogger("mecpe.infer")
@@ -146,6 +147,7 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
 
     this_run = Counter()
     secs = {"emotion": 0.0, "cause": 0.0}
+    engine: dict = {}
     gpu_peak = 0.0
     t_pipe = last_log = time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -156,6 +158,7 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
             secs["emotion"] += row["emotion_s"]
             secs["cause"] += row["cause_s"]
             gpu_peak = max(gpu_peak, row["gpu_peak_gib"] or 0.0)
+            merge_engine(engine, json.loads(row["engine"] or "{}"))
         if time.time() - last_log >= 10:  # progress on long runs, at most one line per 10 s
             last_log = time.time()
             log.info("progress: %d conversations predicted, %d rejected, %d shards this run (%d done before), "
@@ -192,6 +195,9 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
             },
             "utt_per_s": _rate(this_run["emotion_utterances"], pipe_s),
             "gpu_peak_gib": gpu_peak,  # the largest predictor actor's peak allocated GPU memory
+            # engine counters per stage (prefill / decoding device seconds, passes, tokens) and each predictor
+            # actor's start-up (model + adapters loaded) in seconds
+            "engine": engine,
             "resources": {"num_actors": res.num_actors, "num_gpus": res.num_gpus, "num_cpus": res.num_cpus,
                           "accelerator_type": res.accelerator_type, "batch_size": res.batch_size,
                           "share_base": cfg.inference.share_base},

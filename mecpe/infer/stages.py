@@ -47,6 +47,7 @@ ROW_SCHEMA = pa.schema([
     ("emotion_s", pa.float64()),
     ("cause_s", pa.float64()),
     ("gpu_peak_gib", pa.float64()),  # peak GPU memory of the predictor actors that handled the row (0: CPU)
+    ("engine", pa.string()),  # JSON, on a batch's first row: engine counters of this batch per stage, actor load time
 ])
 SHARD_SCHEMA = pa.schema([
     ("records", pa.int64()),
@@ -56,7 +57,20 @@ SHARD_SCHEMA = pa.schema([
     ("emotion_s", pa.float64()),
     ("cause_s", pa.float64()),
     ("gpu_peak_gib", pa.float64()),
+    ("engine", pa.string()),  # JSON: the engine counters of the shard's rows, summed (merge_engine)
 ])
+
+
+def merge_engine(total: dict, part: dict | None) -> dict:
+    """Sum engine counters ({stage: {counter: n}}, "load_s": [actor load seconds]) into ``total``."""
+    for key, value in (part or {}).items():
+        if key == "load_s":
+            total.setdefault("load_s", []).extend(value)
+        else:
+            stage = total.setdefault(key, {})
+            for k, v in value.items():
+                stage[k] = stage.get(k, 0) + v
+    return total
 
 
 def uid(source: str, position: int) -> str:
@@ -114,7 +128,7 @@ class ParseStage:
         row = {"uid": uid(source, position), "key": None if conversation is None else storage.safe_key(conv_id),
                "conversation_id": _id_text(conv_id), "source": source, "location": location,
                "file_index": file_index, "position": position, "conversation": conversation, "reject": None,
-               "emotions": None, "causes": None, "emotion_s": 0.0, "cause_s": 0.0}
+               "emotions": None, "causes": None, "emotion_s": 0.0, "cause_s": 0.0, "engine": None}
         if reject is not None:
             row["reject"] = _reject(row, *reject)
         return row
@@ -173,6 +187,7 @@ class _Predictor:
         from mecpe.prompts import PromptBuilder
 
         log_to_stdout()
+        t0 = time.perf_counter()
         storage.configure(storage_settings)
         self.cfg = Config.model_validate(cfg)
         inf = self.cfg.inference
@@ -182,6 +197,7 @@ class _Predictor:
         self.model, self.tokenizer = modeling.load_for_inference(self.cfg.model, self.cfg.quantization,
                                                                  self.adapters, self.device)
         self.builder = PromptBuilder(self.tokenizer, self.cfg.prompt.max_prompt_tokens, cut_target=True)
+        self._load_s: float | None = round(time.perf_counter() - t0, 2)  # reported once, with the first batch
 
     def _free_memory(self) -> None:
         """After a failed batch (e.g. CUDA out of memory), give the cached blocks back before retrying smaller."""
@@ -264,12 +280,22 @@ class _Predictor:
                 r[f"{stage}_s"] = share[id(r)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from dataclasses import asdict
+
+        from mecpe.predict import STATS
+
         rows = batch.to_pylist()
+        before = {s: asdict(STATS[s]) for s in self.stages}
         for stage in self.stages:
             self._run_stage(stage, rows)
         peak = _gpu_peak_gib()
         for r in rows:
             r["gpu_peak_gib"] = max(r.get("gpu_peak_gib") or 0.0, peak)
+        if rows:
+            engine = {s: {k: v - before[s][k] for k, v in asdict(STATS[s]).items()} for s in self.stages}
+            if self._load_s is not None:
+                engine["load_s"], self._load_s = [self._load_s], None
+            rows[0]["engine"] = json.dumps(merge_engine(json.loads(rows[0].get("engine") or "{}"), engine))
         return _rows_table(rows, ROW_SCHEMA)
 
 
@@ -354,7 +380,9 @@ class ShardWriter:
         records, rejects = [], []
         emo_u = cau_u = 0
         emo_s = cau_s = gpu = 0.0
+        engine: dict = {}
         for row in batch.to_pylist():
+            merge_engine(engine, json.loads(row.get("engine") or "{}"))
             gpu = max(gpu, row.get("gpu_peak_gib") or 0.0)
             emo_s += row["emotion_s"] or 0.0
             cau_s += row["cause_s"] or 0.0
@@ -378,4 +406,4 @@ class ShardWriter:
             storage.write_bytes(storage.join(self.output_uri, REJECTS_DIR, name), storage.dumps_jsonl(rejects))
         return _rows_table([{"records": len(records), "rejects": len(rejects), "emotion_utterances": emo_u,
                              "cause_utterances": cau_u, "emotion_s": emo_s, "cause_s": cau_s,
-                             "gpu_peak_gib": gpu}], SHARD_SCHEMA)
+                             "gpu_peak_gib": gpu, "engine": json.dumps(engine)}], SHARD_SCHEMA)

@@ -27,6 +27,7 @@ class ThroughputCallback(TrainerCallback):
     def __init__(self, world_size: int = 1):
         self.world = world_size
         self.padded = 0
+        self._alloc = (0, 0)  # CUDA allocator: (device allocations, retries after freeing the cache) at the last log
         self._mark: tuple[int, int, float] | None = None  # (useful, padded, time) at the last log line
         self.started: float | None = None
         self.useful = 0
@@ -52,8 +53,22 @@ class ThroughputCallback(TrainerCallback):
         self._mark, self.useful = (useful, self.padded, now), useful
         logs["useful_tokens_per_s"] = round(du / max(now - t0, 1e-9), 1)
         logs["useful_token_fraction"] = round(du / dp, 4) if dp else 0.0
+        logs.update(self._allocator())
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(logs)  # the Trainer appended the line before calling on_log
+
+    def _allocator(self) -> dict:
+        """On CUDA, what the caching allocator did in the window: cudaMalloc calls and retries (a retry frees the
+        whole cache first: slow) and what it holds; steps that grow the pool are slower (host-side counters)."""
+        import torch
+
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return {}
+        st = torch.cuda.memory_stats()
+        now = (st.get("num_device_alloc", 0), st.get("num_alloc_retries", 0))
+        delta, self._alloc = (now[0] - self._alloc[0], now[1] - self._alloc[1]), now
+        return {"cuda_mallocs": delta[0], "cuda_alloc_retries": delta[1],
+                "cuda_reserved_gib": round(st.get("reserved_bytes.all.current", 0) / 2**30, 2)}
 
     def totals(self) -> dict:
         secs = time.perf_counter() - (self.started or time.perf_counter())

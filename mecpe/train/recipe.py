@@ -249,6 +249,26 @@ def _setup_resume(w: Worker, work: str) -> tuple[str | None, int | None, list]:
     return resume, step, skipped
 
 
+def _is_last_step(checkpoint: str) -> bool:
+    """The checkpoint was taken after the run's last step (the node was lost before the adapter was written)."""
+    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
+        state = json.load(fh)
+    return bool(state.get("max_steps")) and state["global_step"] >= state["max_steps"]
+
+
+def _restore_finished(trainer, checkpoint: str):
+    """Adapter weights and trainer state from a checkpoint of the last step, without training: ``trainer.train``
+    resumed from it would run one step more (global step max_steps + 1)."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    set_peft_model_state_dict(trainer.model, load_peft_weights(checkpoint, device="cpu"))
+    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
+
+
 def _out_of_memory(w: Worker, trainer, exc, stats: dict, grad_ckpt: bool) -> dict:
     """A single worker out of GPU memory: every restart would reload the base and fail on the same batch, so the
     run ends here with the fix in the message instead of Ray Train retrying it max_failures times."""
@@ -313,7 +333,10 @@ def train_loop(config: dict) -> dict:
         trainer, throughput = _setup_trainer(w, tok, model, rows, work, grad_ckpt=grad_ckpt, optim=optim)
         resume, resumed_from, skipped = _setup_resume(w, work)
         try:
-            output = trainer.train(resume_from_checkpoint=resume)
+            if resume and _is_last_step(resume):
+                output = _restore_finished(trainer, resume)
+            else:
+                output = trainer.train(resume_from_checkpoint=resume)
         except torch.OutOfMemoryError as exc:
             if w.world > 1:  # the other ranks wait in a collective: only a raise (and Ray's restart) frees them
                 raise

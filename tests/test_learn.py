@@ -1,0 +1,93 @@
+"""The pipeline learns: `jobs/configs/learn.yaml` trains both adapters on the synthetic corpus (mecpe.synth) and the
+official metric on its test set clears 0.8; the same adapters fed prompts or ids that disagree with training fall
+below 0.3, so a mismatch between training and inference cannot pass this file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PASS, MISMATCH = 0.8, 0.3
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """One run of the learn config, every path under a temporary folder (the corpus and the tiny model built there)."""
+    tmp = tmp_path_factory.mktemp("learn")
+    overrides = [f"data.data_dir={tmp}/synth", f"model.base={tmp}/tiny", f"output_dir={tmp}/out",
+                 f"storage.path={tmp}/out/runs"]
+    proc = subprocess.run([str(BIN / "mecpe"), "pipeline", "--config", str(REPO / "jobs/configs/learn.yaml"),
+                           *overrides], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from mecpe.config import load_config
+
+    cfg = load_config(str(REPO / "jobs/configs/learn.yaml"), overrides)
+    run = json.loads((tmp / "out" / "pipeline.json").read_text())
+    cfg.inference.emotion_adapter, cfg.inference.cause_adapter = run["adapters"]["emotion"], run["adapters"]["cause"]
+    return {"cfg": cfg, "stdout": proc.stdout, "metrics": json.loads((tmp / "out" / "metrics.json").read_text()),
+            "run": run}
+
+
+def test_learn_config_reaches_the_bar(learned):
+    m = learned["metrics"]
+    assert m["weighted_f1"] >= PASS, m
+    majority = m["baselines"]["majority emotion + self/previous causes"]["weighted_f1"]
+    assert m["weighted_f1"] > majority
+    summary = json.loads(Path(learned["run"]["inference_summary"]).read_text())
+    assert summary["this_run"]["stages"]["cause"]["utterances"] > 0
+    assert "cause stage: " in learned["stdout"] and "weighted_f1" in learned["stdout"]
+    assert (Path(learned["cfg"].output_dir) / "learning_curves.png").stat().st_size > 0
+    assert set(m["adapters"]) == {"emotion", "cause"}
+
+
+def _infer_and_score(cfg, *, shift_emotions: int = 0) -> float:
+    """Both stages in this process with the trained adapters (the stages' own library calls), official metric."""
+    from mecpe import data, modeling, predict, storage
+    from mecpe.evaluate import score_subtask2
+    from mecpe.prompts import PromptBuilder
+
+    gold = storage.read_json(cfg.data.path(cfg.data.test_file))
+    convs = [data.conversation_from_json(r, source="test.json", location=str(i)) for i, r in enumerate(gold)]
+    model, tok = modeling.load_for_inference(cfg.model, cfg.quantization, {"emotion": cfg.inference.emotion_adapter,
+                                                                          "cause": cfg.inference.cause_adapter}, "cpu")
+    builder = PromptBuilder(tok, cfg.prompt.max_prompt_tokens, cut_target=True)
+    model.set_adapter("emotion")
+    emo = predict.predict_emotions(model, tok, builder, convs)
+    labels = []
+    for conv, res in zip(convs, emo):
+        got = {u: r.label for u, r in res.items()}
+        labels.append({u.id: got.get(u.id - shift_emotions, "neutral") for u in conv.utterances})
+    model.set_adapter("cause")
+    causes = predict.predict_causes(model, tok, builder, convs, labels)
+    pred = []
+    for conv, lab, cau in zip(convs, labels, causes):
+        pairs = [data.Pair(u, lab[u], int(c)) for u in sorted(cau) if lab[u] != "neutral" for c in cau[u].causes]
+        pred.append(data.conversation_to_json(conv, emotions=lab, pairs=pairs))
+    return score_subtask2(pred, gold)["weighted_f1"]
+
+
+def test_in_process_inference_agrees_with_the_pipeline(learned):
+    assert _infer_and_score(learned["cfg"]) == pytest.approx(learned["metrics"]["weighted_f1"], abs=0.02)
+
+
+def test_another_prompt_template_falls_below_the_bar(learned, monkeypatch):
+    """Question and answer template of another wording. Measured 2026-11-29: this gives 0.19; the learned rule (the
+    cue word of the target line) survives milder changes: other line format 0.91, other answer format alone 0.86, no
+    chat template 0.59."""
+    from mecpe import prompts
+
+    monkeypatch.setattr(prompts, "emotion_question", lambda i: f"How does the speaker of line {i} feel? One word.")
+    monkeypatch.setattr(prompts, "emotion_target", lambda i, label: f"line {i} = {label}")
+    monkeypatch.setattr(prompts, "cause_question",
+                        lambda i, e: f"Line {i} feels {e}. Which lines made it so? List their numbers.")
+    assert _infer_and_score(learned["cfg"]) < MISMATCH
+
+
+def test_emotions_on_the_neighbouring_utterance_fall_below_the_bar(learned):
+    assert _infer_and_score(learned["cfg"], shift_emotions=1) < MISMATCH
