@@ -72,8 +72,8 @@ class StaticCluster:
         n = len(self.homes)
         home = self.root / f"home-{node_type}-{n}"
         home.mkdir(parents=True, exist_ok=True)
-        # Ray's token authentication (tests/conftest.py) reads the token from ~/.ray/auth_token, which the head
-        # wrote under the real HOME: the node is pointed at that file, as a cloud node gets the cluster's token.
+        # Ray's token authentication: without RAY_AUTH_TOKEN_PATH (tests/conftest.py sets it) a node would look for
+        # ~/.ray/auth_token under its own HOME; it is pointed at the head's token, as a cloud node gets the cluster's.
         token = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
         node = self.cluster.add_node(**node_args(self.types[node_type]["resources"]),
                                      env_vars={"HOME": str(home), "RAY_AUTH_TOKEN_PATH": token})

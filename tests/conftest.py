@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,16 @@ import pytest
 # Ray heads started by tests (tests/_ray_head.py) use token authentication, Ray's default; this process must speak it
 # to join them. Ray reads the mode once, at import, so it is set before any test module imports ray.
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# ... and the token: the suite's own, in a file every Ray process it starts inherits (RAY_AUTH_TOKEN_PATH). A head of
+# ray.cluster_utils does not create ~/.ray/auth_token on a fresh machine (its GCS then fails to start), and nodes
+# with their own HOME would not find it; the user's token is neither needed nor touched.
+if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+    _token_dir = tempfile.mkdtemp(prefix="mecpe-test-ray-token-")
+    atexit.register(shutil.rmtree, _token_dir, True)
+    _token = Path(_token_dir) / "auth_token"
+    _token.write_text(secrets.token_hex(32))  # as Ray generates its own
+    _token.chmod(0o600)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(_token)
 
 REPO = Path(__file__).resolve().parents[1]
 
