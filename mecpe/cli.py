@@ -62,10 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="build the tiny local Llama-architecture model + tokenizer")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--data", nargs="+", help="training file(s) (default: data.train_file of the defaults)")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--layers", type=int, default=4, help="decoder layers (model.tiny.num_layers)")
-    tiny.add_argument("--output-scale", type=float, default=1.0, help="model.tiny.output_scale")
-    tiny.add_argument("--pretrain-steps", type=int, default=0, help="recap pretraining steps (model.tiny.pretrain_steps)")
+    from mecpe.config import TinyModelSettings
+
+    t = TinyModelSettings()  # the defaults of model.tiny
+    tiny.add_argument("--seed", type=int, default=t.seed, help="model.tiny.seed")
+    tiny.add_argument("--layers", type=int, default=t.num_layers, help="decoder layers (model.tiny.num_layers)")
+    tiny.add_argument("--output-scale", type=float, default=t.output_scale, help="model.tiny.output_scale")
+    tiny.add_argument("--pretrain-steps", type=int, default=t.pretrain_steps,
+                      help="recap pretraining steps (model.tiny.pretrain_steps)")
     return parser
 
 

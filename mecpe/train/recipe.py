@@ -232,41 +232,31 @@ def _setup_trainer(w: Worker, tok, model, rows: dict, work: str, *, grad_ckpt: b
     return prepare_trainer(trainer), throughput
 
 
-def _setup_resume(w: Worker, work: str) -> tuple[str | None, int | None, list]:
-    """(local checkpoint folder or None, its global step, checkpoints passed over)."""
+def _setup_resume(w: Worker, work: str) -> tuple[str | None, Any, list]:
+    """(local checkpoint folder or None, its ``TrainerState`` or None, checkpoints passed over)."""
     import ray.train
+    from transformers import TrainerState
 
     from mecpe.train.checkpoints import restore_checkpoint
 
     skipped: list[dict] = []
     resume = restore_checkpoint(ray.train.get_checkpoint(), work, w.run_uri, skipped)
-    step = None
-    if resume:
-        with open(os.path.join(resume, "trainer_state.json"), encoding="utf-8") as fh:
-            step = json.load(fh).get("global_step")
-        if w.rank == 0:
-            log.info("resuming from the checkpoint of step %s", step)
-    return resume, step, skipped
+    state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json")) if resume else None
+    if state is not None and w.rank == 0:
+        log.info("resuming from the checkpoint of step %s", state.global_step)
+    return resume, state, skipped
 
 
-def _is_last_step(checkpoint: str) -> bool:
-    """The checkpoint was taken after the run's last step (the node was lost before the adapter was written)."""
-    with open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8") as fh:
-        state = json.load(fh)
-    return bool(state.get("max_steps")) and state["global_step"] >= state["max_steps"]
-
-
-def _restore_finished(trainer, checkpoint: str):
-    """Adapter weights and trainer state from a checkpoint of the last step, without training: ``trainer.train``
-    resumed from it would run one step more (global step max_steps + 1)."""
+def _restore_finished(trainer, checkpoint: str, state):
+    """Adapter weights and trainer state from a checkpoint of the run's last step (the node was lost before the
+    adapter was written), without training: ``trainer.train`` resumed from it would run one step more."""
     from peft.utils import load_peft_weights, set_peft_model_state_dict
-    from transformers import TrainerState
     from transformers.trainer_utils import TrainOutput
 
     set_peft_model_state_dict(trainer.model, load_peft_weights(checkpoint, device="cpu"))
-    trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
+    trainer.state = state
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    return TrainOutput(state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
 
 
 def _out_of_memory(w: Worker, trainer, exc, stats: dict, grad_ckpt: bool) -> dict:
@@ -331,10 +321,11 @@ def train_loop(config: dict) -> dict:
 
     with tempfile.TemporaryDirectory(prefix=f"mecpe-{w.run_name}-") as work:
         trainer, throughput = _setup_trainer(w, tok, model, rows, work, grad_ckpt=grad_ckpt, optim=optim)
-        resume, resumed_from, skipped = _setup_resume(w, work)
+        resume, state, skipped = _setup_resume(w, work)
+        resumed_from = state.global_step if state is not None else None
         try:
-            if resume and _is_last_step(resume):
-                output = _restore_finished(trainer, resume)
+            if state is not None and state.max_steps and state.global_step >= state.max_steps:
+                output = _restore_finished(trainer, resume, state)
             else:
                 output = trainer.train(resume_from_checkpoint=resume)
         except torch.OutOfMemoryError as exc:
