@@ -193,10 +193,17 @@ def _pipeline(args) -> int:
     res = run_pipeline(cfg)
     print(f"\n== {args.config}: predictions for {cfg.data.path(cfg.data.test_file)}, scored against its gold labels ==")
     _print_metrics(res["metrics"], res["summary"]["this_run"]["stages"]["cause"]["utterances"])
+    val = res.get("validation")
+    if val:
+        before = val.get("before_calibration")
+        print(f"\nvalidation split ({val['conversations']} conversations, where choices are made): weighted_f1 "
+              f"{val['metrics']['weighted_f1']:.4f}" + (f" (uncalibrated {before['weighted_f1']:.4f})" if before else ""))
+        if val.get("calibration"):
+            print("emotion bias: " + ", ".join(f"{k} {b:+.2f}" for k, b in val["calibration"]["bias"].items() if b))
     out = res["output_dir"]
     print("\noutputs:")
     for name in ("Subtask_2_pred.json", "metrics.json", "report.md", "confusion_matrix.png", "learning_curves.png",
-                 "pipeline.json", "data/", "inference/"):
+                 "pipeline.json", "data/", "inference/") + (("validation/",) if val else ()):
         print(f"  {out.rstrip('/')}/{name}")
     print(f"  emotion adapter: {res['adapters']['emotion']}\n  cause adapter:   {res['adapters']['cause']}")
     print(f"pipeline finished in {res['timings']['total']} s")

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mecpe.labels import EMOTIONS
+
 DEFAULT_DATA_DIR = "../shared/data/ecf"
 
 
@@ -122,8 +124,11 @@ class TrainingConfig(_Strict):
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description="auto = on only when GPU memory is too small to run without it")
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
-    max_batch_tokens: int | None = Field(None, description="token budget per micro-batch (examples x longest); "
-                                                           "null = per_device_batch_size examples per micro-batch")
+    max_batch_tokens: int | None = Field(None, description="token budget per micro-batch (rows x longest); "
+                                                           "null = per_device_batch_size rows per micro-batch")
+    reuse_prefix: bool = Field(False, description="pack each conversation's targets behind one copy of its prompt "
+                                                  "prefix (exact: the same loss and gradients as one example per "
+                                                  "target, ~5x fewer tokens on ECF); a row is then a conversation")
     use_liger_kernel: bool = Field(False, description="Liger's fused Triton kernels (RMSNorm, SwiGLU, RoPE, linear "
                                                       "cross-entropy; the `gpu` extra); CUDA only, ignored on CPU")
     save_steps: int = Field(50, description="checkpoint every N optimizer steps (resume point after preemption)")
@@ -173,6 +178,9 @@ class InferenceConfig(_Strict):
                                                 "per stage")
     emotion_method: Literal["score", "generate"] = Field(
         "score", description="score (pick the most likely of the seven labels) or generate (greedy + parse)")
+    emotion_bias: dict[str, float] | None = Field(
+        None, description="added to each label's answer log-probability before the choice (score method), e.g. "
+                          "{neutral: 0, joy: 0.8}; the pipeline fills it when validation.fit_emotion_bias; null = none")
     cause_input: Literal["predicted", "gold"] = Field(
         "predicted", description="emotions read by the cause stage: predicted (the method) or gold (oracle "
                                  "analysis, benchmarks)")
@@ -187,6 +195,27 @@ class InferenceConfig(_Strict):
     reuse_prefix: bool = Field(True, description="compute each conversation's prompt prefix once and share its KV "
                                                  "cache")
     lines_per_block: int = Field(256, description="JSON Lines rows per Ray Data block when reading")
+
+    @field_validator("emotion_bias")
+    @classmethod
+    def _known_labels(cls, value):
+        unknown = sorted(set(value or {}) - set(EMOTIONS))
+        if unknown:
+            raise ValueError(f"emotion_bias: unknown labels {unknown}; the labels are {list(EMOTIONS)}")
+        return value
+
+    def bias_vector(self) -> list[float] | None:
+        """``emotion_bias`` in EMOTIONS order (missing labels: 0), or None."""
+        return None if self.emotion_bias is None else [float(self.emotion_bias.get(e, 0.0)) for e in EMOTIONS]
+
+
+class ValidationConfig(_Strict):
+    score: bool = Field(False, description="run the trained system on the validation split and score it "
+                                           "(`validation/metrics.json`): what choices are made on; the test set "
+                                           "never is")
+    fit_emotion_bias: bool = Field(False, description="fit inference.emotion_bias on the validation split's label "
+                                                      "scores (maximises the official weighted_f1 with self/previous "
+                                                      "causes; implies score) and infer the test set with it")
 
 
 class Config(_Strict):
@@ -205,6 +234,7 @@ class Config(_Strict):
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
 
 def _parse_value(text: str) -> Any:

@@ -19,9 +19,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from mecpe import storage
+from mecpe.labels import EMOTIONS
 
 # The seven labels, in the official scorer's index order (neutral = 0). Every module takes them from here.
-EMOTIONS = ("neutral", "anger", "disgust", "fear", "joy", "sadness", "surprise")
 MAX_ID_CHARS = 1000
 _KNOWN_UTT_KEYS = ("utterance_ID", "text", "speaker", "emotion", "video_name")
 _DIGITS = re.compile(r"[0-9]+")

@@ -471,11 +471,13 @@ def write_report(
     parse_status: dict | None = None,
     training: dict[str, dict] | None = None,
     notes: list[str] | None = None,
+    validation: dict | None = None,
     title: str = "mecpe evaluation",
 ) -> dict[str, str]:
     """Write metrics.json, report.md, confusion_matrix.png and (given the adapters' ``training`` info: run name,
     adapter URI, log history per task) learning_curves.png into ``out_dir`` (local or s3://); return their URIs.
-    ``notes`` (e.g. the scope of a limited run) head the report and go into metrics.json."""
+    ``notes`` (e.g. the scope of a limited run) head the report and go into metrics.json; ``validation`` (the
+    pipeline's validation step: metrics on the validation split, the fitted emotion bias) gets its own section."""
     paths = {name: storage.join(out_dir, f"{name}.{ext}") for name, ext in
              (("metrics", "json"), ("report", "md"), ("confusion_matrix", "png"))}
     baselines = baselines or {}
@@ -486,6 +488,8 @@ def write_report(
         payload["baselines"] = {name: _ordered(b) for name, b in baselines.items()}
     if parse_status is not None:
         payload["parse_status"] = parse_status
+    if validation:
+        payload["validation"] = validation
     curves = None
     if training:
         payload["adapters"] = {task: {k: info.get(k) for k in ("run_name", "adapter", "global_step")}
@@ -519,6 +523,20 @@ def write_report(
                "Rows: gold, columns: predicted.", ""]
         md.append(_md_table(["gold \\ pred"] + list(EMOTIONS),
                             [[e] + list(row) for e, row in zip(EMOTIONS, metrics["emotion_confusion"])]))
+    if validation:
+        md += ["", "## Validation split (where choices are made; the test set never is)", ""]
+        runs = [(name, validation[name]) for name in ("before_calibration", "metrics") if validation.get(name)]
+        md.append(_md_table(["metric"] + [("uncalibrated" if n == "before_calibration" else "this system")
+                                          for n, _ in runs],
+                            [[k] + [m.get(k, float("nan")) for _, m in runs] for k in OFFICIAL_KEYS]))
+        cal = validation.get("calibration")
+        if cal:
+            md += ["", f"Emotion bias fitted on {cal['utterances']} validation utterances ({cal['objective']}: "
+                       f"{_fmt(cal['before'])} -> {_fmt(cal['after'])}; 2-fold by conversation "
+                       f"{_fmt(cal['two_fold']['before'])} -> {_fmt(cal['two_fold']['after'])}); utterances "
+                       f"predicted neutral {cal['predicted_neutral']['before']} -> "
+                       f"{cal['predicted_neutral']['after']} (gold {cal['predicted_neutral']['gold']}):", ""]
+            md.append(_md_table(["label", "bias"], [[e, b] for e, b in cal["bias"].items()]))
     if parse_status:
         md += ["", "## Parse status", ""]
         nested = all(isinstance(v, dict) for v in parse_status.values())

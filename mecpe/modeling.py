@@ -1,11 +1,15 @@
-"""Tokenizer and model loading (4-bit NF4, LoRA adapters), device/dtype choice, node-local caching of remote weights.
+"""Tokenizer and model loading (4-bit NF4, LoRA adapters), device/dtype choice. Where the weights come from (hub,
+folder, S3 mirror, GGUF file, packaged model) is ``mecpe.sources``.
 
 Why these choices:
 
-* The pad token is a dedicated ``<pad>``, never eos: with pad = eos the collator masks eos out of the labels and the
-  model never learns to stop (a defect of the reference system). Adding it may grow the vocabulary; ``load_model``
-  then resizes the embeddings, deterministically (new rows = mean of the old ones), so training and inference
-  processes build the same base.
+* EOS is the token that ends an assistant turn in the chat template, whatever the tokenizer file says (SmolLM2's
+  GGUF reads as ``<|im_start|>`` under transformers 5.17): training appends it to every answer, decoding stops at it.
+* The pad token is never EOS: with pad = eos the collator masks EOS out of the labels and the model never learns to
+  stop (a defect of the reference system). It is an existing safe token where the vocabulary has one (Llama-2's
+  ``<unk>``, SmolLM2's ``<|endoftext|>``); only a vocabulary without one gets a new ``<pad>``, and ``load_model``
+  then grows the embeddings deterministically (new rows = mean of the old ones), so training and inference
+  processes build the same base. Adapters never store the embeddings (``save_adapter``).
 * The 4-bit compute dtype is chosen here, once, from the device: bf16 where the GPU has it, fp16 on older GPUs
   (T4), fp32 on CPU (bitsandbytes' CPU backend). The reference misspelt this option and silently computed in fp32.
 * 4-bit on CPU: bitsandbytes has a CPU backend; ``device_map={"": "cpu"}`` loads NF4 ``Linear4bit`` layers. Its CPU
@@ -17,20 +21,13 @@ This module knows models, not data: no ECF parsing, no prompts.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import time
 from typing import Any
 
 import torch
 
-from mecpe import storage
+from mecpe import sources
+from mecpe.special_tokens import set_eos_and_pad
 from mecpe.config import LoraSettings, ModelConfig, QuantizationConfig
-
-PAD_TOKEN = "<pad>"
-_COMPLETE = ".mecpe_complete"
 
 
 # ---------------------------------------------------------------- device, dtype, quantization
@@ -78,54 +75,33 @@ def quantization_config(quant_cfg: QuantizationConfig | None, device: str):
                               bnb_4bit_compute_dtype=compute_dtype(quant_cfg, device))
 
 
-# ---------------------------------------------------------------- sources
-
-def resolve_model_source(source: str, cache_dir: str = "~/.cache/mecpe/models") -> str:
-    """A local directory (itself), a hub id (itself: ``from_pretrained`` fetches it) or a remote mirror
-    (``s3://...``): downloaded once per node into ``cache_dir/<sha256(uri)[:16]>``.
-
-    Concurrent actors on one node take a file lock; the download goes to a temp dir that is renamed into place
-    with a completion marker inside, so a crashed download is never mistaken for a complete one. The cache is keyed
-    by URI: a changed mirror needs a new URI."""
-    if source.startswith("file://"):
-        source = source[len("file://"):]
-    if "://" not in source:
-        local = os.path.expanduser(source)
-        return os.path.abspath(local) if os.path.exists(local) else source
-    from filelock import FileLock
-
-    cache = os.path.expanduser(cache_dir)
-    os.makedirs(cache, exist_ok=True)
-    target = os.path.join(cache, hashlib.sha256(source.encode()).hexdigest()[:16])
-    if os.path.exists(os.path.join(target, _COMPLETE)):
-        return target
-    with FileLock(target + ".lock"):
-        if os.path.exists(os.path.join(target, _COMPLETE)):
-            return target
-        tmp = f"{target}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier attempt
-        storage.download_dir(source, tmp)
-        with open(os.path.join(tmp, _COMPLETE), "w", encoding="utf-8") as fh:
-            json.dump({"uri": source, "time": time.time()}, fh)
-        os.replace(tmp, target)
-    return target
-
-
 # ---------------------------------------------------------------- tokenizer and model
 
 def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_code: bool = False,
                    for_inference: bool = False):
-    """``AutoTokenizer`` with a pad token distinct from eos (adds ``<pad>`` when missing or equal to eos; the
-    model's embeddings are then resized by ``load_model``). Left padding for inference (batched generation and
-    last-token scoring need it), right padding for training."""
+    """``AutoTokenizer`` with the special tokens training and inference rely on, whatever the tokenizer file (or
+    the transformers version reading it) says:
+
+    * EOS is the token that ends an assistant turn in the chat template: what training appends to every answer
+      and what decoding stops at;
+    * PAD is an existing safe token; only a vocabulary without one gets a new ``<pad>`` (``load_model`` then
+      grows the embeddings; adapters never store them). Both from ``mecpe.special_tokens.set_eos_and_pad``.
+
+    Left padding for inference (batched generation and last-token scoring need it), right padding for training."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust_remote_code)
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    set_eos_and_pad(tok, source)
     tok.padding_side = "left" if for_inference else "right"
     return tok
+
+
+def load_base_tokenizer(model_cfg: ModelConfig, *, for_inference: bool = False):
+    """The tokenizer of ``model.base`` (resolved through ``mecpe.sources``; a revision applies to hub ids only)."""
+    source = sources.resolve(model_cfg.base, model_cfg.cache_dir)
+    revision = model_cfg.revision if source == model_cfg.base else None
+    return load_tokenizer(source, revision=revision, trust_remote_code=model_cfg.trust_remote_code,
+                          for_inference=for_inference)
 
 
 def resize_embeddings(model, num_tokens: int, pad_to_multiple_of: int = 64) -> bool:
@@ -153,14 +129,14 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, 
     from transformers import AutoModelForCausalLM
 
     use_shape_agnostic_attention(device)
-    source = resolve_model_source(model_cfg.base, model_cfg.cache_dir)
+    source = sources.resolve(model_cfg.base, model_cfg.cache_dir)
     qcfg = quantization_config(quant_cfg, device)
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype(quant_cfg, device),
         "device_map": {"": device},
         "trust_remote_code": model_cfg.trust_remote_code,
     }
-    if model_cfg.revision and source == model_cfg.base:  # a hub id; mirrors and local dirs have no revisions
+    if model_cfg.revision and source == model_cfg.base:  # a hub id; mirrors, GGUFs and local dirs have no revisions
         kwargs["revision"] = model_cfg.revision
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
@@ -170,8 +146,10 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, 
     if tokenizer is not None:
         resize_embeddings(model, len(tokenizer))
         model.config.pad_token_id = tokenizer.pad_token_id
+        model.config.eos_token_id = tokenizer.eos_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
     if for_training:
         model.config.use_cache = False
         if qcfg is not None:
@@ -194,7 +172,7 @@ def load_adapter(model, adapter_uri: str, name: str, *, cache_dir: str = "~/.cac
     """Attach a saved LoRA adapter (local dir or ``s3://``) as ``name``; returns the ``PeftModel``."""
     from peft import PeftModel
 
-    path = resolve_model_source(adapter_uri, cache_dir)
+    path = sources.resolve(adapter_uri, cache_dir)
     if isinstance(model, PeftModel):
         model.load_adapter(path, adapter_name=name, is_trainable=False)
         return model
@@ -205,10 +183,7 @@ def load_for_inference(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | N
                        device: str = "cpu"):
     """One base model with every adapter attached (``model.set_adapter(name)`` switches), in eval mode, and a
     left-padding tokenizer. The first adapter is active on return."""
-    source = resolve_model_source(model_cfg.base, model_cfg.cache_dir)
-    revision = model_cfg.revision if source == model_cfg.base else None
-    tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=model_cfg.trust_remote_code,
-                               for_inference=True)
+    tokenizer = load_base_tokenizer(model_cfg, for_inference=True)
     model = load_model(model_cfg, quant_cfg, device=device, tokenizer=tokenizer)
     for name, uri in adapters.items():
         model = load_adapter(model, uri, name, cache_dir=model_cfg.cache_dir)

@@ -6,6 +6,7 @@ same thing. Every step reads and writes under ``output_dir``:
 
     <output_dir>/data/{train,val,test}.json, rejects.jsonl      prepare
     <storage.path>/<run>/adapter/                              train (one run per task)
+    <output_dir>/validation/{raw/,inference/,calibration.json,metrics.json,report.md}   validate (when asked)
     <output_dir>/inference/{records/,Subtask_2_pred.json,summary.json,...}
     <output_dir>/Subtask_2_pred.json, metrics.json, report.md, confusion_matrix.png, learning_curves.png
 """
@@ -73,18 +74,22 @@ def step_prepare(cfg: Config) -> dict:
                    val_fraction=d.val_fraction, seed=d.seed)
 
 
-def test_split(cfg: Config) -> tuple[str, str | None]:
-    """(URI of the test conversations to infer and score, a note on the scope or None). With ``data.limit_test=N``
-    the first N conversations of the prepared test split are written to ``data/test-first-N.json`` and used."""
-    full = storage.join(data_dir(cfg), "test.json")
-    n = cfg.data.limit_test
+def _limited(cfg: Config, split: str, n: int | None) -> tuple[str, str | None]:
+    """(URI of the prepared ``split``, or of its first ``n`` conversations written beside it; a note or None)."""
+    full = storage.join(data_dir(cfg), f"{split}.json")
     if n is None:
         return full, None
     convs = storage.read_json(full)
-    uri = storage.join(data_dir(cfg), f"test-first-{n}.json")
+    uri = storage.join(data_dir(cfg), f"{split}-first-{n}.json")
     storage.write_json(uri, convs[:n], indent=4)
-    return uri, (f"Scope: the first {min(n, len(convs))} of the {len(convs)} test conversations "
-                 f"(data.limit_test={n}); metrics on the whole test set will differ.")
+    return uri, (f"Scope: the first {min(n, len(convs))} of the {len(convs)} {split} conversations "
+                 f"(data.limit_{split}={n}); metrics on the whole {split} set will differ.")
+
+
+def test_split(cfg: Config) -> tuple[str, str | None]:
+    """(URI of the test conversations to infer and score, a note on the scope or None). With ``data.limit_test=N``
+    the first N conversations of the prepared test split are written to ``data/test-first-N.json`` and used."""
+    return _limited(cfg, "test", cfg.data.limit_test)
 
 
 def step_train(cfg: Config, task: str):
@@ -119,7 +124,60 @@ def adapter_training(cfg: Config) -> dict[str, dict]:
     return out
 
 
-def step_evaluate(cfg: Config, pred_uri: str | None = None, gold_uri: str | None = None) -> dict:
+def _score_inference(out: str) -> dict:
+    """Official metrics of an inference output on labelled input (its ``gold.json``), report files beside it."""
+    from mecpe.evaluate import evaluate_files, write_report
+    from mecpe.infer.resume import GOLD_FILE, PRED_FILE, SUMMARY_FILE
+
+    metrics = evaluate_files(storage.join(out, PRED_FILE), storage.join(out, GOLD_FILE))
+    write_report(metrics, out, parse_status=storage.read_json(storage.join(out, SUMMARY_FILE))["parse_status"],
+                 title="mecpe on the validation split")
+    return metrics
+
+
+def step_validate(cfg: Config) -> tuple[Config, dict | None]:
+    """The trained system on the validation split (``validation.score``), after fitting the emotion bias there
+    (``validation.fit_emotion_bias``: an uncalibrated run, ``mecpe.calibrate.fit`` on its label scores, a
+    calibrated run). Returns the config the test set is inferred with (the fitted bias in it) and what was measured
+    (None when neither is asked). Everything goes under ``<output_dir>/validation/``."""
+    from mecpe import calibrate
+    from mecpe.evaluate import OFFICIAL_KEYS
+    from mecpe.infer import run_inference
+    from mecpe.infer.resume import RECORDS_DIR, iter_shard_lines
+
+    v = cfg.validation
+    if not (v.score or v.fit_emotion_bias):
+        return cfg, None
+    val_uri, note = _limited(cfg, "val", cfg.data.limit_val)
+    out = storage.join(cfg.output_dir, "validation")
+    result: dict = {"conversations": len(storage.read_json(val_uri)), "scope": note}
+    if v.fit_emotion_bias:
+        raw_cfg = cfg.model_copy(deep=True)
+        raw_cfg.inference.emotion_bias = None
+        raw = storage.join(out, "raw")
+        run_inference(raw_cfg, val_uri, raw)
+        result["before_calibration"] = {k: _score_inference(raw)[k] for k in OFFICIAL_KEYS}
+        fitted = calibrate.fit(calibrate.utterances_from_records(iter_shard_lines(storage.join(raw, RECORDS_DIR))))
+        storage.write_json(storage.join(out, "calibration.json"), fitted, indent=2)
+        log.info("emotion bias fitted on %d validation utterances: %s (objective %.4f -> %.4f; 2-fold %.4f -> %.4f)",
+                 fitted["utterances"], {k: b for k, b in fitted["bias"].items() if b}, fitted["before"],
+                 fitted["after"], fitted["two_fold"]["before"] or 0.0, fitted["two_fold"]["after"] or 0.0)
+        cfg = cfg.model_copy(deep=True)
+        cfg.inference.emotion_bias = fitted["bias"]
+        result["calibration"] = fitted
+    run_inference(cfg, val_uri, storage.join(out, "inference"))
+    metrics = _score_inference(storage.join(out, "inference"))
+    result["metrics"] = {k: metrics[k] for k in OFFICIAL_KEYS} | {
+        k: metrics[k] for k in ("emotion_accuracy", "emotion_weighted_f1") if k in metrics}
+    storage.write_json(storage.join(out, "metrics.json"), result, indent=2)
+    log.info("validation split (%d conversations): weighted_f1 %.4f%s", result["conversations"],
+             metrics["weighted_f1"], f" (uncalibrated {result['before_calibration']['weighted_f1']:.4f})"
+             if "before_calibration" in result else "")
+    return cfg, result
+
+
+def step_evaluate(cfg: Config, pred_uri: str | None = None, gold_uri: str | None = None,
+                  validation: dict | None = None) -> dict:
     """Score the predictions; write metrics.json, report.md, confusion_matrix.png, learning_curves.png (when the
     config names trained adapters) and a copy of Subtask_2_pred.json into ``output_dir``. Returns the metrics."""
     from mecpe.evaluate import baseline_predictions, score_subtask2, write_report
@@ -138,7 +196,8 @@ def step_evaluate(cfg: Config, pred_uri: str | None = None, gold_uri: str | None
     parse_status = storage.read_json(summary_uri).get("parse_status") if storage.exists(summary_uri) else None
     metrics["baselines"] = baselines
     write_report({k: v for k, v in metrics.items() if k != "baselines"}, cfg.output_dir, baselines=baselines,
-                 parse_status=parse_status, training=adapter_training(cfg), notes=[note] if note else None)
+                 parse_status=parse_status, training=adapter_training(cfg), notes=[note] if note else None,
+                 validation=validation)
     if pred_uri != storage.join(cfg.output_dir, "Subtask_2_pred.json"):
         storage.write_bytes(storage.join(cfg.output_dir, "Subtask_2_pred.json"), storage.read_bytes(pred_uri))
     metrics["scope"] = note
@@ -165,15 +224,17 @@ def run_pipeline(cfg: Config) -> dict:
     cfg = cfg.model_copy(deep=True)
     cfg.inference.emotion_adapter = emotion.adapter_uri
     cfg.inference.cause_adapter = cause.adapter_uri
+    cfg, validation = timed("validate", step_validate, cfg)
     summary = timed("infer", step_infer, cfg)
-    metrics = timed("evaluate", step_evaluate, cfg)
+    metrics = timed("evaluate", step_evaluate, cfg, None, None, validation)
     timings["total"] = round(time.time() - t0, 1)
     adapters = {"emotion": emotion.adapter_uri, "cause": cause.adapter_uri}
     storage.write_json(storage.join(cfg.output_dir, "pipeline.json"), {
         "timings_s": timings, "adapters": adapters,
         "inference_summary": storage.join(cfg.output_dir, "inference", "summary.json"),
         "metrics": {k: metrics[k] for k in OFFICIAL}, "scope": metrics.get("scope"),
+        "validation": validation, "emotion_bias": cfg.inference.emotion_bias,
     }, indent=2)
     storage.write_bytes(storage.join(cfg.output_dir, "config.yaml"), dump_config(cfg).encode())
     return {"metrics": metrics, "summary": summary, "timings": timings, "adapters": adapters,
-            "output_dir": cfg.output_dir}
+            "output_dir": cfg.output_dir, "validation": validation}

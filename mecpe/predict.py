@@ -42,8 +42,8 @@ import torch
 from mecpe.data import EMOTIONS
 from mecpe.prompts import parse_causes, parse_emotion
 
-__all__ = ["EmotionResult", "CauseResult", "StageStats", "STATS", "predict_emotions", "predict_causes",
-           "score_emotion_labels", "cause_answer_ids", "prefix_shared_logits"]
+__all__ = ["EmotionResult", "CauseResult", "StageStats", "STATS", "predict_emotions", "pick_label",
+           "predict_causes", "score_emotion_labels", "cause_answer_ids", "prefix_shared_logits"]
 
 
 # ---------------------------------------------------------------- results and counters
@@ -53,6 +53,7 @@ class EmotionResult:
     label: str
     status: str  # "scored" | "ok" | "repaired" | "invalid" (invalid -> label "neutral")
     dropped: int  # utterances dropped from the prompt to fit max_prompt_tokens
+    scores: list[float] | None = None  # method "score": each label's answer log-probability (EMOTIONS order)
 
 
 @dataclass
@@ -697,12 +698,21 @@ def _text(tokenizer: Any, ids: Sequence[int]) -> str:
 
 # ---------------------------------------------------------------- the two stages
 
+def pick_label(scores: Sequence[float], bias: Sequence[float] | None = None) -> str:
+    """The label whose answer log-probability plus its bias (``inference.emotion_bias``; none: 0) is highest; ties go to
+    the first in ``EMOTIONS`` order."""
+    total = [s + (bias[k] if bias is not None else 0.0) for k, s in enumerate(scores)]
+    return EMOTIONS[max(range(len(total)), key=total.__getitem__)]
+
+
 def predict_emotions(model: Any, tokenizer: Any, builder: Any, conversations: Sequence[Any], *,
                      method: str = "score", max_new_tokens: int = 8, max_batch_tokens: int = 16384,
-                     reuse_prefix: bool = True, stats: StageStats | None = None) -> list[dict[int, EmotionResult]]:
+                     reuse_prefix: bool = True, bias: Sequence[float] | None = None,
+                     stats: StageStats | None = None) -> list[dict[int, EmotionResult]]:
     """Emotion of every utterance, per conversation ``{utt_id: EmotionResult}``.
 
-    ``score`` (default): best total answer log-probability over the seven labels (status "scored").
+    ``score`` (default): best total answer log-probability over the seven labels, each plus its ``bias`` (EMOTIONS
+    order; a calibration fitted on validation data, ``mecpe.calibrate``), status "scored", the raw scores kept.
     ``generate``: greedy decoding until EOS/newline, parsed by ``parse_emotion`` (unparseable -> "neutral",
     "invalid"). ``constrained_generate``: greedy decoding restricted to the seven answers (a trie), status "ok"."""
     st = StageStats()
@@ -710,10 +720,12 @@ def predict_emotions(model: Any, tokenizer: Any, builder: Any, conversations: Se
         if method == "score":
             scores = score_emotion_labels(model, tokenizer, builder, conversations, max_batch_tokens=max_batch_tokens,
                                           reuse_prefix=reuse_prefix, stats=st)
-            return [{u: EmotionResult(EMOTIONS[max(range(len(s)), key=s.__getitem__)], "scored", d)
-                     for u, (s, d) in conv.items()} for conv in scores]
+            return [{u: EmotionResult(pick_label(s, bias), "scored", d, list(s)) for u, (s, d) in conv.items()}
+                    for conv in scores]
         if method not in ("generate", "constrained_generate"):
             raise ValueError(f"unknown emotion method {method!r}")
+        if bias is not None:
+            raise ValueError(f"an emotion bias needs label scores (method 'score'), not method {method!r}")
         t0 = time.perf_counter()
         prompts = [((ci, u.id), builder.emotion_prompt(conv, u.id))
                    for ci, conv in enumerate(conversations) for u in conv.utterances]

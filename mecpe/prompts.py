@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from mecpe.data import EMOTIONS
+from mecpe.labels import EMOTIONS
 
 MARKER = "::"
 _SENTINEL = "\x00MECPE_CONTENT\x00"

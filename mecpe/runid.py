@@ -20,9 +20,12 @@ def file_digests(uris: Iterable[str]) -> dict[str, str]:
 
 
 def model_part(model: ModelConfig) -> dict[str, Any]:
-    """The model settings that shape outputs (not where the weights are cached); the tiny model's recipe when it is
-    built here."""
+    """The model settings that shape outputs (not where the weights are cached), a GGUF's content hash, and the tiny
+    model's recipe when it is built here."""
+    from mecpe.sources import weights_identity
+
     part = {k: getattr(model, k) for k in ("base", "revision", "trust_remote_code", "attn_implementation")}
+    part.update(weights_identity(model.base))  # a GGUF's content hash
     if model.build_tiny_if_missing:
         part["tiny"] = model.tiny.model_dump()
     return part

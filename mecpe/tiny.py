@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 
 from mecpe import data, prompts, storage
-from mecpe.modeling import PAD_TOKEN
+from mecpe.special_tokens import PAD_TOKEN
 
 log = logging.getLogger("mecpe.tiny")
 BUILD_FILE = "mecpe_tiny.json"  # how the model was built (sizes, seed, pretraining figures), next to config.json

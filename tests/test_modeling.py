@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from mecpe import modeling
+from mecpe import modeling, sources
 from mecpe.config import LoraSettings, ModelConfig, QuantizationConfig
 from mecpe.data import EMOTIONS
 from mecpe.prompts import PromptBuilder
@@ -58,14 +58,6 @@ def test_tiny_tokenizer(tiny):
     for label in EMOTIONS:
         assert len(tok(" " + label, add_special_tokens=False)["input_ids"]) == 1, label
     assert modeling.load_tokenizer(tiny, for_inference=True).padding_side == "left"
-
-
-def test_load_tokenizer_adds_pad_when_pad_is_eos(tiny, tmp_path):
-    tok = modeling.load_tokenizer(tiny)
-    tok.pad_token = tok.eos_token
-    tok.save_pretrained(tmp_path)
-    fixed = modeling.load_tokenizer(str(tmp_path))
-    assert fixed.pad_token == modeling.PAD_TOKEN and fixed.pad_token_id != fixed.eos_token_id
 
 
 def _generate(model, tok, n=4):
@@ -148,13 +140,13 @@ def test_load_for_inference_two_adapters(mcfg, tmp_path):
     assert not torch.allclose(a, b) and not torch.allclose(a, c)
 
 
-def test_resolve_model_source(tiny, tmp_path, monkeypatch, s3_server):
+def test_resolve_sources(tiny, tmp_path, monkeypatch, s3_server):
     """Local folders and hub ids pass through; an s3:// mirror (real S3 server) is fetched once per node even when
     several actors ask at once (the real download, counted by a spy)."""
     from mecpe import storage
 
-    assert modeling.resolve_model_source(tiny, str(tmp_path)) == os.path.abspath(tiny)
-    assert modeling.resolve_model_source("meta-llama/Llama-2-13b-chat-hf", str(tmp_path)) == \
+    assert sources.resolve(tiny, str(tmp_path)) == os.path.abspath(tiny)
+    assert sources.resolve("meta-llama/Llama-2-13b-chat-hf", str(tmp_path)) == \
         "meta-llama/Llama-2-13b-chat-hf"
     mirror = f"s3://{s3_server['bucket']}/models/tiny-{time.time_ns()}"
     storage.upload_dir(tiny, mirror)
@@ -169,7 +161,7 @@ def test_resolve_model_source(tiny, tmp_path, monkeypatch, s3_server):
     monkeypatch.setattr(storage, "download_dir", counted)
     results = []
     threads = [threading.Thread(target=lambda: results.append(
-        modeling.resolve_model_source(mirror, str(tmp_path / "cache")))) for _ in range(4)]
+        sources.resolve(mirror, str(tmp_path / "cache")))) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
@@ -177,7 +169,7 @@ def test_resolve_model_source(tiny, tmp_path, monkeypatch, s3_server):
     assert calls == [mirror] and len(set(results)) == 1 and len(results) == 4
     assert filecmp.cmp(os.path.join(results[0], "model.safetensors"), os.path.join(tiny, "model.safetensors"),
                        shallow=False)
-    assert modeling.resolve_model_source(mirror, str(tmp_path / "cache")) == results[0]
+    assert sources.resolve(mirror, str(tmp_path / "cache")) == results[0]
     assert len(calls) == 1
 
 

@@ -75,8 +75,9 @@ def run_identity(cfg: Config, files: list[str], shas: dict[str, str]) -> dict:
         "model": runid.model_part(cfg.model),
         "quantization": cfg.quantization.model_dump(mode="json"),
         "prompt": cfg.prompt.model_dump(mode="json"),
-        "inference": {"emotion_method": inf.emotion_method, "cause_input": inf.cause_input,
-                      "max_new_tokens": inf.max_new_tokens, "reuse_prefix": inf.reuse_prefix},
+        "inference": {"emotion_method": inf.emotion_method, "emotion_bias": inf.emotion_bias,
+                      "cause_input": inf.cause_input, "max_new_tokens": inf.max_new_tokens,
+                      "reuse_prefix": inf.reuse_prefix},
         "adapters": {"emotion": _adapter_info(inf.emotion_adapter), "cause": _adapter_info(inf.cause_adapter)},
         "inputs": [{"uri": f, "sha256": shas[f]} for f in files],
     }
@@ -218,7 +219,8 @@ def assemble(output_uri: str) -> Assembly:
                 if g is None:
                     golds = None
                 elif golds is not None:
-                    utts = [{**{k: v for k, v in u.items() if k not in ("parse_status", "dropped_utterances")},
+                    utts = [{**{k: v for k, v in u.items()
+                                if k not in ("parse_status", "dropped_utterances", "label_scores")},
                              "emotion": g["emotions"].get(str(u["utterance_ID"]))} for u in rec["conversation"]]
                     golds.append({"conversation_ID": rec["conversation_ID"], "conversation": utts,
                                   "emotion-cause_pairs": g["emotion-cause_pairs"]})

@@ -225,7 +225,7 @@ class _Predictor:
             if stage == "emotion":
                 return predict.predict_emotions(self.model, self.tokenizer, self.builder, convs,
                                                 method=inf.emotion_method, max_batch_tokens=inf.max_batch_tokens,
-                                                reuse_prefix=inf.reuse_prefix)
+                                                reuse_prefix=inf.reuse_prefix, bias=inf.bias_vector())
             emotions = [self._cause_emotions(c, r) for c, r in zip(convs, rows)]
             return predict.predict_causes(self.model, self.tokenizer, self.builder, convs, emotions,
                                           max_new_tokens=inf.max_new_tokens, max_batch_tokens=inf.max_batch_tokens,
@@ -242,7 +242,8 @@ class _Predictor:
 
     def _encode(self, stage: str, result: dict, conv, row: dict) -> str:
         if stage == "emotion":
-            return json.dumps({str(u): {"label": r.label, "status": r.status, "dropped": int(r.dropped)}
+            return json.dumps({str(u): {"label": r.label, "status": r.status, "dropped": int(r.dropped),
+                                        "scores": None if r.scores is None else [round(x, 4) for x in r.scores]}
                                for u, r in sorted(result.items())})
         read = self._cause_emotions(conv, row)  # the pair's emotion is the one the cause model was shown
         return json.dumps({str(u): {"emotion": read[u], "causes": [int(c) for c in r.causes], "status": r.status,
@@ -331,7 +332,8 @@ class EmotionCausePredictor(_Predictor):
 
 def build_record(row: dict) -> dict:
     """Output record of a predicted row: the conversation in input schema with predicted ``emotion`` per
-    utterance, official ``emotion-cause_pairs``, per-utterance ``parse_status`` / ``dropped_utterances``, and
+    utterance, official ``emotion-cause_pairs``, per-utterance ``parse_status`` / ``dropped_utterances`` (and
+    ``label_scores``, each label's answer log-probability, with the score method), and
     bookkeeping under ``_mecpe`` (uid, key, source, location, order, gold labels when present)."""
     conv = data.conversation_from_json(json.loads(row["conversation"]), source=row["source"],
                                        location=row["location"])
@@ -344,6 +346,8 @@ def build_record(row: dict) -> dict:
     rec = data.conversation_to_json(conv, emotions=labels, pairs=pairs)
     for utt in rec["conversation"]:
         u = int(utt["utterance_ID"])
+        if u in emo and emo[u].get("scores") is not None:  # what mecpe.calibrate fits a bias on
+            utt["label_scores"] = emo[u]["scores"]
         status = {"emotion": emo[u]["status"]} if u in emo else {}
         dropped = {"emotion": emo[u]["dropped"]} if u in emo else {}
         if u in cau:

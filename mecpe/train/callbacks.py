@@ -18,41 +18,56 @@ log = logging.getLogger(__name__)
 class ThroughputCallback(TrainerCallback):
     """Adds ``useful_tokens_per_s`` (non-pad tokens per wall second over the logging window, all ranks together) and
     ``useful_token_fraction`` (their share of the padded batches) to every training log line, so the job log,
-    TensorBoard and ``log_history`` carry them.
+    TensorBoard and ``log_history`` carry them; with packed rows (``training.reuse_prefix``) also
+    ``example_tokens_per_s``, the tokens one row per example would have fed in that time (what the sharing saves).
 
-    Useful tokens are trl's own count (``num_tokens``, the attention-mask sum gathered over ranks); padded tokens are
-    the shapes of the batches this rank fed the model (a forward pre-hook reading ``input_ids.shape``: host-side, no
-    device sync), times the world size."""
+    Counted by a forward pre-hook on this rank's batches (``input_ids`` that are not the pad token; padding is a token
+    no prompt contains), kept on the device until a log line reads them, times the world size."""
 
     def __init__(self, world_size: int = 1):
         self.world = world_size
         self.padded = 0
+        self.pad_id: int | None = None
+        self.collator = None  # a PackedCollator: its example_tokens count
+        self._useful = None  # device tensor: non-pad tokens fed so far (this rank)
         self._alloc = (0, 0)  # CUDA allocator: (device allocations, retries after freeing the cache) at the last log
-        self._mark: tuple[int, int, float] | None = None  # (useful, padded, time) at the last log line
+        self._mark: tuple[int, int, int, float] | None = None  # (useful, padded, example, time) at the last log line
         self.started: float | None = None
         self.useful = 0
 
-    def attach(self, model) -> None:
+    def attach(self, model, pad_token_id: int, collator=None) -> None:
+        self.pad_id, self.collator = pad_token_id, collator
         model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
         ids = kwargs.get("input_ids")
         if module.training and ids is not None:
             self.padded += ids.numel() * self.world
+            n = (ids != self.pad_id).sum()
+            self._useful = n if self._useful is None else self._useful + n
+
+    def _examples(self) -> int:
+        return getattr(self.collator, "example_tokens", 0) * self.world
+
+    def _read(self) -> int:
+        return int(self._useful.item()) * self.world if self._useful is not None else 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
-        self._mark = (0, self.padded, self.started)
+        self._mark = (self._read(), self.padded, self._examples(), self.started)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is None or "loss" not in logs or "num_tokens" not in logs or self._mark is None:
+        if logs is None or "loss" not in logs or self._mark is None:
             return
-        useful, now = int(logs["num_tokens"]), time.perf_counter()
-        u0, p0, t0 = self._mark
-        du, dp = useful - u0, self.padded - p0
-        self._mark, self.useful = (useful, self.padded, now), useful
-        logs["useful_tokens_per_s"] = round(du / max(now - t0, 1e-9), 1)
+        useful, examples, now = self._read(), self._examples(), time.perf_counter()
+        u0, p0, e0, t0 = self._mark
+        du, dp, dt = useful - u0, self.padded - p0, max(now - t0, 1e-9)
+        self._mark, self.useful = (useful, self.padded, examples, now), useful
+        logs["useful_tokens_per_s"] = round(du / dt, 1)
         logs["useful_token_fraction"] = round(du / dp, 4) if dp else 0.0
+        if self.collator is not None:
+            logs["example_tokens_per_s"] = round((examples - e0) / dt, 1)
+            logs["num_tokens"] = useful  # trl sums the attention mask, which is 4D (columns x columns) here
         logs.update(self._allocator())
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(logs)  # the Trainer appended the line before calling on_log
@@ -71,10 +86,14 @@ class ThroughputCallback(TrainerCallback):
                 "cuda_reserved_gib": round(st.get("reserved_bytes.all.current", 0) / 2**30, 2)}
 
     def totals(self) -> dict:
-        secs = time.perf_counter() - (self.started or time.perf_counter())
-        return {"useful_tokens": self.useful, "padded_tokens": self.padded,
-                "useful_tokens_per_s": round(self.useful / max(secs, 1e-9), 1),
-                "useful_token_fraction": round(self.useful / self.padded, 4) if self.padded else 0.0}
+        secs = max(time.perf_counter() - (self.started or time.perf_counter()), 1e-9)
+        self.useful = self._read()
+        out = {"useful_tokens": self.useful, "padded_tokens": self.padded,
+               "useful_tokens_per_s": round(self.useful / secs, 1),
+               "useful_token_fraction": round(self.useful / self.padded, 4) if self.padded else 0.0}
+        if self.collator is not None:
+            out.update(example_tokens=self._examples(), example_tokens_per_s=round(self._examples() / secs, 1))
+        return out
 
 
 class LogLineCallback(TrainerCallback):

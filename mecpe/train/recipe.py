@@ -22,7 +22,8 @@ from mecpe import modeling, storage
 from mecpe.config import Config, dump_config
 from mecpe.prompts import PromptBuilder
 from mecpe.train.examples import (
-    TokenBudgetBatchSampler, build_examples, normalize_predictions, read_split, shown_emotions,
+    PackedCollator, TokenBudgetBatchSampler, build_examples, build_packed_rows, normalize_predictions, read_split,
+    shown_emotions,
 )
 
 META_FILE = "mecpe_train.json"
@@ -66,9 +67,7 @@ def _setup_worker(config: dict) -> Worker:
 
 
 def _setup_tokenizer(cfg: Config):
-    source = modeling.resolve_model_source(cfg.model.base, cfg.model.cache_dir)
-    revision = cfg.model.revision if source == cfg.model.base else None
-    tok = modeling.load_tokenizer(source, revision=revision, trust_remote_code=cfg.model.trust_remote_code)
+    tok = modeling.load_base_tokenizer(cfg.model)
     return tok, PromptBuilder(tok, cfg.prompt.max_prompt_tokens)
 
 
@@ -83,16 +82,19 @@ def _setup_examples(w: Worker, config: dict, builder: PromptBuilder) -> tuple[di
 
     splits = {"train": read_split(config["train_uri"], cfg.data.limit_train),
               "val": read_split(config.get("val_uri"), cfg.data.limit_val)}
+    build = build_packed_rows if tcfg.reuse_prefix else build_examples
     rows, stats = {}, {}
     for name, convs in splits.items():
-        rows[name], stats[name] = build_examples(w.task, convs, builder, emotions_of=emotions_of,
-                                                 max_answer_tokens=cfg.prompt.max_answer_tokens)
+        rows[name], stats[name] = build(w.task, convs, builder, emotions_of=emotions_of,
+                                        max_answer_tokens=cfg.prompt.max_answer_tokens)
         if w.rank == 0:
             s = stats[name]
             log.info("%s/%s: %d examples from %d conversations, %d prompts shortened (%d utterances dropped), %d "
-                     "over the %d-token budget (kept, not cut)%s", w.task, name, s["examples"], s["conversations"],
-                     s["shortened_prompts"], s["dropped_utterances"], s["over_budget"], s["token_budget"],
-                     f": {s['over_budget_ids'][:20]}" if s["over_budget"] else "")
+                     "over the %d-token budget (kept, not cut)%s; %d tokens%s", w.task, name, s["examples"],
+                     s["conversations"], s["shortened_prompts"], s["dropped_utterances"], s["over_budget"],
+                     s["token_budget"], f": {s['over_budget_ids'][:20]}" if s["over_budget"] else "",
+                     s["computed_tokens"], f" in {s['rows']} rows (one per example: {s['example_tokens']})"
+                     if "rows" in s else "")
     if not rows["train"]:
         raise ValueError(f"no {w.task} training examples in {config['train_uri']}")
     return rows, stats
@@ -212,6 +214,10 @@ def _setup_trainer(w: Worker, tok, model, rows: dict, work: str, *, grad_ckpt: b
         raise ValueError("the tokenizer's pad token must exist and differ from eos")
     out_dir = os.path.join(work, "hf")
     args = _sft_config(w, out_dir, grad_ckpt=grad_ckpt, optim=optim, has_val=bool(rows["val"]))
+    collator = None
+    if w.cfg.training.reuse_prefix:
+        impl = getattr(model.config, "_attn_implementation", None) or "eager"
+        collator = PackedCollator(tok.pad_token_id, impl)
     throughput = ThroughputCallback(w.world)
     callbacks = [throughput, LogLineCallback(),
                  TensorBoardSyncCallback(os.path.join(out_dir, "runs"), storage.join(w.run_uri, "tensorboard"), w.rank),
@@ -220,10 +226,11 @@ def _setup_trainer(w: Worker, tok, model, rows: dict, work: str, *, grad_ckpt: b
                  RayTrainReportCallback()]
     trainer = _trainer_class(w.cfg.training.max_batch_tokens)(
         model=model, args=args, processing_class=tok, peft_config=modeling.get_peft_config(w.cfg.lora),
+        data_collator=collator,
         train_dataset=Dataset.from_list(rows["train"]),
         eval_dataset=Dataset.from_list(rows["val"]) if rows["val"] else None, callbacks=callbacks)
     _adapter_to_fp32_unless_bf16(trainer.model, modeling.compute_dtype(w.cfg.quantization, w.device))
-    throughput.attach(trainer.model)
+    throughput.attach(trainer.model, tok.pad_token_id, collator)
     # ours first: the throughput fields must be in the logs before TensorBoard and the log line see them
     handler = trainer.callback_handler
     handler.callbacks.sort(key=lambda cb: not isinstance(cb, (ThroughputCallback, LogLineCallback)))
@@ -279,7 +286,10 @@ def _jsonable(obj: Any) -> Any:
 
 def _save_adapter(w: Worker, trainer, tok, config: dict, metrics: dict, local: str) -> None:
     """LoRA adapter + tokenizer + resolved config + mecpe_train.json -> ``<run>/adapter/``; the marker goes last."""
-    trainer.model.save_pretrained(local)
+    # LoRA weights only: the base's embeddings never change (LoRA does not train them; a pad token added to a
+    # vocabulary without a safe one is re-created identically at load, mecpe.modeling.resize_embeddings), and peft
+    # would otherwise store the whole matrix with every adapter once the vocabulary grew (32,001 x 5,120 for Llama-2).
+    trainer.model.save_pretrained(local, save_embedding_layers=False)
     tok.save_pretrained(local)
     with open(os.path.join(local, "config.yaml"), "w", encoding="utf-8") as fh:
         fh.write(dump_config(w.cfg))

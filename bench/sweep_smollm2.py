@@ -1,0 +1,224 @@
+"""The real-model runs: ``mecpe pipeline`` with SmolLM2-135M-Instruct on real ECF (``jobs/configs/ecf-smollm2.yaml``),
+one run per (variant, training seed), several at once on one GPU, then one table.
+
+Every run is the real job, a subprocess ``python -m mecpe.cli pipeline --config CONFIG <variant overrides>
+training.seed=S output_dir=... storage.path=...`` with its own local Ray, so runs share nothing but the GPU and the
+node's converted-model cache. Choices are made on the validation split only: the table's ``val`` columns come from the
+pipeline's validation step (``validation.score``; ``val raw`` is before the emotion bias is fitted, where it is), and
+``--select`` picks the variant with the best mean validation weighted_f1 over its seeds. The test columns are
+reported, never used to choose.
+
+    python bench/sweep_smollm2.py --variants base,lr2e-3 --seeds 0 --parallel 4 --work /tmp/sweep --results $OUT \\
+        --select /tmp/sweep/selected.json
+    python bench/sweep_smollm2.py --variants @/tmp/sweep/selected.json --seeds 0,1 ...     # the chosen one, 2 seeds
+    python bench/sweep_smollm2.py --from-json bench/results/DATE/sweep.json              # reprint a saved table
+
+Writes ``sweep.json`` (every figure, the commands), ``sweep.md`` (the table) and ``runs.tar.gz`` (per run: log,
+config, pipeline.json, metrics.json, report.md, validation metrics and calibration, inference summary, the adapters'
+mecpe_train.json) into ``--results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "jobs/configs/ecf-smollm2.yaml"
+
+# Overrides on top of the config, one lever each (bench/RESULTS.md has a row per variant).
+VARIANTS: dict[str, list[str]] = {
+    "base": [],
+    "lr2e-3": ["training.learning_rate=0.002"],
+    "lr5e-4": ["training.learning_rate=0.0005"],
+    "ep3": ["training.epochs=3"],
+    "ep4": ["training.epochs=4"],
+    "bf16": ["quantization.mode=none"],
+    "noised": ["training.cause_emotions=noised", "training.cause_noise_rate=0.2"],
+    "budget16k": ["training.max_batch_tokens=16384"],
+    "r16-qkvo": ["lora.r=16", "lora.alpha=32", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
+    "no-calibration": ["validation.fit_emotion_bias=false"],
+    # the reference system's recipe (docs: reference-system.md): r16/alpha16 q,k,v,o, dropout 0.1, 1 epoch, lr 1e-3,
+    # 16 examples a step (as one micro-batch: the same token-weighted loss as its 4 x 4), one example per target, no
+    # emotion bias
+    "reference": ["lora.r=16", "lora.alpha=16", "lora.dropout=0.1", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",
+                  "training.epochs=1", "training.learning_rate=0.001", "training.reuse_prefix=false",
+                  "training.max_batch_tokens=null", "training.per_device_batch_size=16", "training.grad_accum=1",
+                  "training.warmup_ratio=0.03", "validation.fit_emotion_bias=false"],
+}
+OFFICIAL = ("precision_pair", "recall_pair", "f1_pair", "weighted_precision", "weighted_recall", "weighted_f1")
+
+
+def _variants(spec: str) -> dict[str, list[str]]:
+    """``a,b``: variants by name; ``@FILE``: the one a --select file names; ``@FILE+c``: it with c's overrides."""
+    out: dict[str, list[str]] = {}
+    for item in spec.split(","):
+        if item.startswith("@"):  # a selection file written by --select
+            path, _, extra = item[1:].partition("+")
+            sel = json.loads(Path(path).read_text())
+            name = sel["variant"] + (f"+{extra}" if extra else "")
+            out[name] = sel["overrides"] + (VARIANTS[extra] if extra else [])
+        else:
+            out[item] = VARIANTS[item]
+    return out
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_one(name: str, overrides: list[str], seed: int, args) -> dict:
+    out = Path(args.work) / f"{name}-s{seed}"
+    cmd = [sys.executable, "-m", "mecpe.cli", "pipeline", "--config", args.config, *overrides, *args.extra,
+           f"training.seed={seed}", f"output_dir={out}", f"storage.path={out}/runs", f"model.cache_dir={args.cache}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    t0 = time.time()
+    left = args.deadline - t0
+    rec = {"variant": name, "seed": seed, "overrides": overrides, "command": " ".join(cmd), "out": str(out)}
+    if left < 60:
+        return {**rec, "status": f"skipped: {left:.0f} s left"}
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "run.log", "wb") as log:
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=left).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    rec.update(status="ok" if rc == 0 else f"failed ({rc})", wall_s=round(time.time() - t0, 1))
+    pipe = _read(out / "pipeline.json") or {}
+    metrics = _read(out / "metrics.json") or {}
+    val = pipe.get("validation") or {}
+    rec.update(
+        test={k: metrics.get(k) for k in OFFICIAL} | {k: metrics.get(k) for k in ("emotion_accuracy",
+                                                                                  "emotion_weighted_f1")},
+        val=val.get("metrics"), val_raw=val.get("before_calibration"),
+        calibration=val.get("calibration"), timings=pipe.get("timings_s"),
+        baselines={n: b.get("weighted_f1") for n, b in (metrics.get("baselines") or {}).items()},
+        predicted_neutral=_neutral(out / "Subtask_2_pred.json"),
+        training={task: _training(Path(uri) / "mecpe_train.json") for task, uri in (pipe.get("adapters") or {}).items()})
+    return rec
+
+
+def _neutral(pred: Path) -> int | None:
+    data = _read(pred)
+    return None if data is None else sum(u.get("emotion") == "neutral" for c in data for u in c["conversation"])
+
+
+def _training(meta_path: Path) -> dict | None:
+    meta = _read(meta_path)
+    if meta is None:
+        return None
+    m = meta.get("metrics", {})
+    return {"global_step": meta.get("global_step"), "train_loss": m.get("train_loss"), "eval_loss": m.get("eval_loss"),
+            "train_runtime": m.get("train_runtime"), "throughput": m.get("throughput"),
+            "examples": {k: (m.get("examples") or {}).get("train", {}).get(k)
+                         for k in ("examples", "rows", "computed_tokens", "example_tokens")}}
+
+
+def pack(runs: list[dict], dest: Path) -> None:
+    """Small files of every run into one archive (the adapters and shards stay behind)."""
+    names = ("run.log", "config.yaml", "pipeline.json", "metrics.json", "report.md", "validation/metrics.json",
+             "validation/calibration.json", "validation/inference/report.md", "inference/summary.json")
+    with tarfile.open(dest, "w:gz") as tar:
+        for r in runs:
+            out = Path(r["out"])
+            for n in names:
+                if (out / n).exists():
+                    tar.add(out / n, arcname=f"{out.name}/{n}")
+            for task, uri in ((_read(out / "pipeline.json") or {}).get("adapters") or {}).items():
+                meta = Path(uri) / "mecpe_train.json"
+                if meta.exists():
+                    tar.add(meta, arcname=f"{out.name}/{task}_mecpe_train.json")
+
+
+def _f(x, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def table(runs: list[dict]) -> str:
+    rows = ["| variant | seed | status | val wF1 (raw) | val wF1 | test wF1 | test P | test R | emotion acc | "
+            "pred. neutral | train s (emo/cause) | total s |", "|" + "---|" * 12]
+    for r in runs:
+        t, v, raw, tm = r.get("test") or {}, r.get("val") or {}, r.get("val_raw") or {}, r.get("timings") or {}
+        rows.append(f"| {r['variant']} | {r['seed']} | {r['status']} | {_f(raw.get('weighted_f1'))} | "
+                    f"{_f(v.get('weighted_f1'))} | {_f(t.get('weighted_f1'))} | {_f(t.get('weighted_precision'))} | "
+                    f"{_f(t.get('weighted_recall'))} | {_f(t.get('emotion_accuracy'))} | "
+                    f"{_f(r.get('predicted_neutral'))} | {_f(tm.get('train-emotion'), 0)}/{_f(tm.get('train-cause'), 0)}"
+                    f" | {_f(tm.get('total'), 0)} |")
+    return "\n".join(rows)
+
+
+def select(runs: list[dict], variants: dict[str, list[str]]) -> dict | None:
+    """The variant with the best mean validation weighted_f1 over its finished seeds (never the test set)."""
+    by: dict[str, list[float]] = {}
+    for r in runs:
+        if r["status"] == "ok" and (r.get("val") or {}).get("weighted_f1") is not None:
+            by.setdefault(r["variant"], []).append(r["val"]["weighted_f1"])
+    if not by:
+        return None
+    best = max(by, key=lambda k: sum(by[k]) / len(by[k]))
+    return {"variant": best, "overrides": variants[best], "val_weighted_f1": by[best],
+            "candidates": {k: sum(v) / len(v) for k, v in by.items()}, "criterion": "mean validation weighted_f1"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=CONFIG)
+    ap.add_argument("--variants", default="base")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--parallel", type=int, default=2)
+    ap.add_argument("--work", default="/tmp/mecpe-sweep")
+    ap.add_argument("--results", default=os.environ.get("OUT", "/tmp/mecpe-sweep-results"))
+    ap.add_argument("--cache", default="/tmp/mecpe-models", help="model.cache_dir of every run (converted GGUF)")
+    ap.add_argument("--deadline", type=float, default=540, help="seconds from now after which no run is started or kept")
+    ap.add_argument("--select", help="write the chosen variant (best mean validation weighted_f1) here")
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (after the variant's)")
+    ap.add_argument("--from-json", help="reprint the table of a saved sweep.json")
+    args = ap.parse_args()
+    if args.from_json:
+        print(table(json.loads(Path(args.from_json).read_text())["runs"]))
+        return 0
+    args.deadline += time.time()
+    variants = _variants(args.variants)
+    jobs = [(n, o, int(s)) for n, o in variants.items() for s in args.seeds.split(",")]
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with ThreadPoolExecutor(args.parallel) as pool:
+        runs = list(pool.map(lambda j: run_one(*j, args), jobs))
+    chosen = select(runs, variants)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip())
+    payload = {"started": started, "config": args.config, "parallel": args.parallel, "commit": commit.strip(),
+               "dirty": dirty, "gpu": _gpu(), "runs": runs, "selected": chosen}
+    (results / "sweep.json").write_text(json.dumps(payload, indent=2))
+    md = table(runs)
+    (results / "sweep.md").write_text(md + "\n")
+    pack(runs, results / "runs.tar.gz")
+    if args.select and chosen:
+        Path(args.select).write_text(json.dumps(chosen, indent=2))
+    print(md)
+    print(f"selected (validation only): {json.dumps(chosen)}")
+    return 0 if all(r["status"] == "ok" for r in runs) else 1
+
+
+def _gpu() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

