@@ -36,6 +36,7 @@ CONFIG = "jobs/configs/ecf-smollm2.yaml"
 # Overrides on top of the config, one lever each (bench/RESULTS.md has a row per variant).
 VARIANTS: dict[str, list[str]] = {
     "base": [],
+    "config": [],  # the config as committed
     "lr2e-3": ["training.learning_rate=0.002"],
     "lr5e-4": ["training.learning_rate=0.0005"],
     "ep3": ["training.epochs=3"],
