@@ -11,7 +11,8 @@ reported, never used to choose.
     python bench/sweep_smollm2.py --variants base,lr2e-3 --seeds 0 --parallel 4 --work /tmp/sweep --results $OUT \\
         --select /tmp/sweep/selected.json
     python bench/sweep_smollm2.py --variants @/tmp/sweep/selected.json --seeds 0,1 ...     # the chosen one, 2 seeds
-    python bench/sweep_smollm2.py --from-json bench/results/DATE/sweep.json              # reprint a saved table
+    python bench/sweep_smollm2.py --from-json bench/results/DATE/sweep.json    # reprint a saved table (+ the logged
+                                                                                 # validation losses of runs.tar.gz)
 
 Writes ``sweep.json`` (every figure, the commands), ``sweep.md`` (the table) and ``runs.tar.gz`` (per run: log,
 config, pipeline.json, metrics.json, report.md, validation metrics and calibration, inference summary, the adapters'
@@ -126,7 +127,8 @@ def _training(meta_path: Path) -> dict | None:
 
 
 def pack(runs: list[dict], dest: Path) -> None:
-    """Small files of every run into one archive (the adapters and shards stay behind)."""
+    """Small files of every run into one archive, with the inference shards of the validation and test runs (per
+    utterance label scores and predictions: calibration and error analysis need no GPU); the adapters stay behind."""
     names = ("run.log", "config.yaml", "pipeline.json", "metrics.json", "report.md", "validation/metrics.json",
              "validation/calibration.json", "validation/inference/report.md", "inference/summary.json")
     with tarfile.open(dest, "w:gz") as tar:
@@ -135,6 +137,8 @@ def pack(runs: list[dict], dest: Path) -> None:
             for n in names:
                 if (out / n).exists():
                     tar.add(out / n, arcname=f"{out.name}/{n}")
+            for shard in sorted(out.glob("validation/*/records/*.jsonl")) + sorted(out.glob("inference/records/*.jsonl")):
+                tar.add(shard, arcname=f"{out.name}/{shard.relative_to(out)}")
             for task, uri in ((_read(out / "pipeline.json") or {}).get("adapters") or {}).items():
                 meta = Path(uri) / "mecpe_train.json"
                 if meta.exists():
@@ -155,6 +159,35 @@ def table(runs: list[dict]) -> str:
                     f"{_f(t.get('weighted_recall'))} | {_f(t.get('emotion_accuracy'))} | "
                     f"{_f(r.get('predicted_neutral'))} | {_f(tm.get('train-emotion'), 0)}/{_f(tm.get('train-cause'), 0)}"
                     f" | {_f(tm.get('total'), 0)} |")
+    return "\n".join(rows)
+
+
+def eval_losses(archive: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Per run of ``runs.tar.gz``: the validation losses each adapter's training logged, (step, loss), from its log
+    (what is known of a run that ended before inference)."""
+    import re
+
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            if not member.name.endswith("/run.log"):
+                continue
+            task, seen = None, out.setdefault(member.name.split("/")[0], {})
+            for line in tar.extractfile(member).read().decode("utf-8", "replace").splitlines():
+                m = re.search(r"training (emotion|cause) run ", line)
+                if m:
+                    task = m.group(1)
+                m = re.search(r"step (\d+)/\d+: eval_loss=([0-9.]+)", line)
+                if m and task and (int(m.group(1)), float(m.group(2))) not in seen.get(task, []):
+                    seen.setdefault(task, []).append((int(m.group(1)), float(m.group(2))))
+    return out
+
+
+def losses_table(losses: dict) -> str:
+    rows = ["| run | emotion validation loss (step: loss) | cause validation loss (step: loss) |", "|---|---|---|"]
+    for run, by_task in sorted(losses.items()):
+        rows.append(f"| {run} | " + " | ".join(", ".join(f"{s}: {v:.4f}" for s, v in by_task.get(t, [])) or "-"
+                                              for t in ("emotion", "cause")) + " |")
     return "\n".join(rows)
 
 
@@ -186,7 +219,11 @@ def main() -> int:
     ap.add_argument("--from-json", help="reprint the table of a saved sweep.json")
     args = ap.parse_args()
     if args.from_json:
-        print(table(json.loads(Path(args.from_json).read_text())["runs"]))
+        saved = Path(args.from_json)
+        print(table(json.loads(saved.read_text())["runs"]))
+        archive = saved.with_name(saved.name.replace("sweep", "runs").replace(".json", ".tar.gz"))
+        if archive.exists():
+            print("\n" + losses_table(eval_losses(archive)))
         return 0
     args.deadline += time.time()
     variants = _variants(args.variants)

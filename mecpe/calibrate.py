@@ -11,8 +11,10 @@ utterance caused by itself and by the one before it, the rule baseline of ``mecp
 model run per candidate, and the cause stage answers about the same utterances the bias selects. Computed exactly by
 counting, per utterance, the rule's pairs, the gold pairs and their overlap, so one candidate costs a few array
 operations. Search: coordinate ascent over the six non-neutral biases (neutral stays 0) on a fixed grid, until no
-single change improves; deterministic. ``fit`` also reports a 2-fold estimate by conversation (fit on one half, score
-the other) so the gain is not only what the fit saw.
+single change improves; deterministic. ``fit`` also estimates the gain out of sample, 2-fold by conversation (fit on
+one half, score the other), and marks the bias ``applied`` only where that estimate improves on no bias: six biases
+fitted on ~1,400 utterances can chase noise (on SmolLM2, 2026-12-02, the in-sample gain was +0.014 and the 2-fold
+one -0.008 in both seeds).
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def _ascend(u: Utterances, grid: Sequence[float] = GRID, max_rounds: int = 20) -
 
 
 def fit(u: Utterances, grid: Sequence[float] = GRID) -> dict:
-    """The bias (label -> value), the objective before and after on all of ``u``, and the 2-fold estimate."""
+    """The bias (label -> value), the objective before and after on all of ``u``, the 2-fold estimate, and whether
+    the bias is to be applied (it gains out of sample)."""
     bias, after = _ascend(u, grid)
     before = rule_weighted_f1(u, [0.0] * len(EMOTIONS))
     convs = sorted(set(u.conversation))
@@ -128,13 +131,15 @@ def fit(u: Utterances, grid: Sequence[float] = GRID) -> dict:
         if len(train) and len(test):
             b, _ = _ascend(train, grid)
             held_out.append((rule_weighted_f1(test, [0.0] * len(EMOTIONS)), rule_weighted_f1(test, b)))
+    two_fold = {"before": float(np.mean([h[0] for h in held_out])) if held_out else None,
+                "after": float(np.mean([h[1] for h in held_out])) if held_out else None}
     return {
         "bias": {e: float(b) for e, b in zip(EMOTIONS, bias)},
         "utterances": len(u), "conversations": len(convs),
         "objective": "official weighted_f1 with self/previous causes",
         "before": float(before), "after": float(after),
-        "two_fold": {"before": float(np.mean([h[0] for h in held_out])) if held_out else None,
-                     "after": float(np.mean([h[1] for h in held_out])) if held_out else None},
+        "two_fold": two_fold,
+        "applied": bool(held_out) and two_fold["after"] > two_fold["before"],
         "predicted_neutral": {"before": int((np.argmax(u.scores, 1) == 0).sum()),
                               "after": int((np.argmax(u.scores + np.asarray(bias), 1) == 0).sum()),
                               "gold": int((u.gold == 0).sum())},

@@ -535,7 +535,9 @@ def write_report(
                        f"{_fmt(cal['before'])} -> {_fmt(cal['after'])}; 2-fold by conversation "
                        f"{_fmt(cal['two_fold']['before'])} -> {_fmt(cal['two_fold']['after'])}); utterances "
                        f"predicted neutral {cal['predicted_neutral']['before']} -> "
-                       f"{cal['predicted_neutral']['after']} (gold {cal['predicted_neutral']['gold']}):", ""]
+                       f"{cal['predicted_neutral']['after']} (gold {cal['predicted_neutral']['gold']}); "
+                       + ("applied to the test set:" if cal.get("applied", True) else
+                          "**not applied** (no gain out of sample):"), ""]
             md.append(_md_table(["label", "bias"], [[e, b] for e, b in cal["bias"].items()]))
     if parse_status:
         md += ["", "## Parse status", ""]

@@ -125,23 +125,23 @@ def adapter_training(cfg: Config) -> dict[str, dict]:
 
 
 def _score_inference(out: str) -> dict:
-    """Official metrics of an inference output on labelled input (its ``gold.json``), report files beside it."""
-    from mecpe.evaluate import evaluate_files, write_report
+    """Official metrics (and utterance emotion scores) of an inference output on labelled input (its ``gold.json``);
+    report files beside it."""
+    from mecpe.evaluate import OFFICIAL_KEYS, evaluate_files, write_report
     from mecpe.infer.resume import GOLD_FILE, PRED_FILE, SUMMARY_FILE
 
     metrics = evaluate_files(storage.join(out, PRED_FILE), storage.join(out, GOLD_FILE))
     write_report(metrics, out, parse_status=storage.read_json(storage.join(out, SUMMARY_FILE))["parse_status"],
                  title="mecpe on the validation split")
-    return metrics
+    return {k: metrics[k] for k in (*OFFICIAL_KEYS, "emotion_accuracy", "emotion_weighted_f1") if k in metrics}
 
 
 def step_validate(cfg: Config) -> tuple[Config, dict | None]:
     """The trained system on the validation split (``validation.score``), after fitting the emotion bias there
-    (``validation.fit_emotion_bias``: an uncalibrated run, ``mecpe.calibrate.fit`` on its label scores, a
-    calibrated run). Returns the config the test set is inferred with (the fitted bias in it) and what was measured
-    (None when neither is asked). Everything goes under ``<output_dir>/validation/``."""
+    (``validation.fit_emotion_bias``: an uncalibrated run, ``mecpe.calibrate.fit`` on its label scores, then, where
+    the bias gains out of sample, a calibrated run). Returns the config the test set is inferred with (the bias in it
+    when applied) and what was measured (None when neither is asked), also in ``<output_dir>/validation/``."""
     from mecpe import calibrate
-    from mecpe.evaluate import OFFICIAL_KEYS
     from mecpe.infer import run_inference
     from mecpe.infer.resume import RECORDS_DIR, iter_shard_lines
 
@@ -156,22 +156,24 @@ def step_validate(cfg: Config) -> tuple[Config, dict | None]:
         raw_cfg.inference.emotion_bias = None
         raw = storage.join(out, "raw")
         run_inference(raw_cfg, val_uri, raw)
-        result["before_calibration"] = {k: _score_inference(raw)[k] for k in OFFICIAL_KEYS}
+        result["before_calibration"] = _score_inference(raw)
         fitted = calibrate.fit(calibrate.utterances_from_records(iter_shard_lines(storage.join(raw, RECORDS_DIR))))
         storage.write_json(storage.join(out, "calibration.json"), fitted, indent=2)
-        log.info("emotion bias fitted on %d validation utterances: %s (objective %.4f -> %.4f; 2-fold %.4f -> %.4f)",
-                 fitted["utterances"], {k: b for k, b in fitted["bias"].items() if b}, fitted["before"],
-                 fitted["after"], fitted["two_fold"]["before"] or 0.0, fitted["two_fold"]["after"] or 0.0)
-        cfg = cfg.model_copy(deep=True)
-        cfg.inference.emotion_bias = fitted["bias"]
+        log.info("emotion bias fitted on %d validation utterances: %s (objective %.4f -> %.4f; 2-fold %.4f -> %.4f): "
+                 "%s", fitted["utterances"], {k: b for k, b in fitted["bias"].items() if b}, fitted["before"],
+                 fitted["after"], fitted["two_fold"]["before"] or 0.0, fitted["two_fold"]["after"] or 0.0,
+                 "applied" if fitted["applied"] else "not applied (no gain out of sample)")
         result["calibration"] = fitted
-    run_inference(cfg, val_uri, storage.join(out, "inference"))
-    metrics = _score_inference(storage.join(out, "inference"))
-    result["metrics"] = {k: metrics[k] for k in OFFICIAL_KEYS} | {
-        k: metrics[k] for k in ("emotion_accuracy", "emotion_weighted_f1") if k in metrics}
+        cfg = cfg.model_copy(deep=True)
+        cfg.inference.emotion_bias = fitted["bias"] if fitted["applied"] else None
+    if "before_calibration" in result and cfg.inference.emotion_bias is None:
+        result["metrics"] = result["before_calibration"]  # the uncalibrated run is the system
+    else:
+        run_inference(cfg, val_uri, storage.join(out, "inference"))
+        result["metrics"] = _score_inference(storage.join(out, "inference"))
     storage.write_json(storage.join(out, "metrics.json"), result, indent=2)
     log.info("validation split (%d conversations): weighted_f1 %.4f%s", result["conversations"],
-             metrics["weighted_f1"], f" (uncalibrated {result['before_calibration']['weighted_f1']:.4f})"
+             result["metrics"]["weighted_f1"], f" (uncalibrated {result['before_calibration']['weighted_f1']:.4f})"
              if "before_calibration" in result else "")
     return cfg, result
 

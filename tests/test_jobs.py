@@ -95,15 +95,26 @@ def _check_report(out: Path):
 
 def test_pipeline_smoke_end_to_end(tmp_path, tiny_model_dir, ray_local, capsys):
     """``mecpe pipeline`` with the smoke config: every step, and ``data.limit_test=12`` honoured: inference and
-    scoring on the first 12 test conversations only, and the report says so."""
+    scoring on the first 12 test conversations only, and the report says so. With the validation step: the system
+    scored on the first 8 validation conversations and an emotion bias fitted there (applied or not by its 2-fold
+    estimate), in the report beside the test figures."""
     from mecpe.cli import main
 
     out = tmp_path / "smoke"
     rc = main(["pipeline", "--config", str(REPO / "jobs/configs/smoke.yaml"), f"output_dir={out}",
-               f"storage.path={out}/runs", f"model.base={tiny_model_dir}"])
+               f"storage.path={out}/runs", f"model.base={tiny_model_dir}", "validation.fit_emotion_bias=true"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "weighted_f1" in printed and "cause stage:" in printed and "first 12 of the 341" in printed
+    assert "validation split (8 conversations" in printed
+    val = json.loads((out / "validation" / "metrics.json").read_text())
+    cal = json.loads((out / "validation" / "calibration.json").read_text())
+    assert val["conversations"] == 8 and cal["utterances"] == len([u for c in json.loads(
+        (out / "data" / "val-first-8.json").read_text()) for u in c["conversation"]])
+    assert (out / "validation" / "inference").exists() == cal["applied"]
+    pipe = json.loads((out / "pipeline.json").read_text())
+    assert pipe["emotion_bias"] == (cal["bias"] if cal["applied"] else None)
+    assert "## Validation split" in (out / "report.md").read_text()
     pred = json.loads((out / "Subtask_2_pred.json").read_text())
     test_ids = [c["conversation_ID"] for c in json.loads((out / "data" / "test.json").read_text())]
     assert len(test_ids) == 341 and [c["conversation_ID"] for c in pred] == sorted(test_ids[:12])

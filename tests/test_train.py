@@ -170,6 +170,44 @@ def test_token_budget_batches(tok):
         examples.TokenBudgetBatchSampler(lengths, 0)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_rows_train_exactly_like_one_example_per_target(tiny, tok, attn):
+    """``training.reuse_prefix``: a conversation's targets behind one copy of its prefix give the same loss and the
+    same gradients as one example per target (fp32: 1e-5), from a fraction of the tokens; every target's answer is
+    learned once. Fails if a target sees another's block, or a position differs from its own prompt's."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from mecpe import modeling
+    from mecpe.config import ModelConfig, QuantizationConfig
+
+    model = modeling.load_model(ModelConfig(base=tiny, attn_implementation=attn), QuantizationConfig(mode="none"),
+                                tokenizer=tok)
+    model.train()
+    convs = conversations(4)
+    builder = PromptBuilder(tok, 256)  # some prompts shortened: those have a prefix of their own
+    for task in examples.TASKS:
+        single, stats = examples.build_examples(task, convs, builder)
+        packed, pstats = examples.build_packed_rows(task, convs, builder, row_tokens=600)
+        assert pstats["examples"] == stats["examples"] and pstats["shortened_prompts"] > 0
+        assert pstats["computed_tokens"] < 0.6 * stats["computed_tokens"]
+        assert sum(len(set(r["block_ids"]) - {-1}) for r in packed) == len(single)
+        assert all(r["length"] <= 600 or len(set(r["block_ids"])) == 2 for r in packed)
+
+        def loss_and_grad(batch):
+            model.zero_grad()
+            logits = model(**batch).logits[:, :-1].float()
+            labels = batch["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+            loss.backward()
+            return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+        a, ga = loss_and_grad(DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(single))
+        b, gb = loss_and_grad(examples.PackedCollator(tok.pad_token_id, attn)(packed))
+        assert b == pytest.approx(a, rel=1e-5)
+        assert (ga - gb).norm() <= 1e-5 * ga.norm()
+
+
 def test_run_identity(tiny, splits, tmp_path):
     cfg = _cfg(tiny, str(tmp_path / "runs"))
     name, h = run_identity(cfg, "emotion", splits["train"], splits["val"])
