@@ -16,7 +16,9 @@ reported, never used to choose.
 
 Writes ``sweep.json`` (every figure, the commands), ``sweep.md`` (the table) and ``runs.tar.gz`` (per run: log,
 config, pipeline.json, metrics.json, report.md, validation metrics and calibration, inference summary, the adapters'
-mecpe_train.json) into ``--results``.
+mecpe_train.json) into ``--results``, and ``records-not-for-commit.tar.gz``: the validation and test predictions with
+every utterance's label scores, for analysis without a GPU; it holds ECF text (research-only licence), so it is never
+committed.
 """
 
 from __future__ import annotations
@@ -126,19 +128,21 @@ def _training(meta_path: Path) -> dict | None:
                          for k in ("examples", "rows", "computed_tokens", "example_tokens")}}
 
 
-def pack(runs: list[dict], dest: Path) -> None:
-    """Small files of every run into one archive, with the inference shards of the validation and test runs (per
-    utterance label scores and predictions: calibration and error analysis need no GPU); the adapters stay behind."""
+def pack(runs: list[dict], dest: Path, records: Path) -> None:
+    """Small files of every run into ``dest`` (committed with the results); the inference shards of the validation
+    and test runs into ``records`` (per utterance label scores and predictions, so calibration and error analysis need
+    no GPU). The shards hold ECF text, whose licence is research-only: ``records`` is never committed. The adapters
+    stay behind."""
     names = ("run.log", "config.yaml", "pipeline.json", "metrics.json", "report.md", "validation/metrics.json",
              "validation/calibration.json", "validation/inference/report.md", "inference/summary.json")
-    with tarfile.open(dest, "w:gz") as tar:
+    with tarfile.open(dest, "w:gz") as tar, tarfile.open(records, "w:gz") as shards:
         for r in runs:
             out = Path(r["out"])
             for n in names:
                 if (out / n).exists():
                     tar.add(out / n, arcname=f"{out.name}/{n}")
             for shard in sorted(out.glob("validation/*/records/*.jsonl")) + sorted(out.glob("inference/records/*.jsonl")):
-                tar.add(shard, arcname=f"{out.name}/{shard.relative_to(out)}")
+                shards.add(shard, arcname=f"{out.name}/{shard.relative_to(out)}")
             for task, uri in ((_read(out / "pipeline.json") or {}).get("adapters") or {}).items():
                 meta = Path(uri) / "mecpe_train.json"
                 if meta.exists():
@@ -234,15 +238,14 @@ def main() -> int:
     with ThreadPoolExecutor(args.parallel) as pool:
         runs = list(pool.map(lambda j: run_one(*j, args), jobs))
     chosen = select(runs, variants)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                                capture_output=True, text=True).stdout.strip())
-    payload = {"started": started, "config": args.config, "parallel": args.parallel, "commit": commit.strip(),
-               "dirty": dirty, "gpu": _gpu(), "runs": runs, "selected": chosen}
+    from mecpe.provenance import code_version
+
+    payload = {"started": started, "config": args.config, "parallel": args.parallel, **code_version(),
+               "gpu": _gpu(), "runs": runs, "selected": chosen}
     (results / "sweep.json").write_text(json.dumps(payload, indent=2))
     md = table(runs)
     (results / "sweep.md").write_text(md + "\n")
-    pack(runs, results / "runs.tar.gz")
+    pack(runs, results / "runs.tar.gz", results / "records-not-for-commit.tar.gz")
     if args.select and chosen:
         Path(args.select).write_text(json.dumps(chosen, indent=2))
     print(md)

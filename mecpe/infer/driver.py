@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -25,6 +23,7 @@ from mecpe.infer.resume import (
     PRED_FILE, REJECTS_FILE, STAGES, SUMMARY_FILE, assemble, claim_output, done_uids, run_identity,
 )
 from mecpe.infer.source import LIGHT_CPUS, list_inputs, read_raw
+from mecpe.provenance import code_version
 from mecpe.infer.stages import (
     CausePredictor, EmotionCausePredictor, EmotionPredictor, ParseStage, ShardWriter, merge_engine,
 )
@@ -106,15 +105,6 @@ def build_dataset(cfg: Config, files: list[str], output_uri: str, done_ref, res:
 
 def _rate(n: int, s: float) -> float | None:
     return round(n / s, 2) if s > 0 else None
-
-
-def _git_commit() -> str | None:
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def run_inference(cfg: Config, input_uri: str | list[str], output_uri: str, *, overwrite: bool = False) -> dict:
@@ -207,7 +197,7 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
         "provenance": {
             "base_model": cfg.model.base, "revision": cfg.model.revision,
             "adapters": ident["adapters"], "quantization": ident["quantization"],
-            "mecpe_version": mecpe.__version__, "git_commit": _git_commit(),
+            "mecpe_version": mecpe.__version__, "code": code_version(),
             "inputs": ident["inputs"], "python": sys.version.split()[0], "ray": ray.__version__,
         },
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
