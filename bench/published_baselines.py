@@ -34,7 +34,8 @@ def main() -> int:
         "JMI GPT-4V + GPT-3.5 RAG + self-causes (seed team's best)": evaluate_files(
             d.path(f"{JMI}/gpt-out-self-added/Subtask_2_pred.json"), gold_path),
         "JMI GPT-4V + GPT-3.5 RAG": evaluate_files(d.path(f"{JMI}/gpt-output/Subtask_2_pred.json"), gold_path),
-        "majority emotion + self/previous causes": score_subtask2(baseline_predictions(gold, emotions="majority"), gold),
+        "majority emotion + self/previous causes": score_subtask2(baseline_predictions(gold, emotions="majority"),
+                                                                 gold),
         "gold emotions + self/previous causes (oracle)": score_subtask2(baseline_predictions(gold, emotions="gold"),
                                                                        gold),
     }

@@ -108,7 +108,8 @@ def run_one(name: str, overrides: list[str], seed: int, args) -> dict:
         calibration=val.get("calibration"), timings=pipe.get("timings_s"),
         baselines={n: b.get("weighted_f1") for n, b in (metrics.get("baselines") or {}).items()},
         predicted_neutral=_neutral(out / "Subtask_2_pred.json"),
-        training={task: _training(Path(uri) / "mecpe_train.json") for task, uri in (pipe.get("adapters") or {}).items()})
+        training={task: _training(Path(uri) / "mecpe_train.json")
+                  for task, uri in (pipe.get("adapters") or {}).items()})
     return rec
 
 
@@ -141,7 +142,8 @@ def pack(runs: list[dict], dest: Path, records: Path) -> None:
             for n in names:
                 if (out / n).exists():
                     tar.add(out / n, arcname=f"{out.name}/{n}")
-            for shard in sorted(out.glob("validation/*/records/*.jsonl")) + sorted(out.glob("inference/records/*.jsonl")):
+            shard_files = sorted(out.glob("validation/*/records/*.jsonl")) + sorted(out.glob("inference/records/*.jsonl"))
+            for shard in shard_files:
                 shards.add(shard, arcname=f"{out.name}/{shard.relative_to(out)}")
             for task, uri in ((_read(out / "pipeline.json") or {}).get("adapters") or {}).items():
                 meta = Path(uri) / "mecpe_train.json"
@@ -161,7 +163,8 @@ def table(runs: list[dict]) -> str:
         rows.append(f"| {r['variant']} | {r['seed']} | {r['status']} | {_f(raw.get('weighted_f1'))} | "
                     f"{_f(v.get('weighted_f1'))} | {_f(t.get('weighted_f1'))} | {_f(t.get('weighted_precision'))} | "
                     f"{_f(t.get('weighted_recall'))} | {_f(t.get('emotion_accuracy'))} | "
-                    f"{_f(r.get('predicted_neutral'))} | {_f(tm.get('train-emotion'), 0)}/{_f(tm.get('train-cause'), 0)}"
+                    f"{_f(r.get('predicted_neutral'))} | "
+                    f"{_f(tm.get('train-emotion'), 0)}/{_f(tm.get('train-cause'), 0)}"
                     f" | {_f(tm.get('total'), 0)} |")
     return "\n".join(rows)
 
@@ -217,7 +220,8 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/mecpe-sweep")
     ap.add_argument("--results", default=os.environ.get("OUT", "/tmp/mecpe-sweep-results"))
     ap.add_argument("--cache", default="/tmp/mecpe-models", help="model.cache_dir of every run (converted GGUF)")
-    ap.add_argument("--deadline", type=float, default=540, help="seconds from now after which no run is started or kept")
+    ap.add_argument("--deadline", type=float, default=540,
+                    help="seconds from now after which no run is started or kept")
     ap.add_argument("--select", help="write the chosen variant (best mean validation weighted_f1) here")
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (after the variant's)")
     ap.add_argument("--from-json", help="reprint the table of a saved sweep.json")

@@ -32,7 +32,8 @@ _EPS = 1e-8  # the official scorer's
 
 @dataclass
 class Utterances:
-    """Per utterance: label scores (n x 7), gold label index, and the rule's pair counts: rule pairs, gold pairs, both."""
+    """Per utterance: label scores (n x 7), gold label index, and the rule's pair counts (rule pairs, gold pairs,
+    both)."""
 
     scores: np.ndarray
     gold: np.ndarray

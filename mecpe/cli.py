@@ -196,8 +196,9 @@ def _pipeline(args) -> int:
     val = res.get("validation")
     if val:
         before = val.get("before_calibration")
+        raw = f" (uncalibrated {before['weighted_f1']:.4f})" if before else ""
         print(f"\nvalidation split ({val['conversations']} conversations, where choices are made): weighted_f1 "
-              f"{val['metrics']['weighted_f1']:.4f}" + (f" (uncalibrated {before['weighted_f1']:.4f})" if before else ""))
+              f"{val['metrics']['weighted_f1']:.4f}{raw}")
         if val.get("calibration"):
             print("emotion bias: " + ", ".join(f"{k} {b:+.2f}" for k, b in val["calibration"]["bias"].items() if b))
     out = res["output_dir"]
@@ -234,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(run, args) -> int:
-    """Expected failures (bad input, bad config, an output of another run, a cluster that cannot hold the workers)
-    end with one line naming the problem and exit code 2; anything else keeps its traceback."""
+    """Expected failures (bad input, bad config, an output of another run, a cluster that cannot hold the workers, a
+    damaged state file of an earlier run: every ValueError) end with one line naming the problem, and the file where
+    there is one, and exit code 2; anything else keeps its traceback."""
     from mecpe.cluster import UnschedulableError
     from mecpe.evaluate import EvaluationError
     from mecpe.infer.resume import RunMismatchError

@@ -35,8 +35,9 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     data_dir: str | None = Field(None, description="data folder (local or s3://); null = `MECPE_DATA`, else "
                                                     "`../shared/data/ecf`; the file paths below are relative to it")
-    train_file: str = Field("reconstructed/Subtask_2_train.json",
-                            description="training file, split into train/val by conversation")
+    train_file: str = Field("NUSTM_MECPE/data/all_data_pair.txt",
+                            description="training file (ECF 1.0 text, SemEval JSON or JSON Lines), split into "
+                                        "train/val by conversation")
     test_file: str = Field("NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json",
                            description="gold test file: inference input and scoring reference, never trained on")
     split: Literal["random", "reference"] = Field(

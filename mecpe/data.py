@@ -329,8 +329,74 @@ def record_from_line(line: bytes, location: str, source: str) -> tuple[str, Any]
     return _record(location, raw, bad, source)
 
 
+_ECF_HEADER = re.compile(r"([0-9]+) ([0-9]+)")
+_ECF_PAIR = re.compile(r"\(([0-9]+),([0-9]+)\)")
+_ECF_CLIP = re.compile(r"Friends_S([0-9]+)E([0-9]+): *([0-9:.]+) *- *([0-9:.]+)")
+
+
+def _is_ecf_text(text: str, source: str) -> bool:
+    """The ECF 1.0 release's text format (``NUSTM/MECPE`` ``data/*.txt``): by name, or a first line ``<id> <count>``."""
+    return source.lower().endswith(".txt") or bool(_ECF_HEADER.fullmatch(text.split("\n", 1)[0].strip()))
+
+
+def iter_ecf_text(text: str, source: str) -> Iterator[tuple[str, Any]]:
+    """(location, raw conversation object | Reject) from the ECF 1.0 text format, one record per conversation::
+
+        <conversation_ID> <number of utterances>
+        (<emotion utt>,<cause utt>),(...)        (an empty line when there are none)
+        <utt> | <speaker> | <emotion> | <text> | Friends_S1E1: 00:01:19.037 - 00:01:25.417
+
+    into the schema of the SemEval JSON files (pairs ``["3_surprise", "1"]`` carry the emotion utterance's label;
+    ``video_name`` and ``video_source`` as there), so the one validator checks both. A header that is not
+    ``<id> <count>`` ends the file (FileError: nothing after it can be placed); a bad pair or utterance line rejects
+    its conversation only."""
+    lines = text.split("\n")
+    n = 0
+    while n < len(lines):
+        if not lines[n].strip():
+            n += 1
+            continue
+        location = f"line {n + 1}"
+        head = _ECF_HEADER.fullmatch(lines[n].strip())
+        if head is None:
+            raise FileError(source, location, f"expected '<conversation_ID> <number of utterances>', got "
+                                              f"{_short(lines[n])}")
+        cid, count = int(head.group(1)), int(head.group(2))
+        pair_line = lines[n + 1].strip() if n + 1 < len(lines) else ""
+        body = lines[n + 2:n + 2 + count]
+        n += 2 + count
+        utts, problem = [], None
+        for k, line in enumerate(body):
+            parts = [p.strip() for p in line.split(" | ")]
+            if len(parts) < 4 or not _DIGITS.fullmatch(parts[0]):
+                problem = (f"utterance line {k + 1} is not '<utt> | <speaker> | <emotion> | <text> | <clip>': "
+                           f"{_short(line)}", f"conversation[{k}]")
+                break
+            clip = _ECF_CLIP.fullmatch(parts[-1]) if len(parts) >= 5 else None
+            text_parts = parts[3:-1] if clip or len(parts) >= 5 else parts[3:]
+            utt = {"utterance_ID": int(parts[0]), "text": " | ".join(text_parts), "speaker": parts[1],
+                   "emotion": parts[2], "video_name": video_name(cid, int(parts[0]))}
+            if clip:
+                utt["video_source"] = [f"S{int(clip.group(1)):02d}E{int(clip.group(2)):02d}", clip.group(3),
+                                       clip.group(4)]
+            utts.append(utt)
+        if problem is None and len(body) < count:
+            problem = (f"{count} utterances announced, the file ends after {len(body)}", "conversation")
+        raw_pairs = _ECF_PAIR.findall(pair_line)
+        if problem is None and _ECF_PAIR.sub("", pair_line).replace(",", "").strip():
+            problem = (f"pair line is not '(<emotion utt>,<cause utt>),...': {_short(pair_line)}",
+                       "emotion-cause_pairs")
+        if problem is not None:
+            yield location, Reject(source, location, str(cid), problem[0], problem[1], stage="read")
+            continue
+        label = {u["utterance_ID"]: u["emotion"] for u in utts}
+        pairs = [[f"{e}_{label.get(int(e), '?')}", c] for e, c in raw_pairs]
+        yield location, {"conversation_ID": cid, "conversation": utts, "emotion-cause_pairs": pairs}
+
+
 def iter_records(data: bytes, source: str) -> Iterator[tuple[str, Any]]:
-    """(location, raw conversation object | Reject) for a JSON array or JSON Lines; raises FileError.
+    """(location, raw conversation object | Reject) for a JSON array, JSON Lines or the ECF 1.0 text format
+    (``iter_ecf_text``); raises FileError.
 
     Locations are "index N" (0-based) in arrays and "line N" (1-based) in JSON Lines. Undecodable bytes
     reject only the conversation (or line) they are in.
@@ -341,6 +407,9 @@ def iter_records(data: bytes, source: str) -> Iterator[tuple[str, Any]]:
     stripped = text.lstrip()
     if not stripped:
         raise FileError(source, "byte 0", "empty file")
+    if _is_ecf_text(stripped, source):
+        yield from iter_ecf_text(text, source)
+        return
     if _is_jsonl(stripped, source):
         for n, line in storage.iter_lines([data]):
             yield record_from_line(line, f"line {n}", source)

@@ -50,7 +50,7 @@ def ensure_model(cfg: Config) -> None:
     tiny = cfg.model.tiny
     if os.path.exists(os.path.join(cfg.model.base, "config.json")):
         built = os.path.join(cfg.model.base, BUILD_FILE)
-        recipe = storage.read_json(built) if os.path.exists(built) else {}
+        recipe = storage.read_state(built) if os.path.exists(built) else {}
         wanted = tiny.model_dump()
         have = {k: recipe.get(k) for k in wanted}
         if recipe and have != wanted:
@@ -79,7 +79,7 @@ def _limited(cfg: Config, split: str, n: int | None) -> tuple[str, str | None]:
     full = storage.join(data_dir(cfg), f"{split}.json")
     if n is None:
         return full, None
-    convs = storage.read_json(full)
+    convs = storage.read_state(full)
     uri = storage.join(data_dir(cfg), f"{split}-first-{n}.json")
     storage.write_json(uri, convs[:n], indent=4)
     return uri, (f"Scope: the first {min(n, len(convs))} of the {len(convs)} {split} conversations "
@@ -118,7 +118,7 @@ def adapter_training(cfg: Config) -> dict[str, dict]:
     for task, uri in (("emotion", cfg.inference.emotion_adapter), ("cause", cfg.inference.cause_adapter)):
         meta_uri = storage.join(uri, META_FILE) if uri else None
         if meta_uri and storage.exists(meta_uri):
-            meta = storage.read_json(meta_uri)
+            meta = storage.read_state(meta_uri)
             out[task] = {"run_name": meta.get("run_name"), "adapter": uri, "global_step": meta.get("global_step"),
                          "log_history": meta.get("log_history") or []}
     return out
@@ -131,7 +131,7 @@ def _score_inference(out: str) -> dict:
     from mecpe.infer.resume import GOLD_FILE, PRED_FILE, SUMMARY_FILE
 
     metrics = evaluate_files(storage.join(out, PRED_FILE), storage.join(out, GOLD_FILE))
-    write_report(metrics, out, parse_status=storage.read_json(storage.join(out, SUMMARY_FILE))["parse_status"],
+    write_report(metrics, out, parse_status=storage.read_state(storage.join(out, SUMMARY_FILE))["parse_status"],
                  title="mecpe on the validation split")
     return {k: metrics[k] for k in (*OFFICIAL_KEYS, "emotion_accuracy", "emotion_weighted_f1") if k in metrics}
 
@@ -150,7 +150,7 @@ def step_validate(cfg: Config) -> tuple[Config, dict | None]:
         return cfg, None
     val_uri, note = _limited(cfg, "val", cfg.data.limit_val)
     out = storage.join(cfg.output_dir, "validation")
-    result: dict = {"conversations": len(storage.read_json(val_uri)), "scope": note}
+    result: dict = {"conversations": len(storage.read_state(val_uri)), "scope": note}
     if v.fit_emotion_bias:
         raw_cfg = cfg.model_copy(deep=True)
         raw_cfg.inference.emotion_bias = None
@@ -195,7 +195,7 @@ def step_evaluate(cfg: Config, pred_uri: str | None = None, gold_uri: str | None
         "gold emotions + self/previous causes (oracle)": score_subtask2(baseline_predictions(gold, emotions="gold"), gold),
     }
     summary_uri = storage.join(cfg.output_dir, "inference", "summary.json")
-    parse_status = storage.read_json(summary_uri).get("parse_status") if storage.exists(summary_uri) else None
+    parse_status = storage.read_state(summary_uri).get("parse_status") if storage.exists(summary_uri) else None
     metrics["baselines"] = baselines
     write_report({k: v for k, v in metrics.items() if k != "baselines"}, cfg.output_dir, baselines=baselines,
                  parse_status=parse_status, training=adapter_training(cfg), notes=[note] if note else None,

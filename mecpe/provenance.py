@@ -22,9 +22,10 @@ def _git(repo: str, *args: str, env: dict | None = None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def code_version(repo: str = REPO) -> dict:
+def code_version(repo: str = REPO, subtrees: tuple[str, ...] = ()) -> dict:
     """``{"commit": HEAD, "tree": tree of the files as they are, "dirty": tree != HEAD's tree}`` of the checkout at
-    ``repo`` (mecpe's own by default); Nones outside a git checkout."""
+    ``repo`` (mecpe's own by default), plus ``{"subtrees": {folder: its tree}}`` for ``subtrees``: a file written
+    after the run (a report) changes the whole tree but not the code's folders. Nones outside a git checkout."""
     head = _git(repo, "rev-parse", "HEAD")
     with tempfile.TemporaryDirectory(prefix="mecpe-index-") as tmp:
         env = {"GIT_INDEX_FILE": os.path.join(tmp, "index")}
@@ -33,4 +34,7 @@ def code_version(repo: str = REPO) -> dict:
         _git(repo, "add", "-A", env=env)
         tree = _git(repo, "write-tree", env=env)
     head_tree = _git(repo, "rev-parse", "HEAD^{tree}") if head else None
-    return {"commit": head, "tree": tree, "dirty": None if tree is None else tree != head_tree}
+    out = {"commit": head, "tree": tree, "dirty": None if tree is None else tree != head_tree}
+    if subtrees:
+        out["subtrees"] = {d: _git(repo, "rev-parse", f"{tree}:{d}") if tree else None for d in subtrees}
+    return out

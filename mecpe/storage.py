@@ -185,8 +185,27 @@ def dumps_json(obj: Any, *, indent: int | None = None) -> bytes:
     return (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+class CorruptStateError(ValueError):
+    """A file mecpe itself wrote (run metadata, manifests, prepared splits, summaries) does not read back: the disk or
+    an interrupted copy damaged it; the input and the config are not at fault."""
+
+
 def read_json(uri: str) -> Any:
-    return json.loads(read_bytes(uri))
+    """A JSON file; a ValueError naming it when it is not UTF-8 JSON."""
+    try:
+        return json.loads(read_bytes(uri).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{uri}: not valid JSON: {exc}") from None
+
+
+def read_state(uri: str) -> Any:
+    """A JSON file that mecpe wrote; ``CorruptStateError`` naming it, and what to do, when it does not read back."""
+    try:
+        return json.loads(read_bytes(uri).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptStateError(f"{uri} is damaged ({type(exc).__name__}: {exc}). mecpe wrote it, so the disk or an "
+                                f"interrupted copy changed it afterwards; the input and the config are fine. Delete "
+                                f"it (or its run folder) and run the step again.") from None
 
 
 def write_json(uri: str, obj: Any, *, indent: int | None = None) -> None:

@@ -164,7 +164,8 @@ def uninterrupted_training(static_cluster, mirror, s3_server, tmp_path_factory):
 @pytest.mark.reliability(
     fault="Placement on a multi-node cluster built from cluster.yaml's node types (CPU head, A100 node, T4 nodes)",
     behaviour="Training workers run only on the A100-type node and the inference actors of both stages only on "
-              "T4-type nodes, nothing of ours on the head (node ids of the actors from Ray's state API)")
+              "T4-type nodes, one per T4 node (node ids of the actors from Ray's state API); the head offers no CPU "
+              "(cluster.yaml), so no task can be placed there")
 def test_placement_by_gpu_type(static_cluster, uninterrupted_training, inputs, tmp_path):
     from mecpe.infer import run_inference
 
@@ -223,8 +224,9 @@ def _check_exactly_once(out: Path, inputs: Path, baseline: Path) -> None:
 @pytest.mark.reliability(
     fault="Spot preemption of a T4 node mid-inference: drained with the preemption reason and a deadline, then "
           "gone with its processes, object store and disk; a fresh T4 node joins",
-    behaviour="Ray Data restarts the lost actor on a T4 node and runs its batches again; the output holds exactly "
-              "the input conversation ids, none twice, predictions equal to an uninterrupted run's")
+    behaviour="The preempted node held a predictor actor and the run was part-way; the run still finishes: the "
+              "output holds exactly the input conversation ids, none twice, predictions equal to an uninterrupted "
+              "run's")
 def test_t4_preemption_mid_inference(static_cluster, inputs, baseline, tmp_path):
     from mecpe.infer import run_inference
 

@@ -54,35 +54,115 @@ def test_ci_runs_the_readme_test_command():
     assert f"\n{m.group(1)} || status=$?\n" in ci, "the README's test command and .ci/run differ"
 
 
-def _attribute_reads(root: Path, skip: set[str]) -> set[str]:
-    """Names read as attributes (``x.name``) or through ``getattr(x, "name")`` in mecpe/ outside ``skip``."""
+# Config classes by the key prefix they hold, and parameter names bound to a section by convention where no
+# annotation says it (storage.settings_from takes ``storage_cfg: Any``).
+_CLASSES = {"Config": "", "DataConfig": "data", "ModelConfig": "model", "TinyModelSettings": "model.tiny",
+            "QuantizationConfig": "quantization", "LoraSettings": "lora", "PromptConfig": "prompt",
+            "TrainingConfig": "training", "ScalingSettings": "scaling", "StorageConfig": "storage",
+            "InferenceConfig": "inference", "ValidationConfig": "validation"}
+_NAMED = {"cfg": "", "raw_cfg": "", "storage_cfg": "storage", "model_cfg": "model", "quant_cfg": "quantization",
+          "lora_cfg": "lora"}
+
+
+def config_reads(sources: dict[str, str]) -> set[str]:
+    """Full keys (``data.split``) read through the config object in ``sources`` (file name -> code): attribute chains
+    from a config (``cfg.data.split``, ``self.cfg.inference.max_batch_tokens``), names bound to a section
+    (``d = cfg.data`` then ``d.split``; a parameter annotated ``TrainingConfig``), ``getattr`` with constant names,
+    and the fields a section's own method reads when code calls it (``d.path(...)`` reads ``data.data_dir``).
+    An attribute of the same name on anything else (``args.split``, ``self.args.seed``) is not a read."""
     import ast
 
-    names: set[str] = set()
-    for path in root.rglob("*.py"):
-        if path.name in skip:
+    from mecpe.config import config_keys
+
+    keys = set(config_keys())
+    sections = {k.rsplit(".", 1)[0] for k in keys if "." in k} | {"model.tiny", ""}
+    methods: dict[str, dict[str, set[str]]] = {}  # section -> method -> fields it reads from self
+    for cls in ast.parse(sources["config.py"]).body:
+        if isinstance(cls, ast.ClassDef) and cls.name in _CLASSES:
+            methods[_CLASSES[cls.name]] = {
+                fn.name: {n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)
+                          and isinstance(n.value, ast.Name) and n.value.id == "self"}
+                for fn in cls.body if isinstance(fn, ast.FunctionDef)}
+
+    def join(prefix: str, name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    reads: set[str] = set()
+    for name, code in sources.items():
+        if name == "config.py":
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute):
-                names.add(node.attr)
-            elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and len(node.args) > 1 \
-                    and isinstance(node.args[1], ast.Constant):
-                names.add(node.args[1].value)
-    return names
+        for scope in [n for n in ast.walk(ast.parse(code)) if isinstance(n, (ast.FunctionDef, ast.Module))]:
+            alias = dict(_NAMED)
+            if isinstance(scope, ast.FunctionDef):
+                for arg in scope.args.args + scope.args.kwonlyargs:
+                    hints = {n.id for n in ast.walk(arg.annotation) if isinstance(n, ast.Name)} if arg.annotation \
+                        else set()
+                    hit = [_CLASSES[h] for h in hints if h in _CLASSES]
+                    if hit:
+                        alias[arg.arg] = hit[0]
+
+            def path(node) -> str | None:
+                if isinstance(node, ast.Name):
+                    return alias.get(node.id)
+                if isinstance(node, ast.Attribute):
+                    if node.attr == "cfg":  # self.cfg, w.cfg
+                        return ""
+                    base = path(node.value)
+                    if base is not None and join(base, node.attr) in sections:
+                        return join(base, node.attr)
+                return None
+
+            for node in ast.walk(scope):  # names bound to a section
+                if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                    sec = path(node.value)
+                    if sec is not None:
+                        alias[node.targets[0].id] = sec
+            for node in ast.walk(scope):
+                if isinstance(node, ast.Attribute):
+                    base = path(node.value)
+                    if base is not None and join(base, node.attr) in keys:
+                        reads.add(join(base, node.attr))
+                    if base is not None and node.attr in methods.get(base, {}):
+                        reads |= {join(base, f) for f in methods[base][node.attr]}
+                elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and len(node.args) > 1:
+                    base = path(node.args[0])
+                    if base is not None and isinstance(node.args[1], ast.Constant):
+                        reads.add(join(base, node.args[1].value))
+                elif isinstance(node, (ast.DictComp, ast.ListComp, ast.GeneratorExp, ast.SetComp)):
+                    names = [c.value for g in node.generators if isinstance(g.iter, ast.Tuple)
+                             for c in g.iter.elts if isinstance(c, ast.Constant)]
+                    for call in ast.walk(node):  # getattr(section, k) for k in ("a", "b")
+                        if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "getattr" \
+                                and len(call.args) > 1 and path(call.args[0]) is not None:
+                            reads |= {join(path(call.args[0]), n) for n in names}
+    return reads & keys
+
+
+def _mecpe_sources() -> dict[str, str]:
+    return {str(p.relative_to(REPO / "mecpe")): p.read_text() for p in (REPO / "mecpe").rglob("*.py")}
 
 
 def test_every_documented_key_is_read_outside_config():
     """A key in the README's table that no code reads does nothing: it must be implemented or removed (the check
-    that failed on ``data.limit_test``, declared, documented and read by nothing)."""
+    that failed on ``data.limit_test``, declared, documented and read by nothing). Keys are matched by their full
+    path through the config object: removing every read of ``data.split`` (``d.split`` in pipeline.py, cli.py and
+    train/driver.py) or of ``inference.max_batch_tokens`` (``inf.max_batch_tokens`` in infer/stages.py) fails it,
+    though ``args.split`` and a ``max_batch_tokens`` parameter are still read (the next test applies both
+    mutations)."""
     from mecpe.config import config_keys
 
-    import ast
-
-    read = _attribute_reads(REPO / "mecpe", {"config.py"})
-    # a config model's method that code outside config.py calls reads its fields there (data.path -> data_dir)
-    for cls in ast.parse((REPO / "mecpe" / "config.py").read_text()).body:
-        for fn in (n for n in getattr(cls, "body", []) if isinstance(n, ast.FunctionDef) and n.name in read):
-            read |= {n.attr for n in ast.walk(fn) if isinstance(n, ast.Attribute)
-                     and isinstance(n.value, ast.Name) and n.value.id == "self"}
-    unread = [k for k in config_keys() if k.split(".")[-1] not in read]
+    read = config_reads(_mecpe_sources())
+    unread = [k for k in config_keys() if k not in read]
     assert not unread, f"documented config keys that nothing reads: {unread}"
+
+
+def test_the_key_check_catches_removed_reads():
+    import re
+
+    src = _mecpe_sources()
+    assert {"data.split", "inference.max_batch_tokens", "training.max_batch_tokens"} <= config_reads(src)
+    mutated = {name: re.sub(r"\bd\.split\b", "'random'", code) for name, code in src.items()}
+    mutated["infer/stages.py"] = src["infer/stages.py"].replace("inf.max_batch_tokens", "16384")
+    reads = config_reads(mutated)
+    assert "data.split" not in reads and "inference.max_batch_tokens" not in reads
+    assert "training.max_batch_tokens" in reads  # a read of the same field name in another section still counts

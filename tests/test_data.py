@@ -37,6 +37,49 @@ def _ids(convs):
 # --------------------------------------------------------------------------- real data
 
 
+def test_ecf_1_0_text_format_reads_like_the_reconstructed_json(data_dir, train_file, tmp_path):
+    """``NUSTM/MECPE data/all_data_pair.txt`` (what a user can download) gives the same conversations, speakers,
+    emotions and pairs as the reconstructed SemEval-format file; texts differ in 159 utterances, all but 5 of them
+    only in ellipsis punctuation (``. .`` against ``...``). ``prepare`` takes it as its training file."""
+    import re
+
+    txt = data.read_conversations(str(data_dir / "NUSTM_MECPE" / "data" / "all_data_pair.txt"), require_labels=True)
+    ref = data.read_conversations(train_file, require_labels=True)
+    assert not txt.rejects and not txt.file_errors and len(txt.conversations) == len(ref.conversations) == 1374
+    texts = []
+    for a, b in zip(txt.conversations, ref.conversations):
+        assert (a.id, a.pairs) == (b.id, b.pairs)
+        assert [(u.id, u.speaker, u.emotion) for u in a.utterances] == [(u.id, u.speaker, u.emotion)
+                                                                         for u in b.utterances]
+        texts += [(u.text, v.text) for u, v in zip(a.utterances, b.utterances) if u.text != v.text]
+    assert len(texts) == 159
+    assert sum(re.sub(r"[ .]", "", x) != re.sub(r"[ .]", "", y) for x, y in texts) == 5
+    first = txt.conversations[0].utterances[0]
+    assert first.extra["video_source"] == ["S01E01", "00:01:19.037", "00:01:25.417"]
+    out = data.prepare(str(data_dir / "NUSTM_MECPE" / "data" / "all_data_pair.txt"), None, str(tmp_path / "p"))
+    assert out["train"]["conversations"] + out["val"]["conversations"] == 1374
+
+
+def test_ecf_text_format_errors_name_the_line(tmp_path):
+    good = "1 2\n(2,1)\n1 | Ross | neutral | Hi . | Friends_S1E1: 00:00:01.000 - 00:00:02.000\n" \
+           "2 | Monica | joy | Yes ! | Friends_S1E1: 00:00:02.000 - 00:00:03.000\n"
+    bad_pairs = "2 1\n(1,x)\n1 | Ross | joy | Hey . | Friends_S1E1: 00:00:04.000 - 00:00:05.000\n"
+    bad_utt = "3 1\n\nnot an utterance\n"
+    pair_on_neutral = "4 1\n(1,1)\n1 | Joey | neutral | Ok . | Friends_S1E1: 00:00:06.000 - 00:00:07.000\n"
+    path = tmp_path / "ecf.txt"
+    path.write_text(good + bad_pairs + bad_utt + pair_on_neutral)
+    res = data.read_conversations(str(path), require_labels=True)
+    assert [c.id for c in res.conversations] == [1]
+    assert res.conversations[0].pairs == (Pair(2, "joy", 1),)
+    got = {r.conversation_id: (r.location, r.field) for r in res.rejects}
+    assert got == {"2": ("line 5", "emotion-cause_pairs"), "3": ("line 8", "conversation[0]"),
+                   "4": ("line 11", "emotion-cause_pairs[0]")}
+    (tmp_path / "broken.txt").write_text(good + "x y\n")
+    res = data.read_conversations(str(tmp_path / "broken.txt"))
+    assert [c.id for c in res.conversations] == [1]
+    assert res.file_errors and "line 5" in str(res.file_errors[0]) and "<conversation_ID>" in str(res.file_errors[0])
+
+
 def test_real_training_and_test_counts(train_file, test_file):
     train = data.read_conversations(train_file, require_labels=True)
     assert (train.rejects, train.file_errors) == ([], [])

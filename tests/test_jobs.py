@@ -51,20 +51,30 @@ def test_cluster_yaml_matches_ray_schema():
     assert "rayproject/ray" in cluster["docker"]["image"] and "gpu" in cluster["docker"]["image"]
 
 
-def test_cluster_image_gets_the_tested_dependency_bounds():
-    """cluster.yaml installs mecpe's dependencies into the Ray image: each with the bounds pyproject.toml states."""
+def test_cluster_installs_every_dependency_at_a_tested_version():
+    """cluster.yaml's setup installs every runtime dependency of pyproject.toml (and the `gpu` extra), each pinned to
+    one version inside pyproject's bounds, and the image's Ray is the pinned Ray. Fails when a dependency is added to
+    pyproject.toml without a pin here, or a pin leaves the bounds."""
     import re
     import tomllib
 
+    from packaging.requirements import Requirement
+
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = {re.split(r"[<>=\[]", spec, maxsplit=1)[0].lower(): spec
+    wanted = {Requirement(spec).name.lower().replace("_", "-"): Requirement(spec)
               for spec in project["dependencies"] + project["optional-dependencies"]["gpu"]}
-    setup = " ".join(yaml.safe_load((REPO / "cluster.yaml").read_text())["setup_commands"])
-    installed = re.findall(r'"([^"]+)"', setup)
-    assert installed, setup
-    for spec in installed:
-        name = re.split(r"[<>=\[]", spec, maxsplit=1)[0].lower()
-        assert wanted.get(name) == spec, f"cluster.yaml installs {spec}, pyproject.toml says {wanted.get(name)}"
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    installed = [Requirement(spec) for spec in re.findall(r'"([^"]+)"', " ".join(cluster["setup_commands"]))]
+    pins = {}
+    for req in installed:
+        specs = list(req.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==", f"cluster.yaml: {req} is not pinned to one version"
+        pins[req.name.lower().replace("_", "-")] = specs[0].version
+    assert set(pins) == set(wanted), \
+        f"not installed: {set(wanted) - set(pins)}; not in pyproject: {set(pins) - set(wanted)}"
+    for name, version in pins.items():
+        assert wanted[name].specifier.contains(version), f"{name}=={version} is outside pyproject's {wanted[name]}"
+    assert re.match(rf"rayproject/ray:{re.escape(pins['ray'])}-", cluster["docker"]["image"])
 
 
 def test_configs_have_launch_command_and_load():

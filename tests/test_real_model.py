@@ -96,8 +96,9 @@ def test_grown_vocabulary_adapter_holds_no_embeddings(ray_local, tmp_path):
 
     base = llama2_like_model(str(tmp_path / "base"), specials=("<s>", "</s>"))
     out = tmp_path / "run"
-    cfg = load_config(None, [f"model.base={base}", "quantization.mode=none", "lora.r=8", "lora.target_modules=all-linear",
-                             "data.limit_train=3", "data.limit_val=0", "training.max_steps=2", "training.reuse_prefix=true",
+    cfg = load_config(None, [f"model.base={base}", "quantization.mode=none", "lora.r=8",
+                             "lora.target_modules=all-linear", "data.limit_train=3", "data.limit_val=0",
+                             "training.max_steps=2", "training.reuse_prefix=true",
                              "training.max_batch_tokens=2048", "prompt.max_prompt_tokens=256", f"output_dir={out}",
                              f"storage.path={out}/runs"])
     prepare(cfg.data.path(cfg.data.train_file), None, str(out / "data"), val_fraction=0.1, seed=0)

@@ -194,6 +194,29 @@ def test_output_of_another_run_is_refused(baseline, tiny, input_file, tmp_path, 
         run_inference(load_config(None, _overrides(tiny)), str(input_file), str(foreign))
 
 
+@pytest.mark.reliability(
+    fault="A state file of an earlier run is damaged: the output's _run.json cut short, or not UTF-8",
+    behaviour="Exit code 2 with one line that names the file, says it is damaged (not the input, not the config) "
+              "and what to do; no traceback; nothing in the output changes")
+def test_damaged_state_file_names_itself(baseline, tiny, input_file, tmp_path, capsys):
+    import shutil
+
+    from mecpe.cli import main
+
+    for name, damage in (("cut", lambda b: b[: len(b) // 2]), ("bytes", lambda b: b"\xff\xfe" + b)):
+        out = tmp_path / name
+        shutil.copytree(baseline, out)
+        run_file = out / "_run.json"
+        run_file.write_bytes(damage(run_file.read_bytes()))
+        before = _tree_digest(out)
+        assert main(["infer", "--input", str(input_file), "--output", str(out), *_overrides(tiny)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert str(run_file) in err and "is damaged" in err and "config" in err, err
+        assert "invalid config" not in err
+        assert _tree_digest(out) == before
+
+
 # ============================================================================================ bad input corpus
 
 # file -> (conversation ids still predicted, number of rejects, reason substring, id named by a reject or None)
@@ -335,11 +358,13 @@ def _check_class(run: dict, name: str, expect: tuple) -> None:
 
 
 def _row(name: str, expect: tuple, heavy: bool = False):
-    ids, n_rejects, reason, _, klass = expect
+    """The row's words: exactly what ``_check_class`` asserts for this class."""
+    ids, n_rejects, reason, named, klass = expect
     if n_rejects and not ids:
         what = f"file-level reject naming the file and the reason ({reason!r})"
     elif n_rejects:
-        what = (f"{n_rejects} reject record(s) naming file, location, conversation and reason ({reason!r}); "
+        whose = "one of them naming the conversation" if named is not None else "which conversation not checked"
+        what = (f"{n_rejects} reject record(s) naming file, location and reason ({reason!r}), {whose}; "
                 f"the file's {len(ids)} good conversation(s) predicted")
     else:
         what = f"accepted: all {len(ids)} conversation(s) predicted"

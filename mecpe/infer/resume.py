@@ -61,7 +61,7 @@ def _adapter_info(uri: str | None) -> dict | None:
     meta_uri = storage.join(uri, "mecpe_train.json")
     try:
         if storage.exists(meta_uri):
-            meta = storage.read_json(meta_uri)
+            meta = storage.read_state(meta_uri)
             info["config_hash"] = (meta.get("config_hash") if isinstance(meta, dict) else None) or runid.run_id(meta)
     except Exception as exc:  # noqa: BLE001 - provenance only; the adapter itself is loaded in the actors
         info["config_hash_error"] = f"{type(exc).__name__}: {exc}"
@@ -94,7 +94,7 @@ def claim_output(output_uri: str, ident: dict, overwrite: bool) -> bool:
     """Claim ``output_uri`` for this run; returns True when resuming the same run. Another run's results are
     refused (``RunMismatchError``, naming what differs) unless ``overwrite``, which deletes them first."""
     run_uri = storage.join(output_uri, RUN_FILE)
-    existing = storage.read_json(run_uri) if storage.exists(run_uri) else None
+    existing = storage.read_state(run_uri) if storage.exists(run_uri) else None
     same = isinstance(existing, dict) and existing.get("run_id") == ident["run_id"]
     if not same and (existing is not None or _has_shards(output_uri)):
         if not overwrite:

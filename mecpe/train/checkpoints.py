@@ -95,7 +95,7 @@ def stored_checkpoints(run_uri: str) -> list[tuple[int, str]]:
     out = []
     for uri in manifests:
         try:
-            out.append((int(storage.read_json(uri)["step"]), uri[: -len("/" + name)]))
+            out.append((int(storage.read_state(uri)["step"]), uri[: -len("/" + name)]))
         except Exception:  # noqa: BLE001 - a truncated manifest: not a candidate
             continue
     return sorted(out, key=lambda x: x[0], reverse=True)

@@ -74,7 +74,7 @@ def finished_result(run_dir: str) -> TrainResult | None:
     adapter = storage.join(run_dir, "adapter")
     if not storage.exists(storage.join(adapter, COMPLETE_MARKER)):
         return None
-    meta = storage.read_json(storage.join(adapter, META_FILE))
+    meta = storage.read_state(storage.join(adapter, META_FILE))
     return TrainResult(run_name=meta["run_name"], run_dir=run_dir, adapter_uri=adapter,
                        metrics={**meta.get("metrics", {}), "log_history": meta.get("log_history", [])},
                        global_step=int(meta["global_step"]), config_hash=meta.get("config_hash", ""))
@@ -178,7 +178,7 @@ def _run(cfg: Config, task: str, train_uri: str | None, val_uri: str | None, pre
         time.sleep(wait)
     done = finished_result(run_dir)
     if done is None and storage.exists(error_uri):
-        raise RuntimeError(f"run {run_name}: {storage.read_json(error_uri)['message']}")
+        raise RuntimeError(f"run {run_name}: {storage.read_state(error_uri)['message']}")
     if done is None:
         raise RuntimeError(f"run {run_name} ended without a complete adapter at {storage.join(run_dir, 'adapter')}")
     done.restarts = restarts
