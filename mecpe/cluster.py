@@ -31,12 +31,14 @@ class UnschedulableError(RuntimeError):
 
 
 def connect(ray_address: str | None = None) -> None:
-    """Use the Ray this process already joined, else ``ray.init(address=ray_address or $RAY_ADDRESS)`` (a new local
-    instance when neither is set)."""
+    """Use the Ray this process already joined, else ``ray.init(address=ray_address or $RAY_ADDRESS)``; a new local
+    instance when neither is set. ``"local"`` says so to Ray: its default would join whatever cluster this machine's
+    ``/tmp/ray/ray_current_cluster`` names, and a stale one (a killed ``ray start``) hangs the step on a GCS that
+    is gone."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
 def _status():

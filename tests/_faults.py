@@ -35,16 +35,20 @@ class RestartableS3:
     started again on the same port; moto's in-process backend keeps the buckets and objects across restarts.
 
     ``on_request(method, path, query)`` (optional) is called for every request before moto handles it: the S3-outage
-    tests use it to stop the server while a checkpoint is being uploaded or recorded."""
+    tests use it to stop the server while a checkpoint is being uploaded or recorded. When it returns True, that
+    request and every one until the socket closes fail with 503, as a server going down answers the requests in
+    flight: stopping the server alone lets the accepted requests finish, so a small checkpoint could be uploaded
+    whole before the outage began and the fault would miss the upload it was aimed at (the likely cause of a CI failure on 2026-12-02)."""
 
     def __init__(self, port: int | None = None):
         self.port = port or free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.on_request: Callable[[str, str, str], None] | None = None
+        self.on_request: Callable[[str, str, str], bool | None] | None = None
         self.key_ids: set[str] = set()  # access key ids of the signed requests seen (never the secret: not sent)
         self._server = None
         self._thread: threading.Thread | None = None
         self.stops = 0
+        self._going_down = False
 
     def _app(self):
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
@@ -56,8 +60,12 @@ class RestartableS3:
             if "Credential=" in auth:
                 self.key_ids.add(auth.split("Credential=", 1)[1].split("/", 1)[0])
             hook = self.on_request
-            if hook is not None:
-                hook(environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""))
+            if hook is not None and hook(environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", ""),
+                                         environ.get("QUERY_STRING", "")):
+                self._going_down = True
+            if self._going_down:  # from the hook's True until the socket closes (shutdown polls every 0.5 s)
+                start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+                return [b"the server is going down"]
             return inner(environ, start_response)
 
         return app
@@ -67,6 +75,7 @@ class RestartableS3:
         from werkzeug.serving import make_server
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self._going_down = False
         self._server = make_server("127.0.0.1", self.port, self._app(), True, request_handler=MotoRequestHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()

@@ -214,6 +214,29 @@ def test_object_keys_are_sanitized():
 # ============================================================================================ Ray
 
 
+def test_embedded_default_ignores_a_stale_cluster_address_file():
+    """A ``ray start`` killed on this machine leaves ``ray_current_cluster`` naming a GCS that is gone; Ray's own
+    default would try to join it and hang (seen 2026-12-02: a learn run stuck for 15 minutes). The embedded default
+    starts its own local Ray instead, within seconds. The address file lives under RAY_TMPDIR, so the machine's
+    ``/tmp/ray`` is left alone."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (tmp / "ray").mkdir()
+        (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # the discard port: nothing listens
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        probe = ("from mecpe.cluster import connect; import ray; connect(None); "
+                 "print('GCS', ray.get_runtime_context().gcs_address); ray.shutdown()")
+        proc = subprocess.run([sys.executable, "-c", probe], env=dict(env, RAY_TMPDIR=str(tmp)), cwd=REPO,
+                              capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        gcs = next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("GCS "))
+        assert gcs != "127.0.0.1:9"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 _PROBE = textwrap.dedent("""
     import json, os, sys, urllib.parse
     import psutil, ray

@@ -264,9 +264,11 @@ def test_truncated_checkpoint_falls_back_to_previous(killed_driver_run, uninterr
 # ============================================================================================ S3 outage
 
 
-def _run_with_outage(cloud, tiny, tmp_path, prefix: str, trigger) -> tuple[object, Exception | None, dict]:
+def _run_with_outage(cloud, tiny, tmp_path, prefix: str, trigger,
+                     fail_in_flight: bool = False) -> tuple[object, Exception | None, dict]:
     """A training run on S3 during which S3 stops (connections refused) for 8 s when ``trigger(state, method,
-    path)`` first returns True for a request; returns (the finished result, the error the first run_training raised
+    path)`` first returns True for a request (``fail_in_flight``: that request and those until the socket closes are
+    answered 503; otherwise they complete); returns (the finished result, the error the first run_training raised
     or None, state). ``state`` tracks the checkpoint folders seen and, for each completed write of the controller's
     snapshot, how many folders had been seen by then."""
     out = tmp_path / "out"
@@ -274,9 +276,9 @@ def _run_with_outage(cloud, tiny, tmp_path, prefix: str, trigger) -> tuple[objec
     cfg = load_config(None, _overrides(tiny, str(out), f"s3://{BUCKET}/{prefix}/runs"))
     state: dict = {"folders": [], "snapshots": [], "outage": None}
 
-    def on_request(method: str, path: str, query: str) -> None:
+    def on_request(method: str, path: str, query: str) -> bool:
         if state["outage"]:
-            return
+            return False
         done = (method == "POST" and "uploadId=" in query) or (method == "PUT" and "partNumber=" not in query)
         if path.endswith("/checkpoint_manager_snapshot.json") and done:
             state["snapshots"].append(len(state["folders"]))  # a completed write, and the folders seen by then
@@ -293,6 +295,8 @@ def _run_with_outage(cloud, tiny, tmp_path, prefix: str, trigger) -> tuple[objec
                 cloud.start()
 
             threading.Thread(target=outage, daemon=True).start()
+            return fail_in_flight
+        return False
 
     cloud.on_request = on_request
     res = error = None
@@ -331,7 +335,8 @@ def _check_outage_run(res, prefix: str, tmp_path, uninterrupted: list[float]) ->
 
 
 @pytest.mark.reliability(
-    fault="S3 unavailable (server stopped, connections refused) for 8 s while a worker uploads a checkpoint",
+    fault="S3 unavailable for 8 s (the requests in flight answered 503, then connections refused) while a worker "
+          "uploads a checkpoint",
     behaviour="The failed upload fails the worker and Ray Train restarts the worker group; if Ray Train's controller "
               "hits the outage too (recording a checkpoint), run_training starts the run again after a pause; either "
               "way the run resumes from its latest complete checkpoint (a half-uploaded one is never used) and "
@@ -343,7 +348,8 @@ def test_s3_outage_during_worker_checkpoint_upload(ray_address, cloud, tiny, tmp
     def during_worker_upload(state, method, path):  # the first upload into the second checkpoint folder
         return method == "PUT" and "/checkpoint/" in path and len(state["folders"]) == 2
 
-    res, error, _ = _run_with_outage(cloud, tiny, tmp_path, prefix, during_worker_upload)
+    # the upload in flight fails: a tiny checkpoint could otherwise finish uploading before the socket closes
+    res, error, _ = _run_with_outage(cloud, tiny, tmp_path, prefix, during_worker_upload, fail_in_flight=True)
     assert error is None, f"run_training raised instead of finishing the run: {error!r}"
     record_property("outcome", "the run finished in the same run_training call, no resubmission")
     _check_outage_run(res, prefix, tmp_path, uninterrupted)
