@@ -37,8 +37,8 @@ class RestartableS3:
     ``on_request(method, path, query)`` (optional) is called for every request before moto handles it: the S3-outage
     tests use it to stop the server while a checkpoint is being uploaded or recorded. When it returns True, that
     request and every one until the socket closes fail with 503, as a server going down answers the requests in
-    flight: stopping the server alone lets the accepted requests finish, so a small checkpoint could be uploaded
-    whole before the outage began and the fault would miss the upload it was aimed at (the likely cause of a CI failure on 2026-12-02)."""
+    flight: stopping the server alone lets the accepted requests finish, so the fault could miss the upload it was
+    aimed at."""
 
     def __init__(self, port: int | None = None):
         self.port = port or free_port()
