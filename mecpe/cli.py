@@ -235,16 +235,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(run, args) -> int:
-    """Expected failures (bad input, bad config, an output of another run, a cluster that cannot hold the workers, a
-    damaged state file of an earlier run: every ValueError) end with one line naming the problem, and the file where
-    there is one, and exit code 2; anything else keeps its traceback."""
-    from mecpe.cluster import UnschedulableError
+    """Expected failures (bad input, bad config, an output of another run, a cluster that cannot hold the workers,
+    local paths on a cluster of several machines, a damaged state file of an earlier run: every ValueError) end with
+    one line naming the problem, and the file where there is one, and exit code 2; anything else keeps its
+    traceback."""
+    from mecpe.cluster import NodeLocalPathError, UnschedulableError
     from mecpe.evaluate import EvaluationError
     from mecpe.infer.resume import RunMismatchError
 
     try:
         return run(args)
-    except (EvaluationError, RunMismatchError, UnschedulableError, FileNotFoundError, ValueError) as exc:
+    except (EvaluationError, RunMismatchError, NodeLocalPathError, UnschedulableError, FileNotFoundError,
+            ValueError) as exc:
         print(f"mecpe {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
 

@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
 
 log = logging.getLogger(__name__)
 _BASIC = {"CPU", "GPU", "memory", "object_store_memory"}
@@ -28,6 +28,10 @@ _BASIC = {"CPU", "GPU", "memory", "object_store_memory"}
 
 class UnschedulableError(RuntimeError):
     """The cluster can never hold the workers or actors a step asks for."""
+
+
+class NodeLocalPathError(RuntimeError):
+    """A step would hand a path on the driver's disk to workers on other machines."""
 
 
 def connect(ray_address: str | None = None) -> None:
@@ -39,6 +43,65 @@ def connect(ray_address: str | None = None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+
+
+def _local(uri: str | None) -> bool:
+    """A path on this machine's disk (made absolute by ``config.load_config``); hub ids and URIs are not."""
+    return bool(uri) and (str(uri).startswith("file://") or ("://" not in str(uri) and os.path.isabs(str(uri))))
+
+
+def other_machines() -> str | None:
+    """Why workers of this Ray cluster may run on another machine than the driver ("3 nodes", "an autoscaler that
+    adds nodes"), or None on a single node that stays one (the embedded default)."""
+    import ray
+
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    if len(alive) > 1:
+        return f"{len(alive)} nodes"
+    status = _status()
+    if (status is not None and status.autoscaling_state.autoscaler_state_version > 0) or _autoscaler_v1():
+        return "an autoscaler that adds nodes"
+    return None
+
+
+def named_by(root: str, key: str, paths: Mapping[str, str | Sequence[str] | None]
+             ) -> dict[str, str | Sequence[str] | None]:
+    """``paths`` with those under ``root`` renamed to ``key``: the config key a user changes to move them (the
+    pipeline's data and inference folders live under ``output_dir``)."""
+    def under(value) -> bool:
+        values = [value] if isinstance(value, str) else list(value or [])
+        return bool(values) and all(str(v).startswith(str(root).rstrip("/") + "/") for v in values)
+
+    out: dict[str, str | Sequence[str] | None] = {}
+    for name, value in paths.items():
+        if under(value):
+            out.setdefault(key, root)
+        else:
+            out[name] = value
+    return out
+
+
+def check_shared_paths(paths: Mapping[str, str | Sequence[str] | None], shared_filesystem: bool = False) -> None:
+    """Raise ``NodeLocalPathError`` when a path that workers read or write (``paths``: config key -> path) is on the
+    driver's disk while the cluster has other machines. Separate machines do not share a disk: a worker on a T4 node
+    would find nothing at the driver's ``/home/.../outputs`` (or write where nobody reads). ``shared_filesystem``: the
+    user declares that every node mounts the same file system at these paths (NFS, EFS, ...)."""
+    if shared_filesystem:
+        return
+    local = {key: value if isinstance(value, str) else next(v for v in value if _local(v))
+             for key, value in paths.items()
+             if value and (_local(value) if isinstance(value, str) else any(_local(v) for v in value))}
+    if not local:
+        return
+    why = other_machines()
+    if why is None:
+        return
+    named = ", ".join(f"{key}={value}" for key, value in local.items())
+    raise NodeLocalPathError(
+        f"{named}: a local path, and this Ray cluster has {why}: workers on other machines cannot read or write "
+        f"the driver's disk. Use an s3:// URI (or another object store) for "
+        f"{'it' if len(local) == 1 else 'each'}, or set storage.shared_filesystem=true if every node mounts the "
+        f"same file system at that path.")
 
 
 def _status():

@@ -168,6 +168,9 @@ class StorageConfig(_Strict):
     s3_region: str | None = Field(None, description="S3 region; null = `AWS_REGION` / `AWS_DEFAULT_REGION`")
     run_name: str | None = Field(None, description="training run name; null = task + hash of everything that "
                                                    "shapes the result")
+    shared_filesystem: bool = Field(False, description="every node mounts the local paths of this config (outputs, "
+                                                       "runs, model, inputs) at the same place (NFS, EFS); without it "
+                                                       "a step on a multi-node cluster refuses local paths")
 
 
 class InferenceConfig(_Strict):

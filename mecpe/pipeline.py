@@ -209,8 +209,13 @@ def step_evaluate(cfg: Config, pred_uri: str | None = None, gold_uri: str | None
 def run_pipeline(cfg: Config) -> dict:
     """prepare -> train emotion -> train cause -> infer (with the new adapters) -> evaluate; returns the metrics,
     the inference summary, the adapters and the step timings (also in ``pipeline.json``)."""
+    from mecpe import cluster
+
     t0 = time.time()
     timings: dict[str, float] = {}
+    cluster.connect(cfg.ray_address)  # before any work: outputs on one machine's disk fail a multi-node cluster now
+    cluster.check_shared_paths({"output_dir": cfg.output_dir, "storage.path": cfg.storage.path,
+                                "model.base": cfg.model.base}, cfg.storage.shared_filesystem)
 
     def timed(name, fn, *args):
         start = time.time()

@@ -11,7 +11,10 @@ A100 node type is declared but not consumed; the accelerator resource is what pl
 Two kinds of cluster:
 
 * ``StaticCluster``: ``ray.cluster_utils.Cluster`` (one raylet and object store per node; ``add_node`` /
-  ``remove_node``), each node with its own ``HOME`` (so its own model cache, as on separate machines).
+  ``remove_node``), each node with its own ``HOME`` (so its own model cache) and ``TMPDIR`` (scratch), as on separate
+  machines. They still share this machine's disk, so a worker could read a file that on the cloud would exist only on
+  the driver's machine; every node's processes run with ``tests/fixtures/open_tracer.c`` preloaded, which records
+  each file they open under the driver's folders (``driver_only``), and ``driver_reads()`` lists them.
 * ``autoscaling_config``: the autoscaler's fake multi-node provider (the real autoscaler launching and terminating
   local nodes), for a head started with ``ray start --head --autoscaling-config`` (``tests/_ray_head.py``).
 """
@@ -19,6 +22,7 @@ Two kinds of cluster:
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -48,14 +52,26 @@ def node_args(resources: dict[str, float]) -> dict:
             "object_store_memory": OBJECT_STORE}
 
 
+def build_open_tracer(out_dir: Path) -> Path:
+    """Compile ``tests/fixtures/open_tracer.c`` (gcc, which the project's machines have) into ``out_dir``."""
+    out = out_dir / "open_tracer.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(out), str(REPO / "tests" / "fixtures" / "open_tracer.c"),
+                    "-ldl"], check=True, capture_output=True)
+    return out
+
+
 class StaticCluster:
     """A head (resources of cluster.yaml's head type) plus nodes of the given types, added and removed by the test.
-    Every node gets its own ``HOME`` under ``root``: ``~`` in ``model.cache_dir`` is a per-node cache."""
+    Every node gets its own ``HOME`` and ``TMPDIR`` under ``root``: ``~`` in ``model.cache_dir`` is a per-node cache.
+    ``driver_only``: folders that on the cloud exist only on the driver's machine; the nodes' opens of files there are
+    recorded (``driver_reads``). The head is the driver's machine (``ray job submit`` runs the driver there)."""
 
-    def __init__(self, root: Path, dashboard: bool = True):
+    def __init__(self, root: Path, dashboard: bool = True, driver_only: tuple[Path, ...] = ()):
         from ray.cluster_utils import Cluster
 
         self.root = root
+        self.driver_only = tuple(str(Path(p).resolve()) for p in driver_only)
+        self.tracer = build_open_tracer(root)
         self.types = node_types()
         self.nodes: dict[str, tuple[str, object]] = {}  # node id -> (type, Node)
         self.homes: dict[str, Path] = {}
@@ -70,16 +86,37 @@ class StaticCluster:
 
     def add(self, node_type: str) -> str:
         n = len(self.homes)
-        home = self.root / f"home-{node_type}-{n}"
+        home, scratch = self.root / f"home-{node_type}-{n}", self.root / f"scratch-{node_type}-{n}"
         home.mkdir(parents=True, exist_ok=True)
+        scratch.mkdir(parents=True, exist_ok=True)
         # Ray's token authentication: without RAY_AUTH_TOKEN_PATH (tests/conftest.py sets it) a node would look for
         # ~/.ray/auth_token under its own HOME; it is pointed at the head's token, as a cloud node gets the cluster's.
         token = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
-        node = self.cluster.add_node(**node_args(self.types[node_type]["resources"]),
-                                     env_vars={"HOME": str(home), "RAY_AUTH_TOKEN_PATH": token})
+        # The tracer goes in through Ray's own preload setting: Ray sets LD_PRELOAD of the processes it starts from
+        # RAY_JEMALLOC_LIB_PATH (overriding env_vars), and the raylet drops it for its workers unless
+        # RAY_LD_PRELOAD_ON_WORKERS=1; both are read from this process's environment while the node starts.
+        saved = {k: os.environ.get(k) for k in ("RAY_JEMALLOC_LIB_PATH", "RAY_LD_PRELOAD_ON_WORKERS")}
+        os.environ.update({"RAY_JEMALLOC_LIB_PATH": str(self.tracer), "RAY_LD_PRELOAD_ON_WORKERS": "1"})
+        try:
+            node = self.cluster.add_node(
+                **node_args(self.types[node_type]["resources"]),
+                env_vars={"HOME": str(home), "TMPDIR": str(scratch), "RAY_AUTH_TOKEN_PATH": token,
+                          "MECPE_TRACE_PREFIXES": ":".join(self.driver_only),
+                          "MECPE_TRACE_LOG": str(self.root / f"opens-{node_type}-{n}.log")})
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         self.nodes[node.node_id] = (node_type, node)
         self.homes[node.node_id] = home
         return node.node_id
+
+    def driver_reads(self) -> list[str]:
+        """"node log: pid<TAB>path" for every file a node's process opened under ``driver_only``, all nodes so far."""
+        return [f"{log.name}: {line}" for log in sorted(self.root.glob("opens-*.log"))
+                for line in log.read_text().splitlines()]
 
     def of_type(self, node_type: str) -> list[str]:
         return [nid for nid, (t, _) in self.nodes.items() if t == node_type]

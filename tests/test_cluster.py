@@ -2,9 +2,11 @@
 nodes of this machine with the node types of cluster.yaml (tests/_cluster.py says how they are made).
 
 * ``StaticCluster`` (``ray.cluster_utils.Cluster``): a CPU head, an A100-type node and two T4-type nodes, each node
-  with its own raylet, object store and HOME (model cache). Training and inference run on it as on the cloud; nodes
-  are preempted the way a spot termination notice does it (Ray's drain with the preemption reason and a deadline),
-  then removed with everything on them, and replaced by fresh nodes, as the autoscaler would.
+  with its own raylet, object store, HOME (model cache) and scratch folder. Training and inference run on it as on
+  the cloud: inputs, outputs, runs and the base model in S3 (the moto server), nothing on a disk two nodes share;
+  every test ends by checking that no node's process opened a file in the driver's folders. Nodes are preempted the
+  way a spot termination notice does it (Ray's drain with the preemption reason and a deadline), then removed with
+  everything on them, and replaced by fresh nodes, as the autoscaler would.
 * The autoscaler v2 with Ray's fake multi-node provider (``test_scale_from_zero_*``): the node types of cluster.yaml
   with ``min_workers: 0``; the pipeline submitted with ``ray job submit`` to its head.
 
@@ -38,7 +40,7 @@ N_CONVS = 16
 MAX_STEPS, SAVE_STEPS = 16, 4
 
 
-def _training(tiny_base: str, out: Path, runs: str, cache: str, **extra) -> list[str]:
+def _training(tiny_base: str, out: str, runs: str, cache: str, **extra) -> list[str]:
     """The cluster recipe's placement (jobs/configs/ecf-llama2-13b.yaml: accelerator_type A100) with the tiny model;
     a CPU per worker instead of a GPU (tests/_cluster.py says why)."""
     values = {"output_dir": str(out), "model.base": tiny_base, "model.cache_dir": cache, "quantization.mode": "nf4",
@@ -67,12 +69,17 @@ def _node_types() -> dict[str, str]:
     return {n["NodeID"]: node_type_of(n["Resources"]) for n in ray.nodes()}
 
 
-def _records(out: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted((out / "records").glob("*.jsonl")) for line in f.read_text().splitlines()]
+def _shards(out: str) -> list[str]:
+    records = storage.join(out, "records")
+    return storage.list_files(records, suffixes=(".jsonl",)) if storage.exists(records) else []
 
 
-def _predictions(out: Path) -> dict:
-    pred = json.loads((out / "Subtask_2_pred.json").read_text())
+def _records(out: str) -> list[dict]:
+    return [json.loads(line) for f in _shards(out) for line in storage.read_bytes(f).decode().splitlines()]
+
+
+def _predictions(out: str) -> dict:
+    pred = storage.read_json(storage.join(out, "Subtask_2_pred.json"))
     return {c["conversation_ID"]: ([u["emotion"] for u in c["conversation"]], sorted(map(tuple, c["emotion-cause_pairs"])))
             for c in pred}
 
@@ -108,13 +115,21 @@ def _losses(metrics: dict) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def static_cluster(tmp_path_factory, s3_server):
+def driver_dir(tmp_path_factory) -> Path:
+    """The driver's own folder: on the cloud, on the driver's machine only."""
+    return tmp_path_factory.mktemp("driver")
+
+
+@pytest.fixture(scope="module")
+def static_cluster(tmp_path_factory, s3_server, driver_dir, data_dir):
     """Head + one A100-type node + two T4-type nodes; the test process is its driver. Started after the S3 server,
-    so every node's processes inherit the S3 endpoint and credentials."""
+    so every node's processes inherit the S3 endpoint and credentials. The driver's folders (its own, the tiny
+    model's build folder, the ECF data) are traced on every node."""
     import ray
 
     assert not ray.is_initialized(), "another test module left Ray running"
-    c = StaticCluster(tmp_path_factory.mktemp("cluster"))
+    c = StaticCluster(tmp_path_factory.mktemp("cluster"),
+                      driver_only=(driver_dir, Path(tiny_model_dir()).parent, Path(data_dir)))
     try:
         c.add("a100")
         c.add("t4")
@@ -135,27 +150,42 @@ def mirror(static_cluster, s3_server) -> str:
     return uri
 
 
+@pytest.fixture(autouse=True)
+def no_worker_reads_the_drivers_disk(request):
+    """After each test: no process of a node opened a file in the driver's folders (tests/_cluster.py)."""
+    yield
+    if "static_cluster" in request.fixturenames:
+        assert request.getfixturevalue("static_cluster").driver_reads() == []
+
+
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, data_dir) -> Path:
+def s3_root(s3_server) -> str:
+    return f"s3://{s3_server['bucket']}/cluster-{time.time_ns()}"
+
+
+@pytest.fixture(scope="module")
+def inputs(s3_root, data_dir) -> str:
     gold = json.loads((data_dir / TEST_FILE).read_text(encoding="utf-8"))[:N_CONVS]
-    path = tmp_path_factory.mktemp("in") / "test.jsonl"
-    path.write_text("".join(json.dumps(c) + "\n" for c in gold))
-    return path
+    uri = f"{s3_root}/in/test.jsonl"
+    storage.write_bytes(uri, "".join(json.dumps(c) + "\n" for c in gold).encode())
+    return uri
+
+
+def _out(s3_root: str, name: str) -> str:
+    return f"{s3_root}/{name}-{time.time_ns()}"
 
 
 @pytest.fixture(scope="module")
-def uninterrupted_training(static_cluster, mirror, s3_server, tmp_path_factory):
+def uninterrupted_training(static_cluster, mirror, s3_root):
     """A training run on the cluster without faults: where its worker ran, and the per-step losses every
     preempted run must reproduce."""
     from mecpe.pipeline import step_train
 
-    root = tmp_path_factory.mktemp("train-ref")
-    out = root / "out"
-    (out / "data").mkdir(parents=True)
+    out = _out(s3_root, "train-ref")
     recs = train_records()
-    (out / "data" / "train.json").write_text(json.dumps(list(recs[:16])))
-    (out / "data" / "val.json").write_text(json.dumps(list(recs[200:202])))
-    runs = f"s3://{s3_server['bucket']}/cluster-{time.time_ns()}/runs"
+    storage.write_json(f"{out}/data/train.json", list(recs[:16]))
+    storage.write_json(f"{out}/data/val.json", list(recs[200:202]))
+    runs = f"{out}/runs"
     overrides = _training(mirror, out, runs, "~/.cache/mecpe-models")
     res = step_train(load_config(None, overrides), "emotion")
     return {"res": res, "out": out, "overrides": overrides, "workers": actor_nodes("RayTrainWorker")}
@@ -165,15 +195,16 @@ def uninterrupted_training(static_cluster, mirror, s3_server, tmp_path_factory):
     fault="Placement on a multi-node cluster built from cluster.yaml's node types (CPU head, A100 node, T4 nodes)",
     behaviour="Training workers run only on the A100-type node and the inference actors of both stages only on "
               "T4-type nodes, one per T4 node (node ids of the actors from Ray's state API); the head offers no CPU "
-              "(cluster.yaml), so no task can be placed there")
-def test_placement_by_gpu_type(static_cluster, uninterrupted_training, inputs, tmp_path):
+              "(cluster.yaml), so no task can be placed there. Inputs, outputs, runs and the base model are in S3, "
+              "each node has its own HOME and scratch folder, and after every test of the file no node's process "
+              "had opened a file in the driver's folders (an open tracer preloaded on each node)")
+def test_placement_by_gpu_type(static_cluster, uninterrupted_training, mirror, inputs, s3_root):
     from mecpe.infer import run_inference
 
     types = _node_types()
     workers = set().union(*uninterrupted_training["workers"].values())
     assert workers and {types[n] for n in workers} == {"a100"}, workers
-    out = tmp_path / "out"
-    summary = run_inference(load_config(None, _inference(tiny_model_dir())), str(inputs), str(out))
+    summary = run_inference(load_config(None, _inference(mirror)), inputs, _out(s3_root, "placement"))
     assert summary["conversations"] == N_CONVS and summary["rejects"] == 0
     actors = actor_nodes("EmotionCausePredictor")
     nodes = set().union(*actors.values())
@@ -188,36 +219,95 @@ def test_placement_by_gpu_type(static_cluster, uninterrupted_training, inputs, t
           "by hand: ray start)",
     behaviour="The step compares what it asks for with the nodes there are (all there will be); it fails within "
               "seconds with exit code 2 and a message naming accelerator_type:H100, before claiming the output")
-def test_unschedulable_on_fixed_cluster_fails_fast(static_cluster, inputs, tmp_path, capsys):
+def test_unschedulable_on_fixed_cluster_fails_fast(static_cluster, mirror, inputs, s3_root, capsys):
     from mecpe.cli import main
 
     t0 = time.monotonic()
-    assert main(["infer", "--input", str(inputs), "--output", str(tmp_path / "out"),
-                 *_inference(tiny_model_dir(), **{"inference.accelerator_type": "H100"}),
+    out = _out(s3_root, "h100")
+    assert main(["infer", "--input", inputs, "--output", out,
+                 *_inference(mirror, **{"inference.accelerator_type": "H100"}),
                  f"ray_address={static_cluster.address}"]) == 2
     err = capsys.readouterr().err
     assert "accelerator_type:H100" in err and "no autoscaler" in err, err
-    assert not (tmp_path / "out" / "_run.json").exists()
+    assert not storage.exists(f"{out}/_run.json")
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.reliability(
+    fault="A step on a multi-node cluster given local paths (the driver's disk) for its output, input, runs or "
+          "model, as a config written for one machine (local.yaml) would",
+    behaviour="Refused before it starts, exit code 2, one line naming each key (--output, output_dir, storage.path, "
+              "model.base, --input) and the fix (an s3:// URI, or storage.shared_filesystem=true for a file system "
+              "every node mounts); nothing is written. With storage.shared_filesystem=true the check is skipped")
+def test_local_paths_refused_on_a_multi_node_cluster(static_cluster, mirror, inputs, driver_dir, s3_root, capsys):
+    from mecpe.cli import main
+
+    cluster = [f"ray_address={static_cluster.address}"]
+    local_out = driver_dir / "out"
+    assert main(["infer", "--input", inputs, "--output", str(local_out), *_inference(mirror), *cluster]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--output={local_out}" in err, err
+    assert " nodes" in err and "s3://" in err and "storage.shared_filesystem=true" in err, err
+    assert not local_out.exists()
+    local_in = driver_dir / "in.jsonl"
+    local_in.write_bytes(storage.read_bytes(inputs))
+    assert main(["infer", "--input", str(local_in), "--output", _out(s3_root, "refused"),
+                 *_inference(str(Path(tiny_model_dir()))), *cluster]) == 2
+    err = capsys.readouterr().err
+    assert f"--input={local_in}" in err and f"model.base={tiny_model_dir()}" in err, err
+    for split in ("train", "val"):
+        storage.write_json(str(driver_dir / "train" / "data" / f"{split}.json"), list(train_records()[:2]))
+    assert main(["train", "--task", "emotion", f"output_dir={driver_dir / 'train'}",
+                 f"storage.path={driver_dir / 'runs'}", f"model.base={mirror}", *cluster]) == 2
+    err = capsys.readouterr().err
+    assert f"storage.path={driver_dir / 'runs'}" in err and f"output_dir={driver_dir / 'train'}" in err, err
+    assert not (driver_dir / "runs").exists()
+    # declared shared: the check is skipped; the step goes on to its next check (here: a GPU type no node offers)
+    assert main(["infer", "--input", inputs, "--output", str(local_out), "storage.shared_filesystem=true",
+                 *_inference(mirror, **{"inference.accelerator_type": "H100"}), *cluster]) == 2
+    assert "accelerator_type:H100" in capsys.readouterr().err
+
+
+def test_driver_reads_are_detected(static_cluster, driver_dir):
+    """The check that ends every test here can fail: a task on a T4 node that opens a driver-only file, through
+    pyarrow (as mecpe.storage reads) and through Python's open, is recorded with the path."""
+    import ray
+
+    private = driver_dir / "private.json"
+    private.write_text("{}")
+    (t4,) = static_cluster.of_type("t4")[:1]
+
+    @ray.remote(num_cpus=0.25, resources={"accelerator_type:T4": 0.01})
+    def read(path: str) -> tuple[bytes, str]:
+        with open(path) as fh:
+            text = fh.read()
+        return storage.read_bytes(path), text
+
+    strategy = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(t4, soft=False)
+    assert ray.get(read.options(scheduling_strategy=strategy).remote(str(private))) == (b"{}", "{}")
+    reads = static_cluster.driver_reads()
+    assert len([r for r in reads if r.endswith(str(private))]) >= 2, reads
+    for log in static_cluster.root.glob("opens-*.log"):
+        log.unlink()  # seen; the autouse check after this test starts from none
+
+
 @pytest.fixture(scope="module")
-def baseline(static_cluster, inputs, tmp_path_factory) -> Path:
+def baseline(static_cluster, mirror, inputs, s3_root) -> str:
     """An uninterrupted inference run on the cluster: the reference for the preempted ones."""
     from mecpe.infer import run_inference
 
-    out = tmp_path_factory.mktemp("baseline") / "out"
-    summary = run_inference(load_config(None, _inference(tiny_model_dir())), str(inputs), str(out))
+    out = _out(s3_root, "baseline")
+    summary = run_inference(load_config(None, _inference(mirror)), inputs, out)
     assert summary["conversations"] == N_CONVS
     return out
 
 
-def _check_exactly_once(out: Path, inputs: Path, baseline: Path) -> None:
-    want = sorted(json.loads(line)["conversation_ID"] for line in inputs.read_text().splitlines())
-    pred = json.loads((out / "Subtask_2_pred.json").read_text())
+def _check_exactly_once(out: str, inputs: str, baseline: str) -> None:
+    want = sorted(json.loads(line)["conversation_ID"] for line in storage.read_bytes(inputs).decode().splitlines())
+    pred = storage.read_json(storage.join(out, "Subtask_2_pred.json"))
     ids = [c["conversation_ID"] for c in pred]
     assert sorted(ids) == want and len(ids) == len(set(ids))
-    assert (out / "rejects.jsonl").read_text() == ""
+    assert storage.read_bytes(storage.join(out, "rejects.jsonl")) == b""
     assert _predictions(out) == _predictions(baseline)
 
 
@@ -227,22 +317,21 @@ def _check_exactly_once(out: Path, inputs: Path, baseline: Path) -> None:
     behaviour="The preempted node held a predictor actor and the run was part-way; the run still finishes: the "
               "output holds exactly the input conversation ids, none twice, predictions equal to an uninterrupted "
               "run's")
-def test_t4_preemption_mid_inference(static_cluster, inputs, baseline, tmp_path):
+def test_t4_preemption_mid_inference(static_cluster, mirror, inputs, baseline, s3_root):
     from mecpe.infer import run_inference
 
-    out = tmp_path / "out"
+    out = _out(s3_root, "t4-preempt")
     box: dict = {}
 
     def job():
         try:
-            box["summary"] = run_inference(load_config(None, _inference(tiny_model_dir())), str(inputs), str(out))
+            box["summary"] = run_inference(load_config(None, _inference(mirror)), inputs, out)
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             box["err"] = exc
 
     thread = threading.Thread(target=job, daemon=True)
     thread.start()
-    wait_for(lambda: (out / "records").exists() and any((out / "records").glob("*.jsonl")), 300,
-             "the first shard", interval=0.1, alive=thread.is_alive)
+    wait_for(lambda: _shards(out), 300, "the first shard", interval=0.1, alive=thread.is_alive)
     types = _node_types()
     busy = [n for n in set().union(*actor_nodes("EmotionCausePredictor").values())
             if types.get(n) == "t4" and n in static_cluster.nodes]
@@ -265,16 +354,14 @@ def test_t4_preemption_mid_inference(static_cluster, inputs, baseline, tmp_path)
     behaviour="The resubmitted job recognises its output, keeps every shard already written (not rewritten) and "
               "predicts only the rest: each input conversation exactly once, predictions equal to an uninterrupted "
               "run's")
-def test_all_t4_nodes_lost_then_resubmit(static_cluster, inputs, baseline, tmp_path):
-    out = tmp_path / "out"
-    args = ["infer", "--input", str(inputs), "--output", str(out), *_inference(tiny_model_dir()),
-            f"ray_address={static_cluster.address}"]
+def test_all_t4_nodes_lost_then_resubmit(static_cluster, mirror, inputs, baseline, s3_root, tmp_path):
+    out = _out(s3_root, "t4-lost")
+    args = ["infer", "--input", inputs, "--output", out, *_inference(mirror), f"ray_address={static_cluster.address}"]
     log = open(tmp_path / "driver.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "mecpe.cli", *args], cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: (out / "records").exists() and len(list((out / "records").glob("*.jsonl"))) >= 2, 300,
-                 "two shards", interval=0.1, alive=lambda: proc.poll() is None)
+        wait_for(lambda: len(_shards(out)) >= 2, 300, "two shards", interval=0.1, alive=lambda: proc.poll() is None)
         for node_id in static_cluster.of_type("t4"):
             static_cluster.preempt(node_id, deadline_s=1.0)
         proc.send_signal(signal.SIGKILL)
@@ -283,18 +370,18 @@ def test_all_t4_nodes_lost_then_resubmit(static_cluster, inputs, baseline, tmp_p
         if proc.poll() is None:
             proc.kill()
         log.close()
-    written = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "records").glob("*.jsonl")}
+    written = {f: hashlib.sha256(storage.read_bytes(f)).hexdigest() for f in _shards(out)}
     done = {r["_mecpe"]["uid"] for r in _records(out)}
-    assert 0 < len(done) < N_CONVS and not (out / "Subtask_2_pred.json").exists()
+    assert 0 < len(done) < N_CONVS and not storage.exists(storage.join(out, "Subtask_2_pred.json"))
     static_cluster.add("t4")
     static_cluster.add("t4")
     from mecpe.cli import main
 
     assert main(args) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = storage.read_json(storage.join(out, "summary.json"))
     assert summary["resumed"] and summary["done_before_this_run"] == len(done)
     assert summary["this_run"]["records"] == N_CONVS - len(done)
-    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "records").glob("*.jsonl")}
+    after = {f: hashlib.sha256(storage.read_bytes(f)).hexdigest() for f in _shards(out)}
     assert {k: after[k] for k in written} == written  # written shards kept as they were, not redone
     _check_exactly_once(out, inputs, baseline)
 
@@ -306,17 +393,16 @@ def test_all_t4_nodes_lost_then_resubmit(static_cluster, inputs, baseline, tmp_p
               "preemption, not a failure (the run has max_failures=0), and restarts on the new node, which fetches "
               "the base model from the S3 mirror into its own cache; the run resumes from the last checkpoint in "
               "S3 and every step's loss equals an uninterrupted run's")
-def test_a100_preemption_mid_training(static_cluster, uninterrupted_training, s3_server, tmp_path):
+def test_a100_preemption_mid_training(static_cluster, uninterrupted_training, s3_root, tmp_path):
     from mecpe.pipeline import step_train
     from mecpe.train.driver import run_identity
 
     ref = uninterrupted_training
     out = ref["out"]
-    runs = f"s3://{s3_server['bucket']}/cluster-preempt-{time.time_ns()}/runs"
+    runs = _out(s3_root, "preempt-runs")
     # no periodic checkpoint before the end: the one the run resumes from can only be the one taken at the notice
     cfg = load_config(None, [*ref["overrides"], f"storage.path={runs}", f"training.save_steps={MAX_STEPS}"])
-    run_dir = storage.join(runs, run_identity(cfg, "emotion", str(out / "data" / "train.json"),
-                                              str(out / "data" / "val.json"))[0])
+    run_dir = storage.join(runs, run_identity(cfg, "emotion", f"{out}/data/train.json", f"{out}/data/val.json")[0])
     (old,) = static_cluster.of_type("a100")
     box: dict = {}
 

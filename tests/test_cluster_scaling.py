@@ -33,7 +33,9 @@ def _cluster_overrides(tiny: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def autoscaling_head(tmp_path_factory, data_dir):
+def autoscaling_head(tmp_path_factory, data_dir, s3_server):
+    """A head with the autoscaler and no worker node; started after the S3 server, so the head and the nodes it
+    launches inherit its endpoint and credentials."""
     import ray
     from ray._private.services import get_node_ip_address
 
@@ -60,23 +62,40 @@ def _alive_types() -> list[str]:
     return sorted(node_type_of(n["Resources"]) for n in ray.nodes() if n["Alive"])
 
 
+@pytest.fixture(scope="module")
+def s3_root(s3_server) -> str:
+    return f"s3://{s3_server['bucket']}/scaling-{time.time_ns()}"
+
+
+@pytest.fixture(scope="module")
+def mirror(s3_root) -> str:
+    """The tiny base model in S3: the launched nodes fetch it (a cluster's nodes share no disk with the driver)."""
+    from mecpe import storage
+
+    storage.upload_dir(tiny_model_dir(), f"{s3_root}/model")
+    return f"{s3_root}/model"
+
+
 @pytest.mark.reliability(
     fault="Scale from zero: the pipeline submitted (ray job submit) to a cluster that has only its head "
           "(cluster.yaml's node types, min_workers 0, the autoscaler v2)",
     behaviour="The autoscaler launches an A100-type node for training and T4-type nodes for inference; training "
-              "workers run only on A100 nodes and the inference actors only on T4 nodes (Ray's state API); the "
+              "workers run only on A100 nodes and the inference actors only on T4 nodes (Ray's state API); outputs, "
+              "runs and the base model are in S3 (the job's config has no local path: it would be refused); the "
               "nodes are released after the idle timeout")
-def test_scale_from_zero_pipeline_job(autoscaling_head, tmp_path):
+def test_scale_from_zero_pipeline_job(autoscaling_head, mirror, s3_root):
     import ray
 
+    from mecpe import storage
+
     assert _alive_types() == ["head"]
-    out = tmp_path / "out"
+    out = f"{s3_root}/out"
     # The job runs from the repository on this disk (as from an image with mecpe in it), not from an uploaded
     # --working-dir (tests/test_jobs.py covers that): the fake provider's nodes share this machine's Ray session
     # folder, and a node starting up clears the runtime-env files that are the job workers' working directory.
     cmd = [str(BIN / "ray"), "job", "submit", "--address", autoscaling_head["head"].address, "--",
            sys.executable, str(REPO / "jobs" / "pipeline.py"), "--config", str(REPO / "jobs" / "configs" / "smoke.yaml"),
-           f"output_dir={out}", f"storage.path={out}/runs", *_cluster_overrides(tiny_model_dir())]
+           f"output_dir={out}", f"storage.path={out}/runs", *_cluster_overrides(mirror)]
     seen: list[list[str]] = []
     types: dict[str, str] = {}  # node id -> type, read while the node is alive (a dead node reports no resources)
     done = threading.Event()
@@ -103,7 +122,7 @@ def test_scale_from_zero_pipeline_job(autoscaling_head, tmp_path):
     predictors = set().union(*actor_nodes("EmotionCausePredictor").values())
     assert workers and {types[n] for n in workers} == {"a100"}, workers
     assert predictors and {types[n] for n in predictors} == {"t4"}, predictors
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = storage.read_json(f"{out}/metrics.json")
     assert metrics["num_conversations_scored"] == 8
     # released after the idle timeout
     wait_for(lambda: _alive_types() == ["head"], 120, "the worker nodes to be released")
@@ -114,23 +133,23 @@ def test_scale_from_zero_pipeline_job(autoscaling_head, tmp_path):
           "nodes), for training and for inference",
     behaviour="The step asks the autoscaler before it waits; it fails within seconds with exit code 2 and a "
               "message naming the resource (accelerator_type:H100), instead of waiting forever")
-def test_unschedulable_accelerator_fails_fast(autoscaling_head, data_dir, tmp_path, capsys):
+def test_unschedulable_accelerator_fails_fast(autoscaling_head, mirror, s3_root, data_dir, capsys):
+    from mecpe import storage
     from mecpe.cli import main
 
     gold = json.loads((data_dir / "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json").read_text())[:2]
-    src = tmp_path / "in.json"
-    src.write_text(json.dumps(gold))
-    base = [*_cluster_overrides(tiny_model_dir()), f"ray_address={autoscaling_head['gcs']}"]
+    src = f"{s3_root}/unschedulable/in.json"
+    storage.write_json(src, gold)
+    base = [*_cluster_overrides(mirror), f"ray_address={autoscaling_head['gcs']}"]
     t0 = time.monotonic()
-    assert main(["infer", "--input", str(src), "--output", str(tmp_path / "out"), *base,
+    assert main(["infer", "--input", src, "--output", f"{s3_root}/unschedulable/out", *base,
                  "inference.accelerator_type=H100"]) == 2
     err = capsys.readouterr().err
     assert "accelerator_type:H100" in err and "inference" in err, err
-    assert not (tmp_path / "out" / "_run.json").exists()  # refused before claiming the output
-    out = tmp_path / "train"
-    (out / "data").mkdir(parents=True)
-    (out / "data" / "train.json").write_text(json.dumps(gold))
-    (out / "data" / "val.json").write_text(json.dumps(gold[:1]))
+    assert not storage.exists(f"{s3_root}/unschedulable/out/_run.json")  # refused before claiming the output
+    out = f"{s3_root}/unschedulable/train"
+    storage.write_json(f"{out}/data/train.json", gold)
+    storage.write_json(f"{out}/data/val.json", gold[:1])
     assert main(["train", "--task", "emotion", f"output_dir={out}", f"storage.path={out}/runs", *base,
                  "scaling.accelerator_type=H100"]) == 2
     err = capsys.readouterr().err

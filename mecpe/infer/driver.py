@@ -125,6 +125,12 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
     shas = {f: storage.sha256(f) for f in files}
     ident = run_identity(cfg, files, shas)
     cluster.connect(cfg.ray_address)
+    inf = cfg.inference
+    cluster.check_shared_paths({**cluster.named_by(cfg.output_dir, "output_dir", {"--input": files,
+                                                                                  "--output": output_uri}),
+                                "model.base": cfg.model.base,
+                                "inference.emotion_adapter": inf.emotion_adapter,
+                                "inference.cause_adapter": inf.cause_adapter}, cfg.storage.shared_filesystem)
     pools = 1 if cfg.inference.share_base else 2  # one actor pool per stage, or one for both
     res = _fit_cpu_actors(stage_resources(cfg), pools)
     cluster.check_schedulable(res.bundle(), "inference", count=res.num_actors * pools)

@@ -131,6 +131,10 @@ def _run(cfg: Config, task: str, train_uri: str | None, val_uri: str | None, pre
         return done
 
     cluster.connect(cfg.ray_address)
+    cluster.check_shared_paths({"storage.path": cfg.storage.path, "model.base": cfg.model.base,
+                                **cluster.named_by(cfg.output_dir, "output_dir", {"training data": train_uri,
+                                                                                  "validation data": val_uri})},
+                               cfg.storage.shared_filesystem)
     cluster.check_schedulable(worker_bundle(cfg), f"training ({task})", count=cfg.scaling.num_workers)
     fs, fs_path = storage.get_filesystem(cfg.storage.path, settings)
     sc = cfg.scaling
