@@ -77,23 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args) -> int:
-    from mecpe import storage
+    from mecpe import layout, storage
     from mecpe.config import load_config
-    from mecpe.data import counts_table, prepare
-    from mecpe.pipeline import data_dir, ensure_data
+    from mecpe.data import counts_table
+    from mecpe.pipeline import step_prepare
 
-    cfg = load_config(args.config, args.overrides)
-    d = cfg.data
-    if args.train is None:
-        ensure_data(cfg)
-    out = args.out or data_dir(cfg)
-    result = prepare(args.train or d.path(d.train_file), args.test if args.train else (args.test or d.path(d.test_file)),
-                     out, split=args.split or d.split,
-                     val_fraction=d.val_fraction if args.val_fraction is None else args.val_fraction,
-                     seed=d.seed if args.seed is None else args.seed)
+    result = step_prepare(load_config(args.config, args.overrides), args.train, args.test, args.out,
+                          split=args.split, val_fraction=args.val_fraction, seed=args.seed)
     names = [k for k in ("train", "val", "reference_test", "test") if k in result]
     print(counts_table({k: result[k] for k in names}))
-    print(f"rejects: {result['rejects']} (see {storage.join(out, 'rejects.jsonl')})")
+    print(f"rejects: {result['rejects']} (see {storage.join(result['output'], layout.REJECTS_FILE)})")
     for message in result["file_errors"]:
         print(f"file error: {message}", file=sys.stderr)
     return EXIT_USER_ERROR if result["train_file_errors"] else 0
@@ -127,6 +120,7 @@ def _print_metrics(metrics: dict, cause_utterances: int | None = None) -> None:
 def _evaluate(args) -> int:
     from mecpe import storage
     from mecpe.evaluate import evaluate_files, metrics_json, write_report
+    from mecpe.layout import RunLayout
 
     if args.config:
         from mecpe.config import load_config
@@ -135,7 +129,7 @@ def _evaluate(args) -> int:
         cfg = load_config(args.config, args.overrides)
         metrics = step_evaluate(cfg, args.pred, args.gold)
         _print_metrics(metrics)
-        print(f"report: {storage.join(cfg.output_dir, 'report.md')}")
+        print(f"report: {RunLayout(cfg.output_dir).report}")
         return 0
     if not (args.pred and args.gold):
         print("mecpe evaluate: error: --pred and --gold are required without --config", file=sys.stderr)
@@ -161,32 +155,29 @@ def _train(args) -> int:
 
 
 def _infer(args) -> int:
-    from mecpe import storage
     from mecpe.config import load_config
     from mecpe.evaluate import EvaluationError
-    from mecpe.infer.resume import GOLD_FILE, PRED_FILE
-    from mecpe.pipeline import step_infer
+    from mecpe.layout import InferenceLayout
+    from mecpe.pipeline import score_output, step_infer
 
     cfg = load_config(args.config, args.overrides)
     summary = step_infer(cfg, args.input, args.output, overwrite=args.overwrite)
-    out = summary["output"]
+    out = InferenceLayout(summary["output"])
     print(f"{summary['conversations']} conversations predicted, {summary['rejects']} rejected "
-          f"(see {storage.join(out, 'rejects.jsonl')}); {storage.join(out, PRED_FILE)}")
+          f"(see {out.rejects}); {out.pred}")
     if summary["has_gold"]:  # labelled input: score it like the organisers would
-        from mecpe.evaluate import evaluate_files, write_report
-
         try:
-            metrics = evaluate_files(storage.join(out, PRED_FILE), storage.join(out, GOLD_FILE))
+            metrics = score_output(out.root, "mecpe inference (input gold labels)")
         except EvaluationError as exc:  # e.g. string ids: the official metric cannot score them
             print(f"not scored: {exc}")
             return 0
-        write_report(metrics, out, parse_status=summary["parse_status"], title="mecpe inference (input gold labels)")
         _print_metrics(metrics, summary["this_run"]["stages"]["cause"]["utterances"])
     return 0
 
 
 def _pipeline(args) -> int:
     from mecpe.config import load_config
+    from mecpe.layout import RunLayout
     from mecpe.pipeline import run_pipeline
 
     cfg = load_config(args.config, args.overrides)
@@ -203,8 +194,7 @@ def _pipeline(args) -> int:
             print("emotion bias: " + ", ".join(f"{k} {b:+.2f}" for k, b in val["calibration"]["bias"].items() if b))
     out = res["output_dir"]
     print("\noutputs:")
-    for name in ("Subtask_2_pred.json", "metrics.json", "report.md", "confusion_matrix.png", "learning_curves.png",
-                 "pipeline.json", "data/", "inference/") + (("validation/",) if val else ()):
+    for name in RunLayout(out).listing(validation=bool(val)):
         print(f"  {out.rstrip('/')}/{name}")
     print(f"  emotion adapter: {res['adapters']['emotion']}\n  cause adapter:   {res['adapters']['cause']}")
     print(f"pipeline finished in {res['timings']['total']} s")

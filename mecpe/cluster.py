@@ -22,6 +22,8 @@ import os
 import time
 from typing import Mapping, Sequence
 
+from mecpe import storage
+
 log = logging.getLogger(__name__)
 _BASIC = {"CPU", "GPU", "memory", "object_store_memory"}
 
@@ -47,7 +49,7 @@ def connect(ray_address: str | None = None) -> None:
 
 def _local(uri: str | None) -> bool:
     """A path on this machine's disk (made absolute by ``config.load_config``); hub ids and URIs are not."""
-    return bool(uri) and (str(uri).startswith("file://") or ("://" not in str(uri) and os.path.isabs(str(uri))))
+    return bool(uri) and not storage.is_remote(uri) and os.path.isabs(str(uri).removeprefix("file://"))
 
 
 def other_machines() -> str | None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from mecpe import storage
 from mecpe.labels import EMOTIONS
+from mecpe.layout import REJECTS_FILE, DataLayout
 
 # The seven labels, in the official scorer's index order (neutral = 0). Every module takes them from here.
 MAX_ID_CHARS = 1000
@@ -575,11 +576,11 @@ def prepare(train_uri: str | Sequence[str], test_uri: str | Sequence[str] | None
     if test is not None:
         splits["test"] = test.conversations
 
-    outputs = {f"{name}.json": _dump(convs) for name, convs in splits.items()}
+    outputs = {DataLayout.split_file(name): _dump(convs) for name, convs in splits.items()}
     problems = [{"input": role, **r.to_json()} for role, res in (("train", train), ("test", test)) if res
                 for r in [*(e.as_reject() for e in res.file_errors), *res.rejects]]
-    outputs["rejects.jsonl"] = storage.dumps_jsonl(problems)
-    for name in ("test.json", "reference_test.json"):
+    outputs[REJECTS_FILE] = storage.dumps_jsonl(problems)
+    for name in map(DataLayout.split_file, ("test", "reference_test")):
         if name not in outputs:
             storage.delete(storage.join(out_dir, name))
     for name, blob in outputs.items():
@@ -588,7 +589,7 @@ def prepare(train_uri: str | Sequence[str], test_uri: str | Sequence[str] | None
     result = {name: counts(convs) for name, convs in splits.items()}
     result.update(rejects=len(problems), file_errors=[str(e) for r in (train, test) if r for e in r.file_errors],
                   train_file_errors=len(train.file_errors))
-    storage.write_json(storage.join(out_dir, "manifest.json"), {
+    storage.write_json(DataLayout(out_dir).manifest, {
         "inputs": {"train": train.sources, "test": test.sources if test else {}},
         "settings": {"split": split, "val_fraction": val_fraction, "seed": seed},
         "outputs": {name: hashlib.sha256(blob).hexdigest() for name, blob in outputs.items()},

@@ -21,7 +21,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from mecpe import storage
+from mecpe import layout, storage
 from mecpe.data import EMOTIONS  # the scorer's index order
 
 EMOTION_IDX = {e: i for i, e in enumerate(EMOTIONS)}
@@ -478,8 +478,9 @@ def write_report(
     adapter URI, log history per task) learning_curves.png into ``out_dir`` (local or s3://); return their URIs.
     ``notes`` (e.g. the scope of a limited run) head the report and go into metrics.json; ``validation`` (the
     pipeline's validation step: metrics on the validation split, the fitted emotion bias) gets its own section."""
-    paths = {name: storage.join(out_dir, f"{name}.{ext}") for name, ext in
-             (("metrics", "json"), ("report", "md"), ("confusion_matrix", "png"))}
+    paths = {name: storage.join(out_dir, file) for name, file in
+             (("metrics", layout.METRICS_FILE), ("report", layout.REPORT_FILE),
+              ("confusion_matrix", layout.CONFUSION_FILE))}
     baselines = baselines or {}
     payload = _ordered(metrics)
     if notes:
@@ -495,7 +496,7 @@ def write_report(
         payload["adapters"] = {task: {k: info.get(k) for k in ("run_name", "adapter", "global_step")}
                                for task, info in training.items()}
         curves = learning_curves(training)
-        paths["learning_curves"] = storage.join(out_dir, "learning_curves.png")
+        paths["learning_curves"] = storage.join(out_dir, layout.CURVES_FILE)
     storage.write_bytes(paths["metrics"], (json.dumps(payload, indent=2, default=_json_default) + "\n").encode())
 
     names = list(baselines)
@@ -550,7 +551,7 @@ def write_report(
     if counts:
         md += ["", "## Counts", ""]
         md.append(_md_table(["count", "value"], [[k, metrics[k]] for k in counts]))
-    md += ["", "![confusion matrix](confusion_matrix.png)", ""]
+    md += ["", f"![confusion matrix]({layout.CONFUSION_FILE})", ""]
     if training:
         md += ["## Training", ""]
         md.append(_md_table(["task", "run", "steps", "final train loss", "final validation loss", "adapter"],
@@ -558,7 +559,7 @@ def write_report(
                               curves[task]["train"][-1][1] if curves[task]["train"] else float("nan"),
                               curves[task]["validation"][-1][1] if curves[task]["validation"] else float("nan"),
                               info.get("adapter")] for task, info in training.items()]))
-        md += ["", "![learning curves](learning_curves.png)", ""]
+        md += ["", f"![learning curves]({layout.CURVES_FILE})", ""]
     storage.write_bytes(paths["report"], "\n".join(md).encode("utf-8"))
 
     if "emotion_confusion" in metrics:

@@ -172,7 +172,7 @@ def load_adapter(model, adapter_uri: str, name: str, *, cache_dir: str = "~/.cac
     """Attach a saved LoRA adapter (local dir or ``s3://``) as ``name``; returns the ``PeftModel``."""
     from peft import PeftModel
 
-    path = sources.resolve(adapter_uri, cache_dir)
+    path = sources.resolve(adapter_uri, cache_dir, key=f"{name} adapter")
     if isinstance(model, PeftModel):
         model.load_adapter(path, adapter_name=name, is_trainable=False)
         return model

@@ -4,11 +4,13 @@ Each step is also its own command (``mecpe data prepare|train|infer|evaluate --c
 entrypoint (``jobs/*.py``); they share these functions, so a step run alone and a step run inside the pipeline do the
 same thing. Every step reads and writes under ``output_dir``:
 
-    <output_dir>/data/{train,val,test}.json, rejects.jsonl      prepare
-    <storage.path>/<run>/adapter/                              train (one run per task)
-    <output_dir>/validation/{raw/,inference/,calibration.json,metrics.json,report.md}   validate (when asked)
-    <output_dir>/inference/{records/,Subtask_2_pred.json,summary.json,...}
-    <output_dir>/Subtask_2_pred.json, metrics.json, report.md, confusion_matrix.png, learning_curves.png
+    <output_dir>/data/                 prepare
+    <storage.path>/<run>/adapter/      train (one run per task)
+    <output_dir>/validation/           validate (when asked)
+    <output_dir>/inference/            infer
+    <output_dir>/ (report files)       evaluate
+
+(``mecpe.layout`` names every file.)
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ import logging
 import os
 import time
 
-from mecpe import storage
+from mecpe import layout, storage
 from mecpe.config import Config, dump_config
+from mecpe.layout import InferenceLayout, RunLayout
 
 log = logging.getLogger("mecpe.pipeline")
-OFFICIAL = ("precision_pair", "recall_pair", "f1_pair", "weighted_precision", "weighted_recall", "weighted_f1")
 
 
 def data_dir(cfg: Config) -> str:
-    return storage.join(cfg.output_dir, "data")
+    return RunLayout(cfg.output_dir).data.root
 
 
 def ensure_data(cfg: Config) -> None:
@@ -65,22 +67,35 @@ def ensure_model(cfg: Config) -> None:
                      output_scale=tiny.output_scale, pretrain_steps=tiny.pretrain_steps)
 
 
-def step_prepare(cfg: Config) -> dict:
+def step_prepare(cfg: Config, train_uri: str | None = None, test_uri: str | None = None, out_uri: str | None = None,
+                 *, split: str | None = None, val_fraction: float | None = None, seed: int | None = None) -> dict:
+    """Validate and split the training file (``data.train_file``, or ``train_uri`` with ``test_uri`` or no test
+    file), copy the gold test file, into ``out_uri`` (default ``<output_dir>/data``); arguments left None come from
+    ``cfg.data``. Also where the config's own inputs are made when it asks for them: the synthetic corpus
+    (``data.synthesize_if_missing``) and the tiny model (``model.build_tiny_if_missing``); train and infer only read.
+    Returns ``mecpe.data.prepare``'s counts, with ``output`` the folder written."""
     from mecpe.data import prepare
 
-    ensure_data(cfg)
     d = cfg.data
-    return prepare(d.path(d.train_file), d.path(d.test_file), data_dir(cfg), split=d.split,
-                   val_fraction=d.val_fraction, seed=d.seed)
+    ensure_model(cfg)
+    if train_uri is None:
+        ensure_data(cfg)
+        train_uri, test_uri = d.path(d.train_file), test_uri or d.path(d.test_file)
+    out = out_uri or RunLayout(cfg.output_dir).data.root
+    result = prepare(train_uri, test_uri, out, split=split or d.split,
+                     val_fraction=d.val_fraction if val_fraction is None else val_fraction,
+                     seed=d.seed if seed is None else seed)
+    return {**result, "output": out}
 
 
 def _limited(cfg: Config, split: str, n: int | None) -> tuple[str, str | None]:
     """(URI of the prepared ``split``, or of its first ``n`` conversations written beside it; a note or None)."""
-    full = storage.join(data_dir(cfg), f"{split}.json")
+    prepared = RunLayout(cfg.output_dir).data
+    full = prepared.split(split)
     if n is None:
         return full, None
     convs = storage.read_state(full)
-    uri = storage.join(data_dir(cfg), f"{split}-first-{n}.json")
+    uri = prepared.first(split, n)
     storage.write_json(uri, convs[:n], indent=4)
     return uri, (f"Scope: the first {min(n, len(convs))} of the {len(convs)} {split} conversations "
                  f"(data.limit_{split}={n}); metrics on the whole {split} set will differ.")
@@ -95,44 +110,46 @@ def test_split(cfg: Config) -> tuple[str, str | None]:
 def step_train(cfg: Config, task: str):
     from mecpe.train import run_training
 
-    ensure_model(cfg)
-    return run_training(cfg, task, train_convs_uri=storage.join(data_dir(cfg), "train.json"),
-                        val_convs_uri=storage.join(data_dir(cfg), "val.json"))
+    run = RunLayout(cfg.output_dir)
+    return run_training(cfg, task, train_convs_uri=run.split("train"), val_convs_uri=run.split("val"))
 
 
 def step_infer(cfg: Config, input_uri: str | None = None, output_uri: str | None = None, *,
                overwrite: bool = False) -> dict:
     from mecpe.infer import run_inference
 
-    ensure_model(cfg)
-    return run_inference(cfg, input_uri or test_split(cfg)[0], output_uri or storage.join(cfg.output_dir, "inference"),
+    return run_inference(cfg, input_uri or test_split(cfg)[0], output_uri or RunLayout(cfg.output_dir).inference.root,
                          overwrite=overwrite)
 
 
 def adapter_training(cfg: Config) -> dict[str, dict]:
     """Per task whose adapter the config names: its run name, step and logged history (``mecpe_train.json``), for
     the report's learning curves and metrics.json."""
-    from mecpe.train.recipe import META_FILE
-
     out = {}
     for task, uri in (("emotion", cfg.inference.emotion_adapter), ("cause", cfg.inference.cause_adapter)):
-        meta_uri = storage.join(uri, META_FILE) if uri else None
-        if meta_uri and storage.exists(meta_uri):
-            meta = storage.read_state(meta_uri)
+        meta = layout.read_training_meta(uri)
+        if meta is not None:
             out[task] = {"run_name": meta.get("run_name"), "adapter": uri, "global_step": meta.get("global_step"),
                          "log_history": meta.get("log_history") or []}
     return out
 
 
-def _score_inference(out: str) -> dict:
+def score_output(output_uri: str, title: str) -> dict:
     """Official metrics (and utterance emotion scores) of an inference output on labelled input (its ``gold.json``);
-    report files beside it."""
-    from mecpe.evaluate import OFFICIAL_KEYS, evaluate_files, write_report
-    from mecpe.infer.resume import GOLD_FILE, PRED_FILE, SUMMARY_FILE
+    report files beside it. The one route that scores an inference output: validation, and ``mecpe infer`` on
+    labelled input. Raises ``EvaluationError`` where the official metric cannot score it (string ids)."""
+    from mecpe.evaluate import evaluate_files, write_report
 
-    metrics = evaluate_files(storage.join(out, PRED_FILE), storage.join(out, GOLD_FILE))
-    write_report(metrics, out, parse_status=storage.read_state(storage.join(out, SUMMARY_FILE))["parse_status"],
-                 title="mecpe on the validation split")
+    out = InferenceLayout(output_uri)
+    metrics = evaluate_files(out.pred, out.gold)
+    write_report(metrics, out.root, parse_status=storage.read_state(out.summary)["parse_status"], title=title)
+    return metrics
+
+
+def _score_validation(out: InferenceLayout) -> dict:
+    from mecpe.evaluate import OFFICIAL_KEYS
+
+    metrics = score_output(out.root, "mecpe on the validation split")
     return {k: metrics[k] for k in (*OFFICIAL_KEYS, "emotion_accuracy", "emotion_weighted_f1") if k in metrics}
 
 
@@ -143,22 +160,22 @@ def step_validate(cfg: Config) -> tuple[Config, dict | None]:
     when applied) and what was measured (None when neither is asked), also in ``<output_dir>/validation/``."""
     from mecpe import calibrate
     from mecpe.infer import run_inference
-    from mecpe.infer.resume import RECORDS_DIR, iter_shard_lines
+    from mecpe.infer.resume import iter_shard_lines
 
     v = cfg.validation
     if not (v.score or v.fit_emotion_bias):
         return cfg, None
     val_uri, note = _limited(cfg, "val", cfg.data.limit_val)
-    out = storage.join(cfg.output_dir, "validation")
+    run = RunLayout(cfg.output_dir)
     result: dict = {"conversations": len(storage.read_state(val_uri)), "scope": note}
     if v.fit_emotion_bias:
         raw_cfg = cfg.model_copy(deep=True)
         raw_cfg.inference.emotion_bias = None
-        raw = storage.join(out, "raw")
-        run_inference(raw_cfg, val_uri, raw)
-        result["before_calibration"] = _score_inference(raw)
-        fitted = calibrate.fit(calibrate.utterances_from_records(iter_shard_lines(storage.join(raw, RECORDS_DIR))))
-        storage.write_json(storage.join(out, "calibration.json"), fitted, indent=2)
+        raw = run.validation_raw
+        run_inference(raw_cfg, val_uri, raw.root)
+        result["before_calibration"] = _score_validation(raw)
+        fitted = calibrate.fit(calibrate.utterances_from_records(iter_shard_lines(raw.records)))
+        storage.write_json(run.calibration, fitted, indent=2)
         log.info("emotion bias fitted on %d validation utterances: %s (objective %.4f -> %.4f; 2-fold %.4f -> %.4f): "
                  "%s", fitted["utterances"], {k: b for k, b in fitted["bias"].items() if b}, fitted["before"],
                  fitted["after"], fitted["two_fold"]["before"] or 0.0, fitted["two_fold"]["after"] or 0.0,
@@ -169,9 +186,9 @@ def step_validate(cfg: Config) -> tuple[Config, dict | None]:
     if "before_calibration" in result and cfg.inference.emotion_bias is None:
         result["metrics"] = result["before_calibration"]  # the uncalibrated run is the system
     else:
-        run_inference(cfg, val_uri, storage.join(out, "inference"))
-        result["metrics"] = _score_inference(storage.join(out, "inference"))
-    storage.write_json(storage.join(out, "metrics.json"), result, indent=2)
+        run_inference(cfg, val_uri, run.validation_inference.root)
+        result["metrics"] = _score_validation(run.validation_inference)
+    storage.write_json(run.validation_metrics, result, indent=2)
     log.info("validation split (%d conversations): weighted_f1 %.4f%s", result["conversations"],
              result["metrics"]["weighted_f1"], f" (uncalibrated {result['before_calibration']['weighted_f1']:.4f})"
              if "before_calibration" in result else "")
@@ -184,24 +201,25 @@ def step_evaluate(cfg: Config, pred_uri: str | None = None, gold_uri: str | None
     config names trained adapters) and a copy of Subtask_2_pred.json into ``output_dir``. Returns the metrics."""
     from mecpe.evaluate import baseline_predictions, score_subtask2, write_report
 
+    run = RunLayout(cfg.output_dir)
     note = None
     if gold_uri is None:
         gold_uri, note = test_split(cfg)
-    pred_uri = pred_uri or storage.join(cfg.output_dir, "inference", "Subtask_2_pred.json")
+    pred_uri = pred_uri or run.inference.pred
     pred, gold = storage.read_json(pred_uri), storage.read_json(gold_uri)
     metrics = score_subtask2(pred, gold, pred_source=pred_uri, gold_source=gold_uri)
     baselines = {
         "majority emotion + self/previous causes": score_subtask2(baseline_predictions(gold, emotions="majority"), gold),
         "gold emotions + self/previous causes (oracle)": score_subtask2(baseline_predictions(gold, emotions="gold"), gold),
     }
-    summary_uri = storage.join(cfg.output_dir, "inference", "summary.json")
+    summary_uri = run.inference.summary
     parse_status = storage.read_state(summary_uri).get("parse_status") if storage.exists(summary_uri) else None
     metrics["baselines"] = baselines
     write_report({k: v for k, v in metrics.items() if k != "baselines"}, cfg.output_dir, baselines=baselines,
                  parse_status=parse_status, training=adapter_training(cfg), notes=[note] if note else None,
                  validation=validation)
-    if pred_uri != storage.join(cfg.output_dir, "Subtask_2_pred.json"):
-        storage.write_bytes(storage.join(cfg.output_dir, "Subtask_2_pred.json"), storage.read_bytes(pred_uri))
+    if pred_uri != run.pred:
+        storage.write_bytes(run.pred, storage.read_bytes(pred_uri))
     metrics["scope"] = note
     return metrics
 
@@ -210,6 +228,7 @@ def run_pipeline(cfg: Config) -> dict:
     """prepare -> train emotion -> train cause -> infer (with the new adapters) -> evaluate; returns the metrics,
     the inference summary, the adapters and the step timings (also in ``pipeline.json``)."""
     from mecpe import cluster
+    from mecpe.evaluate import OFFICIAL_KEYS
 
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -236,12 +255,13 @@ def run_pipeline(cfg: Config) -> dict:
     metrics = timed("evaluate", step_evaluate, cfg, None, None, validation)
     timings["total"] = round(time.time() - t0, 1)
     adapters = {"emotion": emotion.adapter_uri, "cause": cause.adapter_uri}
-    storage.write_json(storage.join(cfg.output_dir, "pipeline.json"), {
+    run = RunLayout(cfg.output_dir)
+    storage.write_json(run.pipeline_record, {
         "timings_s": timings, "adapters": adapters,
-        "inference_summary": storage.join(cfg.output_dir, "inference", "summary.json"),
-        "metrics": {k: metrics[k] for k in OFFICIAL}, "scope": metrics.get("scope"),
+        "inference_summary": run.inference.summary,
+        "metrics": {k: metrics[k] for k in OFFICIAL_KEYS}, "scope": metrics.get("scope"),
         "validation": validation, "emotion_bias": cfg.inference.emotion_bias,
     }, indent=2)
-    storage.write_bytes(storage.join(cfg.output_dir, "config.yaml"), dump_config(cfg).encode())
+    storage.write_bytes(run.config, dump_config(cfg).encode())
     return {"metrics": metrics, "summary": summary, "timings": timings, "adapters": adapters,
             "output_dir": cfg.output_dir, "validation": validation}

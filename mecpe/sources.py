@@ -143,8 +143,9 @@ def _gguf_folder(path: str, cache: str) -> str:
     return _cached(target, lambda tmp: {**convert_gguf(path, tmp), "source": path, "sha256": digest})
 
 
-def resolve(source: str, cache_dir: str = DEFAULT_CACHE) -> str:
-    """A local folder (or hub id) that ``from_pretrained`` can read for ``source`` (see the module docstring)."""
+def resolve(source: str, cache_dir: str = DEFAULT_CACHE, key: str = "model.base") -> str:
+    """A local folder (or hub id) that ``from_pretrained`` can read for ``source`` (see the module docstring);
+    ``key``: the config key that named it, for errors."""
     key = (source, cache_dir)
     hit = _RESOLVED.get(key)
     if hit is not None and (os.path.exists(hit) or hit == source):
@@ -163,6 +164,10 @@ def resolve(source: str, cache_dir: str = DEFAULT_CACHE) -> str:
         out = _download_dir(source, cache)
     else:
         local = os.path.expanduser(source)
+        if os.path.isabs(local) and not os.path.exists(local):  # a hub id is never absolute (config.load_config)
+            hint = (" (a config with model.build_tiny_if_missing builds it in the prepare step: `mecpe data "
+                    "prepare` or `mecpe pipeline`)") if key == "model.base" else ""
+            raise FileNotFoundError(f"{key} {source!r}: no such folder{hint}")
         out = os.path.abspath(local) if os.path.exists(local) else source
     _RESOLVED[key] = out
     return out

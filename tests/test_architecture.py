@@ -1,4 +1,4 @@
-"""The layout's rules (docs/architecture.md), checked on the source: no import circle, command-line concerns only in
+"""The code's rules (docs/architecture.md), checked on the source: no import circle, command-line concerns only in
 the CLI, pure prompts, each concept defined once."""
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def test_the_layers_point_one_way():
         "mecpe.labels": set(),
         "mecpe.special_tokens": set(),
         "mecpe.config": {"mecpe.labels"},
-        "mecpe.data": {"mecpe.storage", "mecpe.labels"},
+        "mecpe.layout": {"mecpe.storage"},
+        "mecpe.data": {"mecpe.storage", "mecpe.labels", "mecpe.layout"},
         "mecpe.prompts": {"mecpe.labels"},
         "mecpe.calibrate": {"mecpe.labels"},
         "mecpe.sources": {"mecpe.storage", "mecpe.special_tokens"},
@@ -119,3 +120,79 @@ def test_each_concept_defined_once():
     assert labels == ["labels.py"], labels
     assert connects == ["cluster.py"], connects
     assert rejects == ["data.py"], rejects
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    return {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+
+
+def _artefact_names() -> tuple[set[str], set[str]]:
+    """(file names, folder names) that mecpe.layout defines: its string constants, and those its methods join."""
+    tree = ast.parse((PKG / "layout.py").read_text())
+    docs = _docstrings(tree)
+    parts = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}  # f"{name}.json"
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+               and id(n) not in docs | parts and " " not in n.value}
+    files = {s for s in strings if "." in s.strip(".") or s.startswith(".")}
+    folders = {s.rstrip("/") for s in strings - files if s.rstrip("/").isidentifier()}
+    return files, folders
+
+
+def test_every_artefact_is_named_in_the_layout_only():
+    """No module but mecpe/layout.py spells the name of a run's file (``"summary.json"``, ``"mecpe_train.json"``) or
+    joins a run's folder by name (``storage.join(out, "records")``): moving an artefact is one edit. Docstrings may
+    mention them. Catches, e.g., ``storage.join(output_uri, "summary.json")`` written back into infer/driver.py."""
+    files, folders = _artefact_names()
+    assert {"Subtask_2_pred.json", "summary.json", "mecpe_train.json", "_run.json"} <= files, files
+    assert {"records", "adapter", "data", "inference"} <= folders, folders
+    offenders = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "layout.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                if any(node.value == f or node.value.endswith("/" + f) for f in files):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value!r}")
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith(("storage.join", "os.path.join", "_join")):
+                offenders += [f"{path.relative_to(REPO)}:{node.lineno} joins {a.value!r}" for a in node.args[1:]
+                              if isinstance(a, ast.Constant) and a.value in folders]
+    assert not offenders, offenders
+
+
+def _documented_imports() -> dict[str, set[str]]:
+    """docs/architecture.md's "In detail" paragraph: ``a → {b, c}``, ``a → b``, ``pkg.{...} → {...}`` (what the
+    package imports from outside itself) and "``x``, ``y`` import no other mecpe module"."""
+    import re
+
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    para = doc[doc.index("In detail:"):].split("\n\n")[0].replace("\n", " ")
+    out: dict[str, set[str]] = {}
+    pairs = re.findall(r"`([\w.]+) → \{?([^`}]*)\}?`", para)  # `a → {b, c}`
+    pairs += re.findall(r"`(\w+)\.\{[^`]*\}` → `\{([^`}]*)\}`", para)  # `pkg.{...}` → `{b, c}`
+    for name, deps in pairs:
+        out[name] = {d.strip() for d in deps.split(",") if d.strip()}
+    none = re.search(r"((?:`\w+`,? (?:and )?)+)import no other mecpe module", para)
+    for name in re.findall(r"`(\w+)`", none.group(1)):
+        out[name] = set()
+    return out
+
+
+def test_the_architecture_doc_lists_the_real_imports():
+    """Every module's (or package's) mecpe imports as the doc lists them, no more and no fewer: adding an import
+    without the doc, or the doc without the import, fails CI."""
+    graph = _graph()
+    documented = _documented_imports()
+    assert {"cli", "pipeline", "train", "infer", "layout", "storage", "data"} <= set(documented), documented
+    problems = []
+    for name, deps in documented.items():
+        inside = [m for m in graph if m == f"mecpe.{name}" or m.startswith(f"mecpe.{name}.")]
+        assert inside, f"the doc names {name}, which is no mecpe module"
+        real = {d.removeprefix("mecpe.") for m in inside for d in graph[m]} - {"mecpe"}
+        real = {d for d in real if not (d == name or d.startswith(f"{name}."))}  # a package's own modules
+        if real != deps:
+            problems.append(f"{name}: doc {sorted(deps)}, code {sorted(real)}")
+    assert not problems, problems

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from mecpe import storage
+from mecpe import layout, storage
 from mecpe.config import load_config
 from mecpe.pipeline import step_train
-from mecpe.train import checkpoints, recipe
+from mecpe.train import checkpoints
 from mecpe.train.driver import run_identity
 
 from _faults import BUCKET, alive_actor_pids, fake_cloud, local_ray, sigkill, wait_for
@@ -126,8 +126,8 @@ def _check_finished(res, resumed_from: int, reference: list[float]) -> None:
     assert m["resumed_from_step"] == resumed_from and m["first_logged_step"] == resumed_from + 1
     assert _steps(m) == list(range(1, MAX_STEPS + 1))  # global step continues: no gap, no repeat
     assert _losses(m) == pytest.approx(reference, rel=1e-4)
-    meta = storage.read_json(storage.join(res.adapter_uri, recipe.META_FILE))
-    marker = storage.read_json(storage.join(res.adapter_uri, recipe.COMPLETE_MARKER))
+    meta = storage.read_json(storage.join(res.adapter_uri, layout.TRAIN_META_FILE))
+    marker = storage.read_json(storage.join(res.adapter_uri, layout.TRAIN_COMPLETE_MARKER))
     assert meta["global_step"] == marker["global_step"] == MAX_STEPS
 
 
@@ -210,7 +210,7 @@ def killed_driver_run(ray_address, tiny, tmp_path_factory):
             proc.kill()
         log.close()
     _wait_workers_gone()
-    assert not storage.exists(storage.join(run_dir, "adapter", recipe.COMPLETE_MARKER))
+    assert not storage.exists(storage.join(run_dir, "adapter", layout.TRAIN_COMPLETE_MARKER))
     pristine = root / "pristine"
     shutil.copytree(runs, pristine)
     return {"overrides": overrides, "runs": runs, "pristine": pristine, "run_dir": run_dir, "cfg": cfg,
@@ -338,7 +338,7 @@ def _check_outage_run(res, prefix: str, tmp_path, uninterrupted: list[float], mu
         assert m["first_logged_step"] == m["resumed_from_step"] + 1
         how = f"resumed from step {m['resumed_from_step']}"
     assert _losses(m) == pytest.approx(uninterrupted, rel=1e-4)
-    assert storage.exists(storage.join(res.adapter_uri, recipe.COMPLETE_MARKER))
+    assert storage.exists(storage.join(res.adapter_uri, layout.TRAIN_COMPLETE_MARKER))
     return how
 
 

@@ -12,11 +12,11 @@ import time
 import pytest
 import torch
 
-from mecpe import storage
+from mecpe import layout, storage
 from mecpe.config import Config
 from mecpe.data import EMOTIONS
 from mecpe.prompts import PromptBuilder, cause_target, emotion_target
-from mecpe.train import examples, recipe, run_training
+from mecpe.train import examples, run_training
 from mecpe.train.driver import run_identity
 
 from _faults import train_with_worker_kill
@@ -77,9 +77,9 @@ def _losses(metrics: dict) -> list[tuple[int, float]]:
 
 def _check_adapter(adapter: str) -> dict:
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml",
-                 recipe.META_FILE, recipe.COMPLETE_MARKER):
+                 layout.TRAIN_META_FILE, layout.TRAIN_COMPLETE_MARKER):
         assert storage.exists(storage.join(adapter, name)), name
-    return storage.read_json(storage.join(adapter, recipe.META_FILE))
+    return storage.read_json(storage.join(adapter, layout.TRAIN_META_FILE))
 
 
 def _run_dir(cfg: Config, task: str, train_uri: str, val_uri: str | None = None) -> str:
@@ -324,7 +324,7 @@ def test_s3_storage_checkpoints_and_adapter(ray_local, s3_server, tiny, splits):
             for o in page.get("Contents", [])]
     run = f"{prefix}/runs/{res.run_name}"
     assert any(k.startswith(f"{run}/") and k.endswith("/checkpoint/trainer_state.json") for k in keys)
-    assert f"{run}/adapter/adapter_model.safetensors" in keys and f"{run}/adapter/{recipe.COMPLETE_MARKER}" in keys
+    assert f"{run}/adapter/adapter_model.safetensors" in keys and f"{run}/adapter/{layout.TRAIN_COMPLETE_MARKER}" in keys
     _check_adapter(res.adapter_uri)
     again = run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
     assert again.reused and again.global_step == 6

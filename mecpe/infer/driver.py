@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 from mecpe import cluster, storage
 from mecpe.config import Config
-from mecpe.infer.resume import (
-    PRED_FILE, REJECTS_FILE, STAGES, SUMMARY_FILE, assemble, claim_output, done_uids, run_identity,
-)
+from mecpe.infer.resume import STAGES, assemble, claim_output, done_uids, run_identity
 from mecpe.infer.source import LIGHT_CPUS, list_inputs, read_raw
+from mecpe.layout import InferenceLayout
 from mecpe.provenance import code_version
 from mecpe.infer.stages import (
     CausePredictor, EmotionCausePredictor, EmotionPredictor, ParseStage, ShardWriter, merge_engine,
@@ -164,8 +163,9 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
     del done_ref
 
     asm = assemble(output_uri)
+    out = InferenceLayout(output_uri)
     public = ("source", "location", "conversation_id", "reason", "field", "stage", "retryable")
-    storage.write_bytes(storage.join(output_uri, REJECTS_FILE),
+    storage.write_bytes(out.rejects,
                         storage.dumps_jsonl({k: r.get(k) for k in public} for r in asm.rejects))
     summary = {
         "run_id": ident["run_id"],
@@ -208,13 +208,13 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
         },
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.write_json(storage.join(output_uri, SUMMARY_FILE), summary, indent=2)
+    storage.write_json(out.summary, summary, indent=2)
     st = summary["this_run"]["stages"]
     log.info("read+parse: %d file(s), %d conversations, %d rejects (%d done before this run)", len(files),
              summary["conversations"], summary["rejects"], len(done))
     for stage in STAGES:
         log.info("%s: %d utterances this run, %s utt/s per actor, parse status %s", stage, st[stage]["utterances"],
                  st[stage]["utt_per_s_per_actor"], asm.parse_status[stage])
-    log.info("write: %d shards this run; %s, %s, %s in %s (%s s)", this_run["shards"], PRED_FILE, REJECTS_FILE,
-             SUMMARY_FILE, output_uri, summary["wall_s"])
+    log.info("write: %d shards this run; %s, %s, %s (%s s)", this_run["shards"], out.pred, out.rejects, out.summary,
+             summary["wall_s"])
     return summary

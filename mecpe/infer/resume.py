@@ -29,21 +29,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from mecpe import data, runid, storage
+from mecpe import data, layout, runid, storage
 from mecpe.config import Config
+from mecpe.layout import InferenceLayout
 
-RUN_FILE = "_run.json"
-RECORDS_DIR = "records"
-REJECTS_DIR = "rejects"
-PRED_FILE = "Subtask_2_pred.json"
-GOLD_FILE = "gold.json"  # the gold labels of the predicted conversations, when the input carried them
-REJECTS_FILE = "rejects.jsonl"
-SUMMARY_FILE = "summary.json"
 META = "_mecpe"  # per-record bookkeeping in the shards; stripped from Subtask_2_pred.json
 STAGES = ("emotion", "cause")
-# files of a finished run, deleted with its shards when another run takes the folder over (overwrite)
-_RESULT_FILES = (PRED_FILE, GOLD_FILE, REJECTS_FILE, SUMMARY_FILE, "metrics.json", "report.md",
-                 "confusion_matrix.png", RUN_FILE)
 
 
 class RunMismatchError(RuntimeError):
@@ -58,10 +49,9 @@ def _adapter_info(uri: str | None) -> dict | None:
     if not uri:
         return None
     info: dict[str, Any] = {"uri": uri, "config_hash": None}
-    meta_uri = storage.join(uri, "mecpe_train.json")
     try:
-        if storage.exists(meta_uri):
-            meta = storage.read_state(meta_uri)
+        meta = layout.read_training_meta(uri)
+        if meta is not None:
             info["config_hash"] = (meta.get("config_hash") if isinstance(meta, dict) else None) or runid.run_id(meta)
     except Exception as exc:  # noqa: BLE001 - provenance only; the adapter itself is loaded in the actors
         info["config_hash_error"] = f"{type(exc).__name__}: {exc}"
@@ -84,32 +74,31 @@ def run_identity(cfg: Config, files: list[str], shas: dict[str, str]) -> dict:
     return {"run_id": runid.run_id(parts, length=16), **parts}
 
 
-def _has_shards(output_uri: str) -> bool:
-    return any(storage.exists(storage.join(output_uri, d)) and
-               storage.list_files(storage.join(output_uri, d), suffixes=(".jsonl",))
-               for d in (RECORDS_DIR, REJECTS_DIR))
+def _has_shards(out: InferenceLayout) -> bool:
+    return any(storage.exists(d) and storage.list_files(d, suffixes=(".jsonl",)) for d in (out.records, out.rejects_dir))
 
 
 def claim_output(output_uri: str, ident: dict, overwrite: bool) -> bool:
     """Claim ``output_uri`` for this run; returns True when resuming the same run. Another run's results are
     refused (``RunMismatchError``, naming what differs) unless ``overwrite``, which deletes them first."""
-    run_uri = storage.join(output_uri, RUN_FILE)
+    out = InferenceLayout(output_uri)
+    run_uri = out.run_file
     existing = storage.read_state(run_uri) if storage.exists(run_uri) else None
     same = isinstance(existing, dict) and existing.get("run_id") == ident["run_id"]
-    if not same and (existing is not None or _has_shards(output_uri)):
+    if not same and (existing is not None or _has_shards(out)):
         if not overwrite:
             if isinstance(existing, dict):
                 differs = [k for k in ident if k != "run_id" and existing.get(k) != ident[k]]
                 what = f"run {existing.get('run_id')!r}, which differs in: {', '.join(differs) or '?'}"
             else:
-                what = "shards but no _run.json"
+                what = f"shards but no {out.RUN_FILE}"
             raise RunMismatchError(
                 f"refusing to write into {output_uri}: it holds the results of another run ({what}); this run is "
                 f"{ident['run_id']!r}. Runs are never mixed: choose another --output, or pass --overwrite to "
                 f"delete the old results.")
-        for d in (RECORDS_DIR, REJECTS_DIR):
-            storage.delete_dir(storage.join(output_uri, d))
-        for name in _RESULT_FILES:
+        for d in (out.records, out.rejects_dir):
+            storage.delete_dir(d)
+        for name in out.result_files():  # of a finished run, deleted with its shards
             storage.delete(storage.join(output_uri, name))
     if not same:
         storage.write_json(run_uri, {**ident, "created": _now()}, indent=2)
@@ -137,8 +126,9 @@ def iter_shard_lines(prefix: str) -> Iterator[dict]:
 
 def done_uids(output_uri: str) -> set[str]:
     """uids finished by earlier runs: every record, and every reject that is not retryable."""
-    done = {r[META]["uid"] for r in iter_shard_lines(storage.join(output_uri, RECORDS_DIR)) if META in r}
-    done |= {r["uid"] for r in iter_shard_lines(storage.join(output_uri, REJECTS_DIR))
+    out = InferenceLayout(output_uri)
+    done = {r[META]["uid"] for r in iter_shard_lines(out.records) if META in r}
+    done |= {r["uid"] for r in iter_shard_lines(out.rejects_dir)
              if "uid" in r and not r.get("retryable")}
     return done
 
@@ -146,7 +136,7 @@ def done_uids(output_uri: str) -> set[str]:
 @dataclass
 class Assembly:
     conversations: int  # written to the predictions file
-    has_gold: bool  # every predicted conversation carried gold labels: GOLD_FILE was written
+    has_gold: bool  # every predicted conversation carried gold labels: gold.json was written
     rejects: list[dict]
     utterances: int
     parse_status: dict[str, dict[str, int]]
@@ -165,8 +155,9 @@ def assemble(output_uri: str) -> Assembly:
     Gold conversations are kept in memory (labelled sets are evaluation sets: small)."""
     index: dict[str, tuple] = {}  # uid -> (file_index, position, conversation_ID, source, location, offset, length)
     copies = 0
+    out = InferenceLayout(output_uri)
     with tempfile.TemporaryFile(prefix="mecpe-assemble-") as spill:
-        for rec in iter_shard_lines(storage.join(output_uri, RECORDS_DIR)):
+        for rec in iter_shard_lines(out.records):
             meta = rec.get(META) or {}
             key = meta.get("uid")
             if key is None:
@@ -179,7 +170,7 @@ def assemble(output_uri: str) -> Assembly:
                           meta["location"], spill.tell(), len(line))
             spill.write(line)
         rejects: dict[str, dict] = {}
-        for rej in iter_shard_lines(storage.join(output_uri, REJECTS_DIR)):
+        for rej in iter_shard_lines(out.rejects_dir):
             key = rej.get("uid")
             if key is None or key in index or key in rejects:
                 copies += key in rejects
@@ -226,12 +217,12 @@ def assemble(output_uri: str) -> Assembly:
                                   "emotion-cause_pairs": g["emotion-cause_pairs"]})
                 yield rec
 
-        written = data.write_sorted_predictions(ordered_records(), storage.join(output_uri, PRED_FILE))
+        written = data.write_sorted_predictions(ordered_records(), out.pred)
     has_gold = bool(written) and golds is not None
     if has_gold:
-        storage.write_json(storage.join(output_uri, GOLD_FILE), golds, indent=4)
+        storage.write_json(out.gold, golds, indent=4)
     else:
-        storage.delete(storage.join(output_uri, GOLD_FILE))
+        storage.delete(out.gold)
     reject_list = sorted(rejects.values(), key=lambda r: (r.get("file_index", -1), r.get("position", -1)))
     return Assembly(written, has_gold, reject_list, count["utterances"],
                     {s: dict(c) for s, c in status.items()}, dict(dropped), copies)

@@ -26,7 +26,8 @@ import pyarrow as pa
 
 from mecpe import data, storage
 from mecpe.config import Config
-from mecpe.infer.resume import META, RECORDS_DIR, REJECTS_DIR
+from mecpe.infer.resume import META
+from mecpe.layout import InferenceLayout
 
 log = logging.getLogger("mecpe.infer")
 
@@ -405,9 +406,9 @@ class ShardWriter:
             cau_u += sum(1 for u in rec["conversation"] if "cause" in u["parse_status"])
         name = f"part-{uuid.uuid4().hex}.jsonl"
         if records:
-            storage.write_bytes(storage.join(self.output_uri, RECORDS_DIR, name), storage.dumps_jsonl(records))
+            storage.write_bytes(storage.join(InferenceLayout(self.output_uri).records, name), storage.dumps_jsonl(records))
         if rejects:
-            storage.write_bytes(storage.join(self.output_uri, REJECTS_DIR, name), storage.dumps_jsonl(rejects))
+            storage.write_bytes(storage.join(InferenceLayout(self.output_uri).rejects_dir, name), storage.dumps_jsonl(rejects))
         return _rows_table([{"records": len(records), "rejects": len(rejects), "emotion_utterances": emo_u,
                              "cause_utterances": cau_u, "emotion_s": emo_s, "cause_s": cau_s,
                              "gpu_peak_gib": gpu, "engine": json.dumps(engine)}], SHARD_SCHEMA)

@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from mecpe import cluster, runid, storage
+from mecpe import cluster, layout, runid, storage
 from mecpe.config import Config
 from mecpe.train.examples import TASKS, normalize_predictions
-from mecpe.train.recipe import COMPLETE_MARKER, ERROR_FILE, META_FILE, train_loop
+from mecpe.layout import TrainRunLayout
+from mecpe.train.recipe import train_loop
 
 STORAGE_RETRY_WAITS_S = (5, 20, 60)  # pauses before starting a run again after a controller storage error
 # Training settings that do not change the adapter (bookkeeping), left out of the run hash.
@@ -71,10 +72,10 @@ def run_identity(cfg: Config, task: str, train_uri: str, val_uri: str | None,
 
 def finished_result(run_dir: str) -> TrainResult | None:
     """The result of a run whose adapter is complete (marker present), else None."""
-    adapter = storage.join(run_dir, "adapter")
-    if not storage.exists(storage.join(adapter, COMPLETE_MARKER)):
+    adapter = TrainRunLayout(run_dir).adapter
+    if not storage.exists(layout.adapter_marker(adapter)):
         return None
-    meta = storage.read_state(storage.join(adapter, META_FILE))
+    meta = layout.read_training_meta(adapter)
     return TrainResult(run_name=meta["run_name"], run_dir=run_dir, adapter_uri=adapter,
                        metrics={**meta.get("metrics", {}), "log_history": meta.get("log_history", [])},
                        global_step=int(meta["global_step"]), config_hash=meta.get("config_hash", ""))
@@ -110,10 +111,9 @@ def _run(cfg: Config, task: str, train_uri: str | None, val_uri: str | None, pre
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    data_dir = storage.join(cfg.output_dir, "data")
     explicit_val = val_uri is not None
-    train_uri = train_uri or storage.join(data_dir, "train.json")
-    val_uri = val_uri or storage.join(data_dir, "val.json")
+    train_uri = train_uri or layout.RunLayout(cfg.output_dir).split("train")
+    val_uri = val_uri or layout.RunLayout(cfg.output_dir).split("val")
     if not explicit_val and not storage.exists(val_uri):
         val_uri = None
     predicted = None
@@ -162,7 +162,7 @@ def _run(cfg: Config, task: str, train_uri: str | None, val_uri: str | None, pre
         )
 
     log.info("training %s run %s -> %s", task, run_name, run_dir)
-    error_uri = storage.join(run_dir, ERROR_FILE)
+    error_uri = TrainRunLayout(run_dir).error
     if storage.exists(error_uri):
         storage.delete(error_uri)  # from an earlier attempt; this one may fare better (another GPU)
     restarts: list[str] = []
@@ -184,7 +184,7 @@ def _run(cfg: Config, task: str, train_uri: str | None, val_uri: str | None, pre
     if done is None and storage.exists(error_uri):
         raise RuntimeError(f"run {run_name}: {storage.read_state(error_uri)['message']}")
     if done is None:
-        raise RuntimeError(f"run {run_name} ended without a complete adapter at {storage.join(run_dir, 'adapter')}")
+        raise RuntimeError(f"run {run_name} ended without a complete adapter at {TrainRunLayout(run_dir).adapter}")
     done.restarts = restarts
     return done
 

@@ -18,17 +18,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mecpe import modeling, storage
+from mecpe import layout, modeling, storage
 from mecpe.config import Config, dump_config
+from mecpe.layout import TrainRunLayout
 from mecpe.prompts import PromptBuilder
 from mecpe.train.examples import (
     PackedCollator, TokenBudgetBatchSampler, build_examples, build_packed_rows, normalize_predictions, read_split,
     shown_emotions,
 )
-
-META_FILE = "mecpe_train.json"
-COMPLETE_MARKER = ".mecpe_train_complete"  # written last into the adapter folder
-ERROR_FILE = "mecpe_error.json"  # in the run folder: why the last attempt stopped without an adapter
 
 log = logging.getLogger("mecpe.train")
 
@@ -275,7 +272,7 @@ def _out_of_memory(w: Worker, trainer, exc, stats: dict, grad_ckpt: bool) -> dic
            f"gradient checkpointing {'on' if grad_ckpt else 'off'}, longest example {stats['train']['max_length']} "
            f"tokens): lower training.per_device_batch_size (or training.max_batch_tokens), set "
            f"training.gradient_checkpointing=on or lower prompt.max_prompt_tokens. {str(exc).splitlines()[0]}")
-    storage.write_json(storage.join(w.run_uri, ERROR_FILE), {"error": "out_of_memory", "message": msg})
+    storage.write_json(TrainRunLayout(w.run_uri).error, {"error": "out_of_memory", "message": msg})
     log.error(msg)
     return {"error": msg}
 
@@ -291,18 +288,18 @@ def _save_adapter(w: Worker, trainer, tok, config: dict, metrics: dict, local: s
     # would otherwise store the whole matrix with every adapter once the vocabulary grew (32,001 x 5,120 for Llama-2).
     trainer.model.save_pretrained(local, save_embedding_layers=False)
     tok.save_pretrained(local)
-    with open(os.path.join(local, "config.yaml"), "w", encoding="utf-8") as fh:
+    with open(os.path.join(local, layout.ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as fh:
         fh.write(dump_config(w.cfg))
     meta = {"task": w.task, "run_name": w.run_name, "config_hash": config["config_hash"],
             "global_step": metrics["global_step"], "base_model": w.cfg.model.base, "revision": w.cfg.model.revision,
             "cause_emotions": w.cfg.training.cause_emotions if w.task == "cause" else None,
             "metrics": {k: v for k, v in metrics.items() if k != "log_history"},
             "log_history": metrics["log_history"]}
-    with open(os.path.join(local, META_FILE), "w", encoding="utf-8") as fh:
+    with open(os.path.join(local, layout.TRAIN_META_FILE), "w", encoding="utf-8") as fh:
         json.dump(_jsonable(meta), fh, indent=2)
-    adapter_uri = storage.join(w.run_uri, "adapter")
+    adapter_uri = TrainRunLayout(w.run_uri).adapter
     storage.upload_dir(local, adapter_uri)
-    storage.write_json(storage.join(adapter_uri, COMPLETE_MARKER),
+    storage.write_json(layout.adapter_marker(adapter_uri),
                        {"run_name": w.run_name, "global_step": metrics["global_step"], "time": time.time()})
     log.info("adapter written to %s", adapter_uri)
 
@@ -364,5 +361,5 @@ def train_loop(config: dict) -> dict:
             "log_history": trainer.state.log_history,
         })
         if w.rank == 0:
-            _save_adapter(w, trainer, tok, config, metrics, os.path.join(work, "adapter"))
+            _save_adapter(w, trainer, tok, config, metrics, os.path.join(work, layout.ADAPTER_DIR))
     return _jsonable(metrics)
