@@ -81,7 +81,8 @@ class ModelConfig(_Strict):
     cache_dir: str = Field("~/.cache/mecpe/models", description="node-local cache for s3:// model mirrors and "
                                                                 "adapters (fetched once per node)")
     build_tiny_if_missing: bool = Field(False, description="build the tiny local model at model.base from the "
-                                                           "training file when absent (embedded default)")
+                                                           "training file when absent, in the prepare step (embedded "
+                                                           "default)")
     tiny: TinyModelSettings = Field(default_factory=TinyModelSettings)
     attn_implementation: str | None = Field(None, description="attention kernel (sdpa, eager); null = "
                                                               "transformers' choice")

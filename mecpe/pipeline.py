@@ -108,8 +108,10 @@ def test_split(cfg: Config) -> tuple[str, str | None]:
 
 
 def step_train(cfg: Config, task: str):
+    from mecpe.sources import require_local
     from mecpe.train import run_training
 
+    require_local(cfg.model.base)  # here, not after Ray Train started a worker that finds it missing
     run = RunLayout(cfg.output_dir)
     return run_training(cfg, task, train_convs_uri=run.split("train"), val_convs_uri=run.split("val"))
 
@@ -117,7 +119,9 @@ def step_train(cfg: Config, task: str):
 def step_infer(cfg: Config, input_uri: str | None = None, output_uri: str | None = None, *,
                overwrite: bool = False) -> dict:
     from mecpe.infer import run_inference
+    from mecpe.sources import require_local
 
+    require_local(cfg.model.base)
     return run_inference(cfg, input_uri or test_split(cfg)[0], output_uri or RunLayout(cfg.output_dir).inference.root,
                          overwrite=overwrite)
 

@@ -143,6 +143,16 @@ def _gguf_folder(path: str, cache: str) -> str:
     return _cached(target, lambda tmp: {**convert_gguf(path, tmp), "source": path, "sha256": digest})
 
 
+def require_local(source: str | None, key: str = "model.base") -> None:
+    """Raise FileNotFoundError, naming ``key``, when ``source`` is a local path (absolute: ``config.load_config``
+    makes them so; a hub id never is) that does not exist: otherwise it would be tried as a hub id."""
+    local = os.path.expanduser(str(source or "").removeprefix("file://"))
+    if os.path.isabs(local) and not os.path.exists(local):
+        hint = (" (a config with model.build_tiny_if_missing builds it in the prepare step: `mecpe data prepare` or "
+                "`mecpe pipeline`)") if key == "model.base" else ""
+        raise FileNotFoundError(f"{key} {source!r}: no such folder{hint}")
+
+
 def resolve(source: str, cache_dir: str = DEFAULT_CACHE, key: str = "model.base") -> str:
     """A local folder (or hub id) that ``from_pretrained`` can read for ``source`` (see the module docstring);
     ``key``: the config key that named it, for errors."""
@@ -163,11 +173,8 @@ def resolve(source: str, cache_dir: str = DEFAULT_CACHE, key: str = "model.base"
     elif storage.is_remote(source):
         out = _download_dir(source, cache)
     else:
+        require_local(source, key)
         local = os.path.expanduser(source)
-        if os.path.isabs(local) and not os.path.exists(local):  # a hub id is never absolute (config.load_config)
-            hint = (" (a config with model.build_tiny_if_missing builds it in the prepare step: `mecpe data "
-                    "prepare` or `mecpe pipeline`)") if key == "model.base" else ""
-            raise FileNotFoundError(f"{key} {source!r}: no such folder{hint}")
         out = os.path.abspath(local) if os.path.exists(local) else source
     _RESOLVED[key] = out
     return out

@@ -166,3 +166,17 @@ def test_the_key_check_catches_removed_reads():
     reads = config_reads(mutated)
     assert "data.split" not in reads and "inference.max_batch_tokens" not in reads
     assert "training.max_batch_tokens" in reads  # a read of the same field name in another section still counts
+
+
+def test_a_missing_local_model_is_named_before_any_work(tmp_path, capsys):
+    """train and infer only read the model (the prepare step builds the tiny one): a local model.base that is not
+    there ends the step at once, exit 2, naming the key and the prepare step, instead of a worker trying the path as
+    a hub id."""
+    from mecpe.cli import main
+
+    missing = tmp_path / "no-model"
+    for argv in (["train", "--task", "emotion"], ["infer", "--input", str(tmp_path / "in.json")]):
+        assert main([*argv, f"model.base={missing}", f"output_dir={tmp_path / 'out'}"]) == 2
+        err = capsys.readouterr().err
+        assert f"model.base '{missing}': no such folder" in err and "prepare step" in err, err
+    assert not (tmp_path / "out").exists()
