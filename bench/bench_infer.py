@@ -60,11 +60,11 @@ def run_mecpe(model: str, test_file: str, out: str, use_gpu: bool, extra: list[s
 
 def load(model: str, device: str, overrides: list[str] | None = None):
     """Tokenizer + 4-bit model through the product's loading code (what the actors load too)."""
-    from mecpe.modeling import load_model, load_tokenizer
+    from mecpe import modeling
 
     cfg = _cfg(model, overrides or [])
-    tok = load_tokenizer(cfg.model.base, for_inference=True)
-    return cfg, tok, load_model(cfg.model, cfg.quantization, device=device, tokenizer=tok).eval()
+    m, tok = modeling.load(cfg.model, cfg.quantization, device=device)
+    return cfg, tok, m
 
 
 def unique_prompt_tokens(tok, cfg, test_file: str) -> dict:
@@ -150,15 +150,14 @@ def t4_fit(model: str, test_file: str) -> dict:
     adapters: the largest token budget the emotion + cause stages run."""
     import torch
 
-    from mecpe.modeling import load_model, load_tokenizer
+    from mecpe import modeling
     from mecpe.predict import predict_causes, predict_emotions
     from mecpe.prompts import PromptBuilder
 
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(15 * 2**30 / total)
     cfg = _cfg(model, ["quantization.compute_dtype=float16"])
-    tok = load_tokenizer(cfg.model.base, for_inference=True)
-    m = load_model(cfg.model, cfg.quantization, device="cuda:0", tokenizer=tok)
+    m, tok = modeling.load(cfg.model, cfg.quantization, device="cuda:0")
     # Both adapters attached, as in an inference actor with inference.share_base (random LoRA weights, real shapes)
     from peft import get_peft_model
 

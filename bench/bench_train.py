@@ -55,11 +55,12 @@ def prepare(data: str, out: str) -> dict[str, str]:
 
 def epoch_tokens(model: str, train_uri: str, max_prompt_tokens: int) -> dict[str, int]:
     """Useful tokens of one epoch of each task's training set (what the job trains on)."""
-    from mecpe.modeling import load_tokenizer
+    from mecpe.config import ModelConfig
+    from mecpe.modeling import load_base_tokenizer
     from mecpe.prompts import PromptBuilder
     from mecpe.train.examples import build_examples, read_split
 
-    tok = load_tokenizer(model)
+    tok = load_base_tokenizer(ModelConfig(base=model))  # the training tokenizer, as train_loop loads it
     builder = PromptBuilder(tok, max_prompt_tokens)
     convs = read_split(train_uri, None)
     out = {}

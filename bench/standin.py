@@ -1,6 +1,6 @@
 """Build the stand-in model for GPU benchmarks: Llama-2-13B-shaped, random weights, saved to disk.
 
-The benchmarks then load it through mecpe's own loading code (``mecpe.modeling.load_model`` with NF4), exactly as the
+The benchmarks then load it through mecpe's own loading code (``mecpe.modeling.load`` with NF4), exactly as the
 real Llama-2-13b-chat would be loaded. The tokenizer is the project's tiny ECF tokenizer (its ids fit the 32,000-token
 vocabulary), so prompts are the real ECF prompts.
 

@@ -118,9 +118,8 @@ def _print_metrics(metrics: dict, cause_utterances: int | None = None) -> None:
 
 
 def _evaluate(args) -> int:
-    from mecpe import storage
-    from mecpe.evaluate import evaluate_files, metrics_json, write_report
     from mecpe.layout import RunLayout
+    from mecpe.pipeline import score_files
 
     if args.config:
         from mecpe.config import load_config
@@ -134,12 +133,9 @@ def _evaluate(args) -> int:
     if not (args.pred and args.gold):
         print("mecpe evaluate: error: --pred and --gold are required without --config", file=sys.stderr)
         return EXIT_USER_ERROR
-    metrics = evaluate_files(args.pred, args.gold)
+    metrics, paths = score_files(args.pred, args.gold, json_out=args.json_out, out_dir=args.out_dir)
     _print_metrics(metrics)
-    if args.json_out:
-        storage.write_bytes(args.json_out, metrics_json(metrics))
-    if args.out_dir:
-        paths = write_report(metrics, args.out_dir)
+    if "report" in paths:
         print(f"report written to {paths['report']}")
     return 0
 
@@ -156,22 +152,18 @@ def _train(args) -> int:
 
 def _infer(args) -> int:
     from mecpe.config import load_config
-    from mecpe.evaluate import EvaluationError
     from mecpe.layout import InferenceLayout
-    from mecpe.pipeline import score_output, step_infer
+    from mecpe.pipeline import step_infer
 
     cfg = load_config(args.config, args.overrides)
-    summary = step_infer(cfg, args.input, args.output, overwrite=args.overwrite)
+    summary = step_infer(cfg, args.input, args.output, overwrite=args.overwrite, score=True)
     out = InferenceLayout(summary["output"])
     print(f"{summary['conversations']} conversations predicted, {summary['rejects']} rejected "
           f"(see {out.rejects}); {out.pred}")
-    if summary["has_gold"]:  # labelled input: score it like the organisers would
-        try:
-            metrics = score_output(out.root, "mecpe inference (input gold labels)")
-        except EvaluationError as exc:  # e.g. string ids: the official metric cannot score them
-            print(f"not scored: {exc}")
-            return 0
-        _print_metrics(metrics, summary["this_run"]["stages"]["cause"]["utterances"])
+    if "not_scored" in summary:
+        print(f"not scored: {summary['not_scored']}")
+    elif "metrics" in summary:
+        _print_metrics(summary["metrics"], summary["this_run"]["stages"]["cause"]["utterances"])
     return 0
 
 

@@ -7,7 +7,7 @@ Why these choices:
   GGUF reads as ``<|im_start|>`` under transformers 5.17): training appends it to every answer, decoding stops at it.
 * The pad token is never EOS: with pad = eos the collator masks EOS out of the labels and the model never learns to
   stop (a defect of the reference system). It is an existing safe token where the vocabulary has one (Llama-2's
-  ``<unk>``, SmolLM2's ``<|endoftext|>``); only a vocabulary without one gets a new ``<pad>``, and ``load_model``
+  ``<unk>``, SmolLM2's ``<|endoftext|>``); only a vocabulary without one gets a new ``<pad>``, and ``load_base``
   then grows the embeddings deterministically (new rows = mean of the old ones), so training and inference
   processes build the same base. Adapters never store the embeddings (``save_adapter``).
 * The 4-bit compute dtype is chosen here, once, from the device: bf16 where the GPU has it, fp16 on older GPUs
@@ -21,7 +21,7 @@ This module knows models, not data: no ECF parsing, no prompts.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
@@ -64,15 +64,37 @@ def use_shape_agnostic_attention(device: str) -> None:
         torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def _trl_model_args(**fields):
+    """trl's ``ModelConfig``, the input of its ``get_quantization_config`` / ``get_peft_config``: mecpe's own
+    sections stay the schema (validated, documented, hashed into run names) and trl turns them into the library
+    objects. (trl 1.16 has no ``get_kbit_device_map``: ``load_base`` places the whole model on its one device.)"""
+    from trl import ModelConfig as TrlModelArgs
+
+    return TrlModelArgs(**fields)
+
+
 def quantization_config(quant_cfg: QuantizationConfig | None, device: str):
-    """NF4 ``BitsAndBytesConfig`` (double quantization as configured), or None for mode ``none``."""
+    """NF4 ``BitsAndBytesConfig`` (double quantization as configured, compute dtype from ``compute_dtype``) through
+    trl's ``get_quantization_config``, or None for mode ``none``."""
     if quant_cfg is None or quant_cfg.mode == "none":
         return None
-    from transformers import BitsAndBytesConfig
+    from trl import get_quantization_config
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                              bnb_4bit_use_double_quant=quant_cfg.double_quant,
-                              bnb_4bit_compute_dtype=compute_dtype(quant_cfg, device))
+    dtype = str(compute_dtype(quant_cfg, device)).removeprefix("torch.")
+    return get_quantization_config(_trl_model_args(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   use_bnb_nested_quant=quant_cfg.double_quant, dtype=dtype))
+
+
+def get_peft_config(lora_cfg: LoraSettings):
+    """The ``LoraConfig`` of ``lora`` through trl's ``get_peft_config`` (causal LM, no bias training)."""
+    from trl import get_peft_config as trl_peft_config
+
+    args = _trl_model_args(use_peft=True, lora_r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
+                           lora_dropout=lora_cfg.dropout)
+    # set after construction: trl's __post_init__ turns a one-name list into a string, which peft reads as a regex
+    # over whole module paths (matching nothing)
+    args.lora_target_modules = lora_cfg.target_modules
+    return trl_peft_config(args)
 
 
 # ---------------------------------------------------------------- tokenizer and model
@@ -84,7 +106,7 @@ def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_cod
 
     * EOS is the token that ends an assistant turn in the chat template: what training appends to every answer
       and what decoding stops at;
-    * PAD is an existing safe token; only a vocabulary without one gets a new ``<pad>`` (``load_model`` then
+    * PAD is an existing safe token; only a vocabulary without one gets a new ``<pad>`` (``load_base`` then
       grows the embeddings; adapters never store them). Both from ``mecpe.special_tokens.set_eos_and_pad``.
 
     Left padding for inference (batched generation and last-token scoring need it), right padding for training."""
@@ -97,10 +119,9 @@ def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_cod
 
 
 def load_base_tokenizer(model_cfg: ModelConfig, *, for_inference: bool = False):
-    """The tokenizer of ``model.base`` (resolved through ``mecpe.sources``; a revision applies to hub ids only)."""
-    source = sources.resolve(model_cfg.base, model_cfg.cache_dir)
-    revision = model_cfg.revision if source == model_cfg.base else None
-    return load_tokenizer(source, revision=revision, trust_remote_code=model_cfg.trust_remote_code,
+    """The tokenizer of ``model.base`` alone (token counts, prompt budgets); ``load`` gives it with the model."""
+    path, revision = sources.resolve_base(model_cfg.base, model_cfg.revision, model_cfg.cache_dir)
+    return load_tokenizer(path, revision=revision, trust_remote_code=model_cfg.trust_remote_code,
                           for_inference=for_inference)
 
 
@@ -119,37 +140,34 @@ def resize_embeddings(model, num_tokens: int, pad_to_multiple_of: int = 64) -> b
     return True
 
 
-def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, device: str = "cpu",
-               for_training: bool = False, tokenizer=None):
-    """The base causal LM on ``device`` (4-bit NF4 unless ``quant_cfg.mode == "none"``).
-
-    Given the tokenizer, the embeddings are resized to it and its pad id is set in the model's configs. For
-    training a 4-bit model, ``prepare_model_for_kbit_training`` runs without gradient checkpointing (the trainer
-    decides that) and the KV cache is turned off."""
+def load_base(path: str, model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, revision: str | None,
+              device: str, tokenizer, for_training: bool = False):
+    """The base causal LM read from ``path`` (``model.base`` resolved) on ``device``, 4-bit NF4 unless
+    ``quant_cfg.mode == "none"``; the embeddings resized to ``tokenizer`` and its pad/eos ids set in the model's
+    configs. For training a 4-bit model, ``prepare_model_for_kbit_training`` runs without gradient checkpointing
+    (the trainer decides that) and the KV cache is turned off."""
     from transformers import AutoModelForCausalLM
 
     use_shape_agnostic_attention(device)
-    source = sources.resolve(model_cfg.base, model_cfg.cache_dir)
     qcfg = quantization_config(quant_cfg, device)
     kwargs: dict[str, Any] = {
         "dtype": compute_dtype(quant_cfg, device),
         "device_map": {"": device},
         "trust_remote_code": model_cfg.trust_remote_code,
     }
-    if model_cfg.revision and source == model_cfg.base:  # a hub id; mirrors, GGUFs and local dirs have no revisions
-        kwargs["revision"] = model_cfg.revision
+    if revision:
+        kwargs["revision"] = revision
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
     if model_cfg.attn_implementation:
         kwargs["attn_implementation"] = model_cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if tokenizer is not None:
-        resize_embeddings(model, len(tokenizer))
-        model.config.pad_token_id = tokenizer.pad_token_id
-        model.config.eos_token_id = tokenizer.eos_token_id
-        if model.generation_config is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-            model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    resize_embeddings(model, len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
     if for_training:
         model.config.use_cache = False
         if qcfg is not None:
@@ -159,13 +177,6 @@ def load_model(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, 
     else:
         model.eval()
     return model
-
-
-def get_peft_config(lora_cfg: LoraSettings):
-    from peft import LoraConfig
-
-    return LoraConfig(task_type="CAUSAL_LM", r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                      target_modules=lora_cfg.target_modules, bias="none")
 
 
 def load_adapter(model, adapter_uri: str, name: str, *, cache_dir: str = "~/.cache/mecpe/models"):
@@ -179,15 +190,20 @@ def load_adapter(model, adapter_uri: str, name: str, *, cache_dir: str = "~/.cac
     return PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=False)
 
 
-def load_for_inference(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, adapters: dict[str, str],
-                       device: str = "cpu"):
-    """One base model with every adapter attached (``model.set_adapter(name)`` switches), in eval mode, and a
-    left-padding tokenizer. The first adapter is active on return."""
-    tokenizer = load_base_tokenizer(model_cfg, for_inference=True)
-    model = load_model(model_cfg, quant_cfg, device=device, tokenizer=tokenizer)
-    for name, uri in adapters.items():
+def load(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, device: str = "cpu",
+         for_training: bool = False, adapters: Mapping[str, str] | None = None):
+    """The one load sequence of training, inference and the benchmarks: ``model.base`` resolved once
+    (``mecpe.sources``), its tokenizer with the special tokens (right padding for training, left for inference),
+    the base sized to it, then each adapter by name (``model.set_adapter(name)`` switches; the first is active).
+    Returns (model, tokenizer)."""
+    path, revision = sources.resolve_base(model_cfg.base, model_cfg.revision, model_cfg.cache_dir)
+    tokenizer = load_tokenizer(path, revision=revision, trust_remote_code=model_cfg.trust_remote_code,
+                               for_inference=not for_training)
+    model = load_base(path, model_cfg, quant_cfg, revision=revision, device=device, tokenizer=tokenizer,
+                      for_training=for_training)
+    for name, uri in (adapters or {}).items():
         model = load_adapter(model, uri, name, cache_dir=model_cfg.cache_dir)
     if adapters:
         model.set_adapter(next(iter(adapters)))
-    model.eval()
+        model.eval()
     return model, tokenizer

@@ -85,25 +85,31 @@ def step_prepare(cfg: Config, train_uri: str | None = None, test_uri: str | None
     result = prepare(train_uri, test_uri, out, split=split or d.split,
                      val_fraction=d.val_fraction if val_fraction is None else val_fraction,
                      seed=d.seed if seed is None else seed)
+    if out == RunLayout(cfg.output_dir).data.root:  # the scoped splits the later steps read (data.limit_*)
+        for name, n in (("val", d.limit_val), ("test", d.limit_test)):
+            if n is not None and storage.exists(RunLayout(cfg.output_dir).data.split(name)):
+                _limited(cfg, name, n, write=True)
     return {**result, "output": out}
 
 
-def _limited(cfg: Config, split: str, n: int | None) -> tuple[str, str | None]:
-    """(URI of the prepared ``split``, or of its first ``n`` conversations written beside it; a note or None)."""
+def _limited(cfg: Config, split: str, n: int | None, *, write: bool = False) -> tuple[str, str | None]:
+    """(URI of the prepared ``split``, or of its first ``n`` conversations beside it; a note or None). The prepare
+    step writes that file (``write``); later steps only read it, writing it only where an older prepare did not."""
     prepared = RunLayout(cfg.output_dir).data
     full = prepared.split(split)
     if n is None:
         return full, None
     convs = storage.read_state(full)
     uri = prepared.first(split, n)
-    storage.write_json(uri, convs[:n], indent=4)
+    if write or not storage.exists(uri):
+        storage.write_json(uri, convs[:n], indent=4)
     return uri, (f"Scope: the first {min(n, len(convs))} of the {len(convs)} {split} conversations "
                  f"(data.limit_{split}={n}); metrics on the whole {split} set will differ.")
 
 
 def test_split(cfg: Config) -> tuple[str, str | None]:
     """(URI of the test conversations to infer and score, a note on the scope or None). With ``data.limit_test=N``
-    the first N conversations of the prepared test split are written to ``data/test-first-N.json`` and used."""
+    the first N conversations of the prepared test split (``data/test-first-N.json``, written by the prepare step)."""
     return _limited(cfg, "test", cfg.data.limit_test)
 
 
@@ -117,13 +123,23 @@ def step_train(cfg: Config, task: str):
 
 
 def step_infer(cfg: Config, input_uri: str | None = None, output_uri: str | None = None, *,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, score: bool = False) -> dict:
+    """Inference over ``input_uri`` (default: the prepared test split); returns the run's summary. With ``score``
+    and labelled input, the summary also holds ``metrics`` (report files beside the output), or ``not_scored``
+    with the reason the official metric cannot score it (string ids)."""
+    from mecpe.evaluate import EvaluationError
     from mecpe.infer import run_inference
     from mecpe.sources import require_local
 
     require_local(cfg.model.base)
-    return run_inference(cfg, input_uri or test_split(cfg)[0], output_uri or RunLayout(cfg.output_dir).inference.root,
-                         overwrite=overwrite)
+    summary = run_inference(cfg, input_uri or test_split(cfg)[0],
+                            output_uri or RunLayout(cfg.output_dir).inference.root, overwrite=overwrite)
+    if score and summary["has_gold"]:  # labelled input: score it like the organisers would
+        try:
+            summary["metrics"] = score_output(summary["output"], "mecpe inference (input gold labels)")
+        except EvaluationError as exc:
+            summary["not_scored"] = str(exc)
+    return summary
 
 
 def adapter_training(cfg: Config) -> dict[str, dict]:
@@ -148,6 +164,23 @@ def score_output(output_uri: str, title: str) -> dict:
     metrics = evaluate_files(out.pred, out.gold)
     write_report(metrics, out.root, parse_status=storage.read_state(out.summary)["parse_status"], title=title)
     return metrics
+
+
+def score_files(pred_uri: str, gold_uri: str, *, json_out: str | None = None,
+                out_dir: str | None = None) -> tuple[dict, dict[str, str]]:
+    """The official metrics of any Subtask_2_pred.json against a gold file (``mecpe evaluate --pred --gold``);
+    optionally the metrics as JSON at ``json_out`` and the report files in ``out_dir``. Returns (metrics, the paths
+    written by name)."""
+    from mecpe.evaluate import evaluate_files, metrics_json, write_report
+
+    metrics = evaluate_files(pred_uri, gold_uri)
+    paths: dict[str, str] = {}
+    if json_out:
+        storage.write_bytes(json_out, metrics_json(metrics))
+        paths["json"] = json_out
+    if out_dir:
+        paths.update(write_report(metrics, out_dir))
+    return metrics, paths
 
 
 def _score_validation(out: InferenceLayout) -> dict:

@@ -156,8 +156,8 @@ def require_local(source: str | None, key: str = "model.base") -> None:
 def resolve(source: str, cache_dir: str = DEFAULT_CACHE, key: str = "model.base") -> str:
     """A local folder (or hub id) that ``from_pretrained`` can read for ``source`` (see the module docstring);
     ``key``: the config key that named it, for errors."""
-    key = (source, cache_dir)
-    hit = _RESOLVED.get(key)
+    memo = (source, cache_dir)
+    hit = _RESOLVED.get(memo)
     if hit is not None and (os.path.exists(hit) or hit == source):
         return hit
     if source.startswith("file://"):
@@ -176,5 +176,12 @@ def resolve(source: str, cache_dir: str = DEFAULT_CACHE, key: str = "model.base"
         require_local(source, key)
         local = os.path.expanduser(source)
         out = os.path.abspath(local) if os.path.exists(local) else source
-    _RESOLVED[key] = out
+    _RESOLVED[memo] = out
     return out
+
+
+def resolve_base(base: str, revision: str | None, cache_dir: str = DEFAULT_CACHE) -> tuple[str, str | None]:
+    """(what ``from_pretrained`` reads for ``model.base``, the revision to ask it for). A revision applies to hub ids
+    only (``resolve`` passes them through unchanged): mirrors, GGUF files and local folders have none."""
+    path = resolve(base, cache_dir)
+    return path, revision if path == base else None

@@ -61,7 +61,7 @@ _CLASSES = {"Config": "", "DataConfig": "data", "ModelConfig": "model", "TinyMod
             "TrainingConfig": "training", "ScalingSettings": "scaling", "StorageConfig": "storage",
             "InferenceConfig": "inference", "ValidationConfig": "validation"}
 _NAMED = {"cfg": "", "raw_cfg": "", "storage_cfg": "storage", "model_cfg": "model", "quant_cfg": "quantization",
-          "lora_cfg": "lora"}
+          "lora_cfg": "lora", "spec": ""}  # a step's spec holds config sections under their own names (spec.training)
 
 
 def config_reads(sources: dict[str, str]) -> set[str]:
@@ -105,7 +105,7 @@ def config_reads(sources: dict[str, str]) -> set[str]:
                 if isinstance(node, ast.Name):
                     return alias.get(node.id)
                 if isinstance(node, ast.Attribute):
-                    if node.attr == "cfg":  # self.cfg, w.cfg
+                    if node.attr in ("cfg", "spec"):  # self.cfg, w.spec
                         return ""
                     base = path(node.value)
                     if base is not None and join(base, node.attr) in sections:
@@ -146,7 +146,7 @@ def test_every_documented_key_is_read_outside_config():
     """A key in the README's table that no code reads does nothing: it must be implemented or removed (the check
     that failed on ``data.limit_test``, declared, documented and read by nothing). Keys are matched by their full
     path through the config object: removing every read of ``data.split`` (``d.split`` in pipeline.py, cli.py and
-    train/driver.py) or of ``inference.max_batch_tokens`` (``inf.max_batch_tokens`` in infer/stages.py) fails it,
+    train/driver.py) or of ``inference.max_batch_tokens`` (``inf.max_batch_tokens`` in infer/driver.py, where the predictors' spec is built) fails it,
     though ``args.split`` and a ``max_batch_tokens`` parameter are still read (the next test applies both
     mutations)."""
     from mecpe.config import config_keys
@@ -162,7 +162,7 @@ def test_the_key_check_catches_removed_reads():
     src = _mecpe_sources()
     assert {"data.split", "inference.max_batch_tokens", "training.max_batch_tokens"} <= config_reads(src)
     mutated = {name: re.sub(r"\bd\.split\b", "'random'", code) for name, code in src.items()}
-    mutated["infer/stages.py"] = src["infer/stages.py"].replace("inf.max_batch_tokens", "16384")
+    mutated["infer/driver.py"] = src["infer/driver.py"].replace("inf.max_batch_tokens", "16384")
     reads = config_reads(mutated)
     assert "data.split" not in reads and "inference.max_batch_tokens" not in reads
     assert "training.max_batch_tokens" in reads  # a read of the same field name in another section still counts

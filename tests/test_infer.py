@@ -84,7 +84,7 @@ def predictions(out: Path) -> dict:
 
 def test_parse_stage_rows_to_conversations_or_rejects():
     from mecpe.infer.source import RAW_SCHEMA
-    from mecpe.infer.stages import ROW_SCHEMA, ParseStage
+    from mecpe.infer.stages import ROW_SCHEMA, ParseStage, conversation_of
 
     good = {"conversation_ID": 7, "conversation": [{"utterance_ID": 1, "text": "Hi .", "speaker": "Ross"}]}
 
@@ -108,13 +108,35 @@ def test_parse_stage_rows_to_conversations_or_rejects():
         ("a.jsonl", "line 3", True), ("a.jsonl", "line 4", False), ("a.jsonl", "line 5", False),
         ("b.json", "index 0", True), ("b.json", "index 1", False), ("b.json", "index 2", False),
         ("c.json", "1:23", False)]
-    assert got[0]["key"] == "7" and json.loads(got[0]["conversation"])["conversation_ID"] == 7
-    assert "JSON" in json.loads(got[1]["reject"])["reason"]
-    assert "UTF-8" in json.loads(got[2]["reject"])["reason"]
-    assert got[4]["conversation_id"] == "9" and json.loads(got[4]["reject"])["field"] == "conversation"
+    assert got[0]["key"] == "7" and got[0]["conversation"]["id_int"] == 7
+    # the next stages read the typed columns back as the validated conversation, without parsing it again
+    conv = conversation_of(got[0])
+    assert (conv.id, conv.pairs, [(u.id, u.text, u.speaker, u.emotion) for u in conv.utterances]) == \
+        (7, None, [(1, "Hi .", "Ross", None)])
+    assert "JSON" in got[1]["reject"]["reason"] and got[1]["reject"]["stage"] == "read"
+    assert "UTF-8" in got[2]["reject"]["reason"]
+    assert got[4]["conversation_id"] == "9" and got[4]["reject"]["field"] == "conversation"
+    assert got[4]["reject"]["stage"] == "validate"
     assert got[5]["conversation_id"] == "10"
-    assert "unreadable file" in json.loads(got[6]["reject"])["reason"]
+    assert "unreadable file" in got[6]["reject"]["reason"]
     assert len({r["uid"] for r in got}) == len(got)
+
+
+def test_conversation_columns_round_trip():
+    """String ids, labels, pairs and unknown utterance fields survive the typed row columns unchanged."""
+    from mecpe import data
+    from mecpe.infer.stages import ROW_SCHEMA, conversation_of, conversation_row
+
+    raw = {"conversation_ID": "dlg-3", "conversation": [
+        {"utterance_ID": 1, "text": "Oh no .", "speaker": "Ross", "emotion": "sadness", "video": {"t": [1, 2]}},
+        {"utterance_ID": 2, "text": "Why ?", "speaker": "Rachel", "emotion": "neutral"}],
+        "emotion-cause_pairs": [["1_sadness", "1"]]}
+    conv = data.conversation_from_json(raw, source="s.json")
+    row = {f.name: None for f in ROW_SCHEMA}
+    row.update(source="s.json", conversation=conversation_row(conv))
+    back = pa.Table.from_pylist([row], schema=ROW_SCHEMA).to_pylist()[0]
+    assert conversation_of(back) == conv
+    assert data.conversation_to_json(conversation_of(back)) == data.conversation_to_json(conv)
 
 
 def test_reader_streams_jsonl_lines_and_splits_arrays(ray_cluster, tmp_path):

@@ -55,8 +55,8 @@ def _infer_and_score(cfg) -> float:
 
     gold = storage.read_json(cfg.data.path(cfg.data.test_file))
     convs = [data.conversation_from_json(r, source="test.json", location=str(i)) for i, r in enumerate(gold)]
-    model, tok = modeling.load_for_inference(cfg.model, cfg.quantization, {"emotion": cfg.inference.emotion_adapter,
-                                                                          "cause": cfg.inference.cause_adapter}, "cpu")
+    model, tok = modeling.load(cfg.model, cfg.quantization, device="cpu",
+                               adapters={"emotion": cfg.inference.emotion_adapter, "cause": cfg.inference.cause_adapter})
     builder = PromptBuilder(tok, cfg.prompt.max_prompt_tokens, cut_target=True)
     model.set_adapter("emotion")
     emo = predict.predict_emotions(model, tok, builder, convs)

@@ -70,8 +70,8 @@ def _generate(model, tok, n=4):
 
 
 def test_load_nf4_on_cpu_and_generate(mcfg):
-    tok = modeling.load_tokenizer(mcfg.base, for_inference=True)
-    model = modeling.load_model(mcfg, NF4, device="cpu", tokenizer=tok)
+    model, tok = modeling.load(mcfg, NF4, device="cpu")
+    assert tok.padding_side == "left"
     assert _linear4bit_count(model) == 4 * 7  # q/k/v/o + gate/up/down in each of 4 layers
     assert not model.training
     new = _generate(model, tok)
@@ -79,8 +79,7 @@ def test_load_nf4_on_cpu_and_generate(mcfg):
 
 
 def test_load_unquantized(mcfg):
-    tok = modeling.load_tokenizer(mcfg.base)
-    model = modeling.load_model(mcfg, NONE, device="cpu", tokenizer=tok)
+    model, tok = modeling.load(mcfg, NONE, device="cpu")
     assert _linear4bit_count(model) == 0 and model.dtype == torch.float32
     assert len(_generate(model, tok)) == 4
 
@@ -88,7 +87,7 @@ def test_load_unquantized(mcfg):
 def test_resize_for_added_tokens(mcfg):
     tok = modeling.load_tokenizer(mcfg.base)
     tok.add_tokens(["<extra_a>", "<extra_b>"])
-    model = modeling.load_model(mcfg, NONE, device="cpu", tokenizer=tok)
+    model = modeling.load_base(mcfg.base, mcfg, NONE, revision=None, device="cpu", tokenizer=tok)
     emb = model.get_input_embeddings().weight
     assert emb.shape[0] >= len(tok) and emb.shape[0] % 64 == 0
     old = len(tok) - 2
@@ -100,8 +99,8 @@ def test_resize_for_added_tokens(mcfg):
 def test_kbit_training_lora_backward(mcfg):
     from peft import get_peft_model
 
-    tok = modeling.load_tokenizer(mcfg.base)
-    model = modeling.load_model(mcfg, NF4, device="cpu", for_training=True, tokenizer=tok)
+    model, tok = modeling.load(mcfg, NF4, device="cpu", for_training=True)
+    assert tok.padding_side == "right"
     model = get_peft_model(model, modeling.get_peft_config(LoraSettings(r=4, alpha=8, dropout=0.0)))
     ids = torch.tensor([tok("utterance_1 :: joy")["input_ids"]])
     loss = model(input_ids=ids, labels=ids).loss
@@ -114,6 +113,9 @@ def test_peft_config():
     cfg = modeling.get_peft_config(LoraSettings())
     assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout) == (16, 16, 0.1)
     assert set(cfg.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"} and cfg.task_type == "CAUSAL_LM"
+    # trl's ModelConfig would turn a one-name list into a string, a regex over whole module paths
+    assert modeling.get_peft_config(LoraSettings(target_modules=["q_proj"])).target_modules == {"q_proj"}
+    assert modeling.get_peft_config(LoraSettings(target_modules="all-linear")).target_modules == "all-linear"
 
 
 def test_load_for_inference_two_adapters(mcfg, tmp_path):
@@ -121,13 +123,13 @@ def test_load_for_inference_two_adapters(mcfg, tmp_path):
 
     dirs = {}
     for i, name in enumerate(("emotion", "cause")):
-        base = modeling.load_model(mcfg, NONE, device="cpu")
+        base, _ = modeling.load(mcfg, NONE, device="cpu")
         torch.manual_seed(i)
         lora = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                           init_lora_weights=False)
         get_peft_model(base, lora).save_pretrained(str(tmp_path / name))
         dirs[name] = str(tmp_path / name)
-    model, tok = modeling.load_for_inference(mcfg, NF4, dirs, device="cpu")
+    model, tok = modeling.load(mcfg, NF4, device="cpu", adapters=dirs)
     assert tok.padding_side == "left" and _linear4bit_count(model) == 28
     assert set(model.peft_config) == {"emotion", "cause"} and model.active_adapter == "emotion"
     ids = torch.tensor([tok("utterance_1 :: joy")["input_ids"]])

@@ -290,8 +290,7 @@ def test_peft_model_and_nf4_run(tok, builder, convs):
     assert predict.predict_emotions(peft, tok, builder, convs[:4]) == want  # fresh LoRA: B = 0
     assert peft.training
     t0 = time.perf_counter()
-    nf4 = modeling.load_model(ModelConfig(base=_tiny.tiny_model_dir()), QuantizationConfig(mode="nf4"),
-                              device="cpu", tokenizer=tok)
+    nf4, _ = modeling.load(ModelConfig(base=_tiny.tiny_model_dir()), QuantizationConfig(mode="nf4"), device="cpu")
     assert any(type(m).__name__ == "Linear4bit" for m in nf4.modules())
     emo = predict.predict_emotions(nf4, tok, builder, convs[:4])
     assert all(r.label in predict.EMOTIONS for c in emo for r in c.values())

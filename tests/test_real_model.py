@@ -104,7 +104,7 @@ def test_grown_vocabulary_adapter_holds_no_embeddings(ray_local, tmp_path):
     prepare(cfg.data.path(cfg.data.train_file), None, str(out / "data"), val_fraction=0.1, seed=0)
     adapter = run_training(cfg, "emotion", val_convs_uri=str(out / "data" / "val.json")).adapter_uri
     check_adapter(adapter, base, 8, "all-linear")
-    model, tok = modeling.load_for_inference(cfg.model, cfg.quantization, {"emotion": adapter})
+    model, tok = modeling.load(cfg.model, cfg.quantization, adapters={"emotion": adapter})
     assert tok.pad_token == "<pad>" and model.get_input_embeddings().weight.shape[0] >= len(tok) > 700
 
 

@@ -176,14 +176,13 @@ def test_trust_remote_code_off_unless_configured(tmp_path):
     model, marker = _evil_model(tmp_path)
     cfg = Config.model_validate({"model": {"base": str(model)}, "quantization": {"mode": "none"}})
     assert cfg.model.trust_remote_code is False
-    loaded = modeling.load_model(cfg.model, cfg.quantization, device="cpu")
-    modeling.load_tokenizer(str(model), trust_remote_code=cfg.model.trust_remote_code)
+    loaded, _ = modeling.load(cfg.model, cfg.quantization, device="cpu")
     assert type(loaded).__name__ == "LlamaForCausalLM" and not marker.exists()
     # the switch is real: with model.trust_remote_code=true the same folder's code does run
     trusting = Config.model_validate({"model": {"base": str(model), "trust_remote_code": True},
                                       "quantization": {"mode": "none"}})
     try:
-        modeling.load_model(trusting.model, trusting.quantization, device="cpu")
+        modeling.load(trusting.model, trusting.quantization, device="cpu")
     except Exception:  # noqa: BLE001 - the custom classes need not load; that their code was imported is the point
         pass
     assert marker.exists()

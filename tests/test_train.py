@@ -180,8 +180,8 @@ def test_packed_rows_train_exactly_like_one_example_per_target(tiny, tok, attn):
     from mecpe import modeling
     from mecpe.config import ModelConfig, QuantizationConfig
 
-    model = modeling.load_model(ModelConfig(base=tiny, attn_implementation=attn), QuantizationConfig(mode="none"),
-                                tokenizer=tok)
+    model = modeling.load_base(tiny, ModelConfig(base=tiny, attn_implementation=attn), QuantizationConfig(mode="none"),
+                               revision=None, device="cpu", tokenizer=tok)
     model.train()
     convs = conversations(4)
     builder = PromptBuilder(tok, 256)  # some prompts shortened: those have a prefix of their own
@@ -230,9 +230,9 @@ def test_run_identity(tiny, splits, tmp_path):
 
 
 def _check_generates(cfg: Config, adapter: str) -> None:
-    from mecpe.modeling import load_for_inference
+    from mecpe.modeling import load
 
-    model, tok = load_for_inference(cfg.model, cfg.quantization, {"trained": adapter})
+    model, tok = load(cfg.model, cfg.quantization, adapters={"trained": adapter})
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained (LoRA B starts at zero) and loaded
     conv = conversations(1)[0]

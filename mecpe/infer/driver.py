@@ -10,7 +10,6 @@ the shards (``mecpe.infer.resume``). Scoring is not its job: ``mecpe.evaluate`` 
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -24,7 +23,7 @@ from mecpe.infer.source import LIGHT_CPUS, list_inputs, read_raw
 from mecpe.layout import InferenceLayout
 from mecpe.provenance import code_version
 from mecpe.infer.stages import (
-    CausePredictor, EmotionCausePredictor, EmotionPredictor, ParseStage, ShardWriter, merge_engine,
+    CausePredictor, EmotionCausePredictor, EmotionPredictor, ParseStage, PredictorSpec, ShardWriter, merge_engine,
 )
 
 log = logging.getLogger("mecpe.infer")
@@ -54,6 +53,18 @@ def stage_resources(cfg: Config) -> StageResources:
                           inf.accelerator_type if inf.num_gpus > 0 else None, inf.batch_size)
 
 
+def predictor_spec(cfg: Config, settings: storage.S3Settings) -> PredictorSpec:
+    """What the predictor actors use of the experiment's config, and nothing else."""
+    inf = cfg.inference
+    bias = inf.bias_vector()
+    return PredictorSpec(model=cfg.model, quantization=cfg.quantization,
+                         adapters={"emotion": inf.emotion_adapter, "cause": inf.cause_adapter},
+                         max_prompt_tokens=cfg.prompt.max_prompt_tokens, emotion_method=inf.emotion_method,
+                         emotion_bias=tuple(bias) if bias is not None else None, cause_input=inf.cause_input,
+                         max_new_tokens=inf.max_new_tokens, max_batch_tokens=inf.max_batch_tokens,
+                         reuse_prefix=inf.reuse_prefix, storage_settings=settings.as_dict())
+
+
 def _fit_cpu_actors(res: StageResources, pools: int) -> StageResources:
     """On a CPU-only cluster too small for the configured actors (e.g. a 2-core laptop), shrink their CPU request
     so the light read/parse/write stages can still be scheduled (otherwise the pipeline waits forever)."""
@@ -76,7 +87,7 @@ def build_dataset(cfg: Config, files: list[str], output_uri: str, done_ref, res:
     """The lazy Ray Data pipeline (nothing runs until it is iterated)."""
     from ray.data import ActorPoolStrategy
 
-    cfg_dict, settings_dict = cfg.model_dump(mode="json"), settings.as_dict()
+    settings_dict = settings.as_dict()
     # Read blocks hold at most one predictor batch: a map task hands its output on only when it ends, so bigger
     # blocks would move through every stage, and reach the writer, as a whole. This keeps memory flat and makes
     # shards, and so resume, per batch. (Ray's streaming repartition would do it too, but as 1-CPU tasks that a
@@ -85,7 +96,7 @@ def build_dataset(cfg: Config, files: list[str], output_uri: str, done_ref, res:
     ds = ds.map_batches(ParseStage(done_ref), batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     predictor_kw = dict(batch_size=res.batch_size, batch_format="pyarrow", num_cpus=res.num_cpus,
                         compute=ActorPoolStrategy(size=res.num_actors),
-                        fn_constructor_kwargs={"cfg": cfg_dict, "storage_settings": settings_dict},
+                        fn_constructor_kwargs={"spec": predictor_spec(cfg, settings)},
                         udf_modifying_row_count=False)
     if res.num_gpus > 0:
         predictor_kw["num_gpus"] = res.num_gpus
@@ -100,6 +111,12 @@ def build_dataset(cfg: Config, files: list[str], output_uri: str, done_ref, res:
                                                               "storage_settings": settings_dict},
                           batch_size=res.batch_size, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                           compute=ActorPoolStrategy(min_size=1, max_size=max(1, res.num_actors)))
+
+
+def _counts(engine: dict) -> dict:
+    """Engine counters as JSON shows them: counts as integers, seconds rounded (they travel as float64)."""
+    return {stage: [round(x, 3) for x in v] if stage == "load_s" else
+            {k: int(x) if float(x).is_integer() else round(x, 3) for k, x in v.items()} for stage, v in engine.items()}
 
 
 def _rate(n: int, s: float) -> float | None:
@@ -153,7 +170,7 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
             secs["emotion"] += row["emotion_s"]
             secs["cause"] += row["cause_s"]
             gpu_peak = max(gpu_peak, row["gpu_peak_gib"] or 0.0)
-            merge_engine(engine, json.loads(row["engine"] or "{}"))
+            merge_engine(engine, row["engine"])
         if time.time() - last_log >= 10:  # progress on long runs, at most one line per 10 s
             last_log = time.time()
             log.info("progress: %d conversations predicted, %d rejected, %d shards this run (%d done before), "
@@ -193,7 +210,7 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
             "gpu_peak_gib": gpu_peak,  # the largest predictor actor's peak allocated GPU memory
             # engine counters per stage (prefill / decoding device seconds, passes, tokens) and each predictor
             # actor's start-up (model + adapters loaded) in seconds
-            "engine": engine,
+            "engine": _counts(engine),
             "resources": {"num_actors": res.num_actors, "num_gpus": res.num_gpus, "num_cpus": res.num_cpus,
                           "accelerator_type": res.accelerator_type, "batch_size": res.batch_size,
                           "share_base": cfg.inference.share_base},

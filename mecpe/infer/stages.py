@@ -20,19 +20,37 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from mecpe import data, storage
-from mecpe.config import Config
+from mecpe.config import ModelConfig, QuantizationConfig
 from mecpe.infer.resume import META
 from mecpe.layout import InferenceLayout
 
 log = logging.getLogger("mecpe.infer")
 
-# Rows between stages. ``conversation`` is the validated conversation (input schema JSON); ``reject`` a
-# ``mecpe.data.Reject`` as JSON for rows that will end in rejects; ``emotions`` / ``causes`` the predictions.
+# Rows between stages carry parsed, typed columns: the validated conversation as a struct (read back without
+# validating again), the reject as a ``mecpe.data.Reject`` struct, the predictions as lists of structs. Only an
+# utterance's unknown input fields (``extra``) stay a JSON text: they are passed through to the output, never read.
+UTTERANCE = pa.struct([("id", pa.int64()), ("text", pa.large_string()), ("speaker", pa.string()),
+                       ("emotion", pa.string()), ("extra", pa.string())])
+PAIR = pa.struct([("emotion_utt", pa.int64()), ("emotion", pa.string()), ("cause_utt", pa.int64())])
+CONVERSATION = pa.struct([("id_int", pa.int64()), ("id_str", pa.string()),  # conversation_ID: one of them is set
+                          ("utterances", pa.list_(UTTERANCE)),
+                          ("pairs", pa.list_(PAIR))])  # null: the input had no labels
+REJECT = pa.struct([("source", pa.string()), ("location", pa.string()), ("conversation_id", pa.string()),
+                    ("reason", pa.string()), ("field", pa.string()), ("stage", pa.string()),
+                    ("retryable", pa.bool_())])
+EMOTION = pa.struct([("utterance", pa.int64()), ("label", pa.string()), ("status", pa.string()),
+                     ("dropped", pa.int64()), ("scores", pa.list_(pa.float64()))])  # scores: score method only
+CAUSE = pa.struct([("utterance", pa.int64()), ("emotion", pa.string()),  # the emotion the cause model was shown
+                   ("causes", pa.list_(pa.int64())), ("status", pa.string()), ("dropped", pa.int64())])
+# Engine counters of one batch (set on its first row): {stage: {counter: value}}, each actor's load seconds.
+ENGINE = pa.struct([("emotion", pa.map_(pa.string(), pa.float64())), ("cause", pa.map_(pa.string(), pa.float64())),
+                    ("load_s", pa.list_(pa.float64()))])
 ROW_SCHEMA = pa.schema([
     ("uid", pa.string()),
     ("key", pa.string()),
@@ -41,14 +59,14 @@ ROW_SCHEMA = pa.schema([
     ("location", pa.string()),
     ("file_index", pa.int64()),
     ("position", pa.int64()),
-    ("conversation", pa.large_string()),
-    ("reject", pa.string()),
-    ("emotions", pa.large_string()),
-    ("causes", pa.large_string()),
+    ("conversation", CONVERSATION),
+    ("reject", REJECT),  # set: the row ends in rejects
+    ("emotions", pa.list_(EMOTION)),
+    ("causes", pa.list_(CAUSE)),
     ("emotion_s", pa.float64()),
     ("cause_s", pa.float64()),
     ("gpu_peak_gib", pa.float64()),  # peak GPU memory of the predictor actors that handled the row (0: CPU)
-    ("engine", pa.string()),  # JSON, on a batch's first row: engine counters of this batch per stage, actor load time
+    ("engine", ENGINE),
 ])
 SHARD_SCHEMA = pa.schema([
     ("records", pa.int64()),
@@ -58,18 +76,44 @@ SHARD_SCHEMA = pa.schema([
     ("emotion_s", pa.float64()),
     ("cause_s", pa.float64()),
     ("gpu_peak_gib", pa.float64()),
-    ("engine", pa.string()),  # JSON: the engine counters of the shard's rows, summed (merge_engine)
+    ("engine", ENGINE),  # the engine counters of the shard's rows, summed (merge_engine)
 ])
 
 
+def conversation_row(conv: data.Conversation) -> dict:
+    """A validated conversation as a ``CONVERSATION`` struct."""
+    return {"id_int": conv.id if isinstance(conv.id, int) else None,
+            "id_str": conv.id if isinstance(conv.id, str) else None,
+            "utterances": [{"id": u.id, "text": u.text, "speaker": u.speaker, "emotion": u.emotion,
+                            "extra": json.dumps(u.extra, ensure_ascii=False) if u.extra else None}
+                           for u in conv.utterances],
+            "pairs": None if conv.pairs is None else [{"emotion_utt": p.emotion_utt, "emotion": p.emotion,
+                                                       "cause_utt": p.cause_utt} for p in conv.pairs]}
+
+
+def conversation_of(row: dict) -> data.Conversation:
+    """The row's conversation, as ``ParseStage`` validated it (no second validation)."""
+    c = row["conversation"]
+    return data.Conversation(
+        id=c["id_int"] if c["id_int"] is not None else c["id_str"],
+        utterances=tuple(data.Utterance(u["id"], u["text"], u["speaker"], u["emotion"],
+                                        json.loads(u["extra"]) if u["extra"] else {}) for u in c["utterances"]),
+        pairs=None if c["pairs"] is None else tuple(data.Pair(p["emotion_utt"], p["emotion"], p["cause_utt"])
+                                                    for p in c["pairs"]),
+        source=row["source"])
+
+
 def merge_engine(total: dict, part: dict | None) -> dict:
-    """Sum engine counters ({stage: {counter: n}}, "load_s": [actor load seconds]) into ``total``."""
+    """Sum engine counters ({stage: {counter: n}}, "load_s": [actor load seconds]) into ``total``; ``part`` as an
+    ``ENGINE`` struct reads back (maps as lists of pairs, absent stages as None)."""
     for key, value in (part or {}).items():
+        if value is None:
+            continue
         if key == "load_s":
             total.setdefault("load_s", []).extend(value)
         else:
             stage = total.setdefault(key, {})
-            for k, v in value.items():
+            for k, v in (value.items() if isinstance(value, dict) else value):
                 stage[k] = stage.get(k, 0) + v
     return total
 
@@ -83,9 +127,9 @@ def _rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _reject(row: dict, stage: str, reason: str, field: str | None = None, *, retryable: bool = False) -> str:
-    return json.dumps(data.Reject(row["source"], row["location"], row.get("conversation_id"), reason, field,
-                                  stage=stage, retryable=retryable).to_json())
+def _reject(row: dict, stage: str, reason: str, field: str | None = None, *, retryable: bool = False) -> dict:
+    return data.Reject(row["source"], row["location"], row.get("conversation_id"), reason, field,
+                       stage=stage, retryable=retryable).to_json()
 
 
 def _id_text(value: Any) -> str | None:
@@ -146,7 +190,7 @@ class ParseStage:
             return self._row(source, file_index, position, location, conv_id=cid,
                              reject=("validate", exc.reason, exc.field))
         return self._row(source, file_index, position, location, conv_id=conv.id,
-                         conversation=json.dumps(data.conversation_to_json(conv), ensure_ascii=False))
+                         conversation=conversation_row(conv))
 
     def _parse(self, r: dict) -> dict:
         """One raw row -> a conversation row or a reject row."""
@@ -178,26 +222,43 @@ class ParseStage:
 # ----------------------------------------------------------------------------------------------- predict
 
 
+@dataclass(frozen=True)
+class PredictorSpec:
+    """Everything a predictor actor uses, built once by the driver (``mecpe.infer.driver.predictor_spec``): the
+    model to load, the adapters, the prompt budget and the engine settings. Only this crosses into the actors (as
+    ``ray.data.llm``'s processor config does), not the experiment's config."""
+
+    model: ModelConfig
+    quantization: QuantizationConfig
+    adapters: dict[str, str]  # stage -> adapter URI; a stage without one runs on the plain base
+    max_prompt_tokens: int
+    emotion_method: str  # score | generate
+    emotion_bias: tuple[float, ...] | None  # added to each label's score, in EMOTIONS order
+    cause_input: str  # predicted (the method) | gold (oracle analysis)
+    max_new_tokens: int
+    max_batch_tokens: int
+    reuse_prefix: bool
+    storage_settings: dict
+
+
 class _Predictor:
-    """Loads the base model (4-bit per config) with the adapters of ``stages`` once, in the actor."""
+    """Loads the base model (4-bit per the spec) with the adapters of ``stages`` once, in the actor."""
 
     stages: tuple[str, ...] = ()
 
-    def __init__(self, cfg: dict, storage_settings: dict):
+    def __init__(self, spec: PredictorSpec):
         from mecpe import log_to_stdout, modeling
         from mecpe.prompts import PromptBuilder
 
         log_to_stdout()
         t0 = time.perf_counter()
-        storage.configure(storage_settings)
-        self.cfg = Config.model_validate(cfg)
-        inf = self.cfg.inference
-        wanted = {"emotion": inf.emotion_adapter, "cause": inf.cause_adapter}
-        self.adapters = {s: wanted[s] for s in self.stages if wanted[s]}
+        storage.configure(spec.storage_settings)
+        self.spec = spec
+        self.adapters = {s: spec.adapters[s] for s in self.stages if spec.adapters.get(s)}
         self.device = modeling.pick_device()
-        self.model, self.tokenizer = modeling.load_for_inference(self.cfg.model, self.cfg.quantization,
-                                                                 self.adapters, self.device)
-        self.builder = PromptBuilder(self.tokenizer, self.cfg.prompt.max_prompt_tokens, cut_target=True)
+        self.model, self.tokenizer = modeling.load(spec.model, spec.quantization, device=self.device,
+                                                   adapters=self.adapters)
+        self.builder = PromptBuilder(self.tokenizer, spec.max_prompt_tokens, cut_target=True)
         self._load_s: float | None = round(time.perf_counter() - t0, 2)  # reported once, with the first batch
 
     def _free_memory(self) -> None:
@@ -221,34 +282,35 @@ class _Predictor:
     def _predict(self, stage: str, convs: list, rows: list[dict]):
         from mecpe import predict
 
-        inf = self.cfg.inference
+        spec = self.spec
         with self._adapter(stage):
             if stage == "emotion":
                 return predict.predict_emotions(self.model, self.tokenizer, self.builder, convs,
-                                                method=inf.emotion_method, max_batch_tokens=inf.max_batch_tokens,
-                                                reuse_prefix=inf.reuse_prefix, bias=inf.bias_vector())
+                                                method=spec.emotion_method, max_batch_tokens=spec.max_batch_tokens,
+                                                reuse_prefix=spec.reuse_prefix,
+                                                bias=list(spec.emotion_bias) if spec.emotion_bias else None)
             emotions = [self._cause_emotions(c, r) for c, r in zip(convs, rows)]
             return predict.predict_causes(self.model, self.tokenizer, self.builder, convs, emotions,
-                                          max_new_tokens=inf.max_new_tokens, max_batch_tokens=inf.max_batch_tokens,
-                                          reuse_prefix=inf.reuse_prefix)
+                                          max_new_tokens=spec.max_new_tokens, max_batch_tokens=spec.max_batch_tokens,
+                                          reuse_prefix=spec.reuse_prefix)
 
     def _cause_emotions(self, conv, row: dict) -> dict[int, str]:
         """The emotions the cause stage reads: stage 1's predictions (the method), or with
         ``inference.cause_input=gold`` the input's labels (oracle analysis; unlabelled utterances keep the
         prediction)."""
-        predicted = {int(k): v["label"] for k, v in json.loads(row["emotions"]).items()}
-        if self.cfg.inference.cause_input != "gold":
+        predicted = {e["utterance"]: e["label"] for e in row["emotions"]}
+        if self.spec.cause_input != "gold":
             return predicted
         return {u.id: u.emotion if u.emotion is not None else predicted.get(u.id, "neutral") for u in conv.utterances}
 
-    def _encode(self, stage: str, result: dict, conv, row: dict) -> str:
+    def _encode(self, stage: str, result: dict, conv, row: dict) -> list[dict]:
         if stage == "emotion":
-            return json.dumps({str(u): {"label": r.label, "status": r.status, "dropped": int(r.dropped),
-                                        "scores": None if r.scores is None else [round(x, 4) for x in r.scores]}
-                               for u, r in sorted(result.items())})
+            return [{"utterance": u, "label": r.label, "status": r.status, "dropped": int(r.dropped),
+                     "scores": None if r.scores is None else [round(x, 4) for x in r.scores]}
+                    for u, r in sorted(result.items())]
         read = self._cause_emotions(conv, row)  # the pair's emotion is the one the cause model was shown
-        return json.dumps({str(u): {"emotion": read[u], "causes": [int(c) for c in r.causes], "status": r.status,
-                                    "dropped": int(r.dropped)} for u, r in sorted(result.items())})
+        return [{"utterance": u, "emotion": read[u], "causes": [int(c) for c in r.causes], "status": r.status,
+                 "dropped": int(r.dropped)} for u, r in sorted(result.items())]
 
     def _run_stage(self, stage: str, rows: list[dict]) -> None:
         """Fill ``rows[i][stage + "s"]``; a conversation whose prediction raises becomes a retryable reject."""
@@ -256,8 +318,7 @@ class _Predictor:
         todo = [r for r in rows if r["reject"] is None and r["conversation"] is not None and r[col] is None]
         if not todo:
             return
-        convs = [data.conversation_from_json(json.loads(r["conversation"]), source=r["source"],
-                                             location=r["location"]) for r in todo]
+        convs = [conversation_of(r) for r in todo]
         sizes = [max(1, len(c.utterances)) for c in convs]
         start = time.perf_counter()
         try:
@@ -297,7 +358,7 @@ class _Predictor:
             engine = {s: {k: v - before[s][k] for k, v in asdict(STATS[s]).items()} for s in self.stages}
             if self._load_s is not None:
                 engine["load_s"], self._load_s = [self._load_s], None
-            rows[0]["engine"] = json.dumps(merge_engine(json.loads(rows[0].get("engine") or "{}"), engine))
+            rows[0]["engine"] = merge_engine(merge_engine({}, rows[0].get("engine")), engine)
         return _rows_table(rows, ROW_SCHEMA)
 
 
@@ -336,18 +397,17 @@ def build_record(row: dict) -> dict:
     utterance, official ``emotion-cause_pairs``, per-utterance ``parse_status`` / ``dropped_utterances`` (and
     ``label_scores``, each label's answer log-probability, with the score method), and
     bookkeeping under ``_mecpe`` (uid, key, source, location, order, gold labels when present)."""
-    conv = data.conversation_from_json(json.loads(row["conversation"]), source=row["source"],
-                                       location=row["location"])
-    emo = {int(k): v for k, v in json.loads(row["emotions"]).items()}
-    cau = {int(k): v for k, v in json.loads(row["causes"] or "{}").items()}
-    labels = {u: (v["label"] if v["label"] in data.EMOTIONS else "neutral") for u, v in emo.items()}
+    conv = conversation_of(row)
+    emo = {e["utterance"]: e for e in row["emotions"]}
+    cau = {c["utterance"]: c for c in row["causes"] or []}
+    labels = {u: (e["label"] if e["label"] in data.EMOTIONS else "neutral") for u, e in emo.items()}
     # The pair's emotion is the one the cause stage read: the predicted label, or the gold one with cause_input=gold.
-    pairs = [data.Pair(u, cau[u].get("emotion", labels.get(u)), int(c)) for u in sorted(cau)
-             if cau[u].get("emotion", labels.get(u)) in data.EMOTIONS[1:] for c in cau[u]["causes"]]
+    pairs = [data.Pair(u, cau[u]["emotion"], c) for u in sorted(cau) if cau[u]["emotion"] in data.EMOTIONS[1:]
+             for c in cau[u]["causes"]]
     rec = data.conversation_to_json(conv, emotions=labels, pairs=pairs)
     for utt in rec["conversation"]:
         u = int(utt["utterance_ID"])
-        if u in emo and emo[u].get("scores") is not None:  # what mecpe.calibrate fits a bias on
+        if u in emo and emo[u]["scores"] is not None:  # what mecpe.calibrate fits a bias on
             utt["label_scores"] = emo[u]["scores"]
         status = {"emotion": emo[u]["status"]} if u in emo else {}
         dropped = {"emotion": emo[u]["dropped"]} if u in emo else {}
@@ -358,9 +418,8 @@ def build_record(row: dict) -> dict:
         utt["dropped_utterances"] = dropped
     gold = None
     if conv.pairs is not None and all(u.emotion is not None for u in conv.utterances):
-        gold = data.conversation_to_json(conv)
-        gold = {"emotions": {str(u["utterance_ID"]): u["emotion"] for u in gold["conversation"]},
-                "emotion-cause_pairs": gold["emotion-cause_pairs"]}
+        gold = {"emotions": {str(u.id): u.emotion for u in conv.utterances},
+                "emotion-cause_pairs": [p.to_json() for p in conv.pairs]}
     rec[META] = {"uid": row["uid"], "key": row["key"], "source": row["source"], "location": row["location"],
                  "file_index": row["file_index"], "position": row["position"], "gold": gold}
     return rec
@@ -368,7 +427,7 @@ def build_record(row: dict) -> dict:
 
 def reject_record(row: dict) -> dict:
     """The row's ``mecpe.data.Reject`` and the bookkeeping resume and assembly need (uid, key, input order)."""
-    return {**json.loads(row["reject"]), "uid": row["uid"], "key": row["key"], "file_index": row["file_index"],
+    return {**row["reject"], "uid": row["uid"], "key": row["key"], "file_index": row["file_index"],
             "position": row["position"]}
 
 
@@ -377,7 +436,7 @@ class ShardWriter:
 
     def __init__(self, output_uri: str, storage_settings: dict):
         storage.configure(storage_settings)
-        self.output_uri = output_uri
+        self.out = InferenceLayout(output_uri)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows == 0:
@@ -387,7 +446,7 @@ class ShardWriter:
         emo_s = cau_s = gpu = 0.0
         engine: dict = {}
         for row in batch.to_pylist():
-            merge_engine(engine, json.loads(row.get("engine") or "{}"))
+            merge_engine(engine, row.get("engine"))
             gpu = max(gpu, row.get("gpu_peak_gib") or 0.0)
             emo_s += row["emotion_s"] or 0.0
             cau_s += row["cause_s"] or 0.0
@@ -406,9 +465,9 @@ class ShardWriter:
             cau_u += sum(1 for u in rec["conversation"] if "cause" in u["parse_status"])
         name = f"part-{uuid.uuid4().hex}.jsonl"
         if records:
-            storage.write_bytes(storage.join(InferenceLayout(self.output_uri).records, name), storage.dumps_jsonl(records))
+            storage.write_bytes(storage.join(self.out.records, name), storage.dumps_jsonl(records))
         if rejects:
-            storage.write_bytes(storage.join(InferenceLayout(self.output_uri).rejects_dir, name), storage.dumps_jsonl(rejects))
+            storage.write_bytes(storage.join(self.out.rejects_dir, name), storage.dumps_jsonl(rejects))
         return _rows_table([{"records": len(records), "rejects": len(rejects), "emotion_utterances": emo_u,
                              "cause_utterances": cau_u, "emotion_s": emo_s, "cause_s": cau_s,
-                             "gpu_peak_gib": gpu, "engine": json.dumps(engine)}], SHARD_SCHEMA)
+                             "gpu_peak_gib": gpu, "engine": engine or None}], SHARD_SCHEMA)

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from mecpe import cluster, layout, runid, storage
-from mecpe.config import Config
+from mecpe.config import Config, dump_config
 from mecpe.train.examples import TASKS, normalize_predictions
 from mecpe.layout import TrainRunLayout
-from mecpe.train.recipe import train_loop
+from mecpe.train.recipe import TrainLoopSpec, train_loop
 
 STORAGE_RETRY_WAITS_S = (5, 20, 60)  # pauses before starting a run again after a controller storage error
 # Training settings that do not change the adapter (bookkeeping), left out of the run hash.
@@ -79,6 +79,19 @@ def finished_result(run_dir: str) -> TrainResult | None:
     return TrainResult(run_name=meta["run_name"], run_dir=run_dir, adapter_uri=adapter,
                        metrics={**meta.get("metrics", {}), "log_history": meta.get("log_history", [])},
                        global_step=int(meta["global_step"]), config_hash=meta.get("config_hash", ""))
+
+
+def loop_spec(cfg: Config, task: str, run_name: str, config_hash: str, run_dir: str, train_uri: str,
+              val_uri: str | None, predicted: Mapping | None, settings: storage.S3Settings) -> TrainLoopSpec:
+    """What the training loop uses of the experiment's config, and nothing else."""
+    return TrainLoopSpec(
+        task=task, run_name=run_name, run_uri=run_dir, config_hash=config_hash, train_uri=train_uri, val_uri=val_uri,
+        limit_train=cfg.data.limit_train, limit_val=cfg.data.limit_val, model=cfg.model,
+        quantization=cfg.quantization, lora=cfg.lora, prompt=cfg.prompt, training=cfg.training,
+        use_gpu=cfg.scaling.use_gpu, storage_settings=settings.as_dict(),
+        predicted_emotions={k: {str(u): v for u, v in utts.items()} for k, utts in predicted.items()}
+        if predicted else None,
+        config_record=dump_config(cfg))
 
 
 def worker_bundle(cfg: Config) -> dict[str, float]:
@@ -140,14 +153,12 @@ def _run(cfg: Config, task: str, train_uri: str | None, val_uri: str | None, pre
     sc = cfg.scaling
     remote = storage.is_remote(cfg.storage.path)
 
+    spec = loop_spec(cfg, task, run_name, chash, run_dir, train_uri, val_uri, predicted, settings)
+
     def new_trainer() -> TorchTrainer:  # one per attempt
         return TorchTrainer(
             train_loop,
-            train_loop_config={"cfg": cfg.model_dump(mode="json"), "task": task, "run_name": run_name,
-                               "config_hash": chash, "run_uri": run_dir, "train_uri": train_uri, "val_uri": val_uri,
-                               "storage_settings": settings.as_dict(),
-                               "predicted_emotions": {k: {str(u): v for u, v in utts.items()}
-                                                      for k, utts in predicted.items()} if predicted else None},
+            train_loop_config={"spec": spec},
             scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu,
                                          resources_per_worker=sc.resources_per_worker,
                                          accelerator_type=sc.accelerator_type),

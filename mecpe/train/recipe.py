@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mecpe import layout, modeling, storage
-from mecpe.config import Config, dump_config
+from mecpe.config import LoraSettings, ModelConfig, PromptConfig, QuantizationConfig, TrainingConfig
 from mecpe.layout import TrainRunLayout
 from mecpe.prompts import PromptBuilder
 from mecpe.train.examples import (
@@ -30,14 +30,35 @@ from mecpe.train.examples import (
 log = logging.getLogger("mecpe.train")
 
 
+@dataclass(frozen=True)
+class TrainLoopSpec:
+    """Everything ``train_loop`` uses, built once by the driver (``mecpe.train.driver.loop_spec``): the run, its
+    data, and the config sections that shape the adapter. Only this crosses into the Ray Train workers."""
+
+    task: str
+    run_name: str
+    run_uri: str  # <storage.path>/<run_name>
+    config_hash: str
+    train_uri: str
+    val_uri: str | None
+    limit_train: int | None
+    limit_val: int | None
+    model: ModelConfig
+    quantization: QuantizationConfig
+    lora: LoraSettings
+    prompt: PromptConfig
+    training: TrainingConfig
+    use_gpu: bool
+    storage_settings: dict
+    predicted_emotions: dict | None  # {conversation_id: {utterance_id: label}} (cause_emotions=predicted)
+    config_record: str  # the whole resolved config as YAML, written beside the adapter as its record; not read here
+
+
 @dataclass
 class Worker:
     """Who and where this worker is."""
 
-    cfg: Config
-    task: str
-    run_uri: str
-    run_name: str
+    spec: TrainLoopSpec
     rank: int
     world: int
     device: str
@@ -55,45 +76,39 @@ def _setup_worker(config: dict) -> Worker:
     # Token-budget batches change shape every step; expandable segments let the caching allocator grow blocks
     # instead of carving new ones (+3% on the H200, bench/RESULTS.md). Set before the first CUDA allocation.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    storage.configure(config["storage_settings"])
-    cfg = Config.model_validate(config["cfg"])
+    spec: TrainLoopSpec = config["spec"]
+    storage.configure(spec.storage_settings)
     ctx = ray.train.get_context()
-    device = modeling.pick_device(ctx.get_local_rank()) if cfg.scaling.use_gpu else "cpu"
-    return Worker(cfg, config["task"], config["run_uri"], config["run_name"], ctx.get_world_rank(),
-                  ctx.get_world_size(), device)
+    device = modeling.pick_device(ctx.get_local_rank()) if spec.use_gpu else "cpu"
+    return Worker(spec, ctx.get_world_rank(), ctx.get_world_size(), device)
 
 
-def _setup_tokenizer(cfg: Config):
-    tok = modeling.load_base_tokenizer(cfg.model)
-    return tok, PromptBuilder(tok, cfg.prompt.max_prompt_tokens)
-
-
-def _setup_examples(w: Worker, config: dict, builder: PromptBuilder) -> tuple[dict, dict]:
+def _setup_examples(w: Worker, builder: PromptBuilder) -> tuple[dict, dict]:
     """Train and validation examples of the task (rows, stats per split)."""
-    cfg, tcfg = w.cfg, w.cfg.training
-    predicted = normalize_predictions(config["predicted_emotions"]) if config.get("predicted_emotions") else None
+    spec, tcfg = w.spec, w.spec.training
+    predicted = normalize_predictions(spec.predicted_emotions) if spec.predicted_emotions else None
 
     def emotions_of(conv):
         return shown_emotions(conv, tcfg.cause_emotions, noise_rate=tcfg.cause_noise_rate, seed=tcfg.seed,
                               predicted=predicted)
 
-    splits = {"train": read_split(config["train_uri"], cfg.data.limit_train),
-              "val": read_split(config.get("val_uri"), cfg.data.limit_val)}
+    splits = {"train": read_split(spec.train_uri, spec.limit_train),
+              "val": read_split(spec.val_uri, spec.limit_val)}
     build = build_packed_rows if tcfg.reuse_prefix else build_examples
     rows, stats = {}, {}
     for name, convs in splits.items():
-        rows[name], stats[name] = build(w.task, convs, builder, emotions_of=emotions_of,
-                                        max_answer_tokens=cfg.prompt.max_answer_tokens)
+        rows[name], stats[name] = build(spec.task, convs, builder, emotions_of=emotions_of,
+                                        max_answer_tokens=spec.prompt.max_answer_tokens)
         if w.rank == 0:
             s = stats[name]
             log.info("%s/%s: %d examples from %d conversations, %d prompts shortened (%d utterances dropped), %d "
-                     "over the %d-token budget (kept, not cut)%s; %d tokens%s", w.task, name, s["examples"],
+                     "over the %d-token budget (kept, not cut)%s; %d tokens%s", spec.task, name, s["examples"],
                      s["conversations"], s["shortened_prompts"], s["dropped_utterances"], s["over_budget"],
                      s["token_budget"], f": {s['over_budget_ids'][:20]}" if s["over_budget"] else "",
                      s["computed_tokens"], f" in {s['rows']} rows (one per example: {s['example_tokens']})"
                      if "rows" in s else "")
     if not rows["train"]:
-        raise ValueError(f"no {w.task} training examples in {config['train_uri']}")
+        raise ValueError(f"no {spec.task} training examples in {spec.train_uri}")
     return rows, stats
 
 
@@ -133,11 +148,17 @@ def _renamed_args(config_cls, *, checkpointing: bool, warmup_ratio: float, group
 
 
 def _sft_config(w: Worker, out_dir: str, *, grad_ckpt: bool, optim: str, has_val: bool):
-    """trl's ``SFTConfig`` from the training section (the one place config keys become Trainer arguments)."""
+    """trl's ``SFTConfig`` from the training section (the one place config keys become Trainer arguments).
+
+    Why not ``TrlParser`` reading the YAML into ``SFTConfig`` directly: the experiment's schema is mecpe's (the
+    ``training`` section, validated with its descriptions and hashed into the run name), and it must not move with
+    transformers' renames inside 5.x (``_renamed_args``: the image has 5.17, CPU installs 5.2x). Several arguments
+    are not settings at all but follow from the worker's device: bf16/fp16/CPU, Liger (CUDA only), the optimizer's
+    CPU fallback, pinned memory; others are fixed by the method (no truncation, our own example building)."""
     import torch
     from trl import SFTConfig
 
-    tcfg, dtype = w.cfg.training, modeling.compute_dtype(w.cfg.quantization, w.device)
+    tcfg, dtype = w.spec.training, modeling.compute_dtype(w.spec.quantization, w.device)
     eval_at_steps = bool(tcfg.eval_steps and has_val)
     cuda = w.device.startswith("cuda")
     return SFTConfig(
@@ -212,21 +233,21 @@ def _setup_trainer(w: Worker, tok, model, rows: dict, work: str, *, grad_ckpt: b
     out_dir = os.path.join(work, "hf")
     args = _sft_config(w, out_dir, grad_ckpt=grad_ckpt, optim=optim, has_val=bool(rows["val"]))
     collator = None
-    if w.cfg.training.reuse_prefix:
+    if w.spec.training.reuse_prefix:
         impl = getattr(model.config, "_attn_implementation", None) or "eager"
         collator = PackedCollator(tok.pad_token_id, impl)
     throughput = ThroughputCallback(w.world)
     callbacks = [throughput, LogLineCallback(),
-                 TensorBoardSyncCallback(os.path.join(out_dir, "runs"), storage.join(w.run_uri, "tensorboard"), w.rank),
+                 TensorBoardSyncCallback(os.path.join(out_dir, "runs"), storage.join(w.spec.run_uri, "tensorboard"), w.rank),
                  PreemptionCheckpointCallback(),
                  ManifestCallback(w.rank, w.world),  # before the report: the manifest travels inside the checkpoint
                  RayTrainReportCallback()]
-    trainer = _trainer_class(w.cfg.training.max_batch_tokens)(
-        model=model, args=args, processing_class=tok, peft_config=modeling.get_peft_config(w.cfg.lora),
+    trainer = _trainer_class(w.spec.training.max_batch_tokens)(
+        model=model, args=args, processing_class=tok, peft_config=modeling.get_peft_config(w.spec.lora),
         data_collator=collator,
         train_dataset=Dataset.from_list(rows["train"]),
         eval_dataset=Dataset.from_list(rows["val"]) if rows["val"] else None, callbacks=callbacks)
-    _adapter_to_fp32_unless_bf16(trainer.model, modeling.compute_dtype(w.cfg.quantization, w.device))
+    _adapter_to_fp32_unless_bf16(trainer.model, modeling.compute_dtype(w.spec.quantization, w.device))
     throughput.attach(trainer.model, tok.pad_token_id, collator)
     # ours first: the throughput fields must be in the logs before TensorBoard and the log line see them
     handler = trainer.callback_handler
@@ -244,7 +265,7 @@ def _setup_resume(w: Worker, work: str) -> tuple[str | None, Any, list]:
     from mecpe.train.checkpoints import restore_checkpoint
 
     skipped: list[dict] = []
-    resume = restore_checkpoint(ray.train.get_checkpoint(), work, w.run_uri, skipped)
+    resume = restore_checkpoint(ray.train.get_checkpoint(), work, w.spec.run_uri, skipped)
     state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json")) if resume else None
     if state is not None and w.rank == 0:
         log.info("resuming from the checkpoint of step %s", state.global_step)
@@ -266,13 +287,13 @@ def _restore_finished(trainer, checkpoint: str, state):
 def _out_of_memory(w: Worker, trainer, exc, stats: dict, grad_ckpt: bool) -> dict:
     """A single worker out of GPU memory: every restart would reload the base and fail on the same batch, so the
     run ends here with the fix in the message instead of Ray Train retrying it max_failures times."""
-    tcfg = w.cfg.training
+    tcfg = w.spec.training
     msg = (f"out of GPU memory at step {trainer.state.global_step} on {w.device} "
            f"(per_device_batch_size={tcfg.per_device_batch_size}, max_batch_tokens={tcfg.max_batch_tokens}, "
            f"gradient checkpointing {'on' if grad_ckpt else 'off'}, longest example {stats['train']['max_length']} "
            f"tokens): lower training.per_device_batch_size (or training.max_batch_tokens), set "
            f"training.gradient_checkpointing=on or lower prompt.max_prompt_tokens. {str(exc).splitlines()[0]}")
-    storage.write_json(TrainRunLayout(w.run_uri).error, {"error": "out_of_memory", "message": msg})
+    storage.write_json(TrainRunLayout(w.spec.run_uri).error, {"error": "out_of_memory", "message": msg})
     log.error(msg)
     return {"error": msg}
 
@@ -281,26 +302,27 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def _save_adapter(w: Worker, trainer, tok, config: dict, metrics: dict, local: str) -> None:
+def _save_adapter(w: Worker, trainer, tok, metrics: dict, local: str) -> None:
     """LoRA adapter + tokenizer + resolved config + mecpe_train.json -> ``<run>/adapter/``; the marker goes last."""
+    spec = w.spec
     # LoRA weights only: the base's embeddings never change (LoRA does not train them; a pad token added to a
     # vocabulary without a safe one is re-created identically at load, mecpe.modeling.resize_embeddings), and peft
     # would otherwise store the whole matrix with every adapter once the vocabulary grew (32,001 x 5,120 for Llama-2).
     trainer.model.save_pretrained(local, save_embedding_layers=False)
     tok.save_pretrained(local)
     with open(os.path.join(local, layout.ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as fh:
-        fh.write(dump_config(w.cfg))
-    meta = {"task": w.task, "run_name": w.run_name, "config_hash": config["config_hash"],
-            "global_step": metrics["global_step"], "base_model": w.cfg.model.base, "revision": w.cfg.model.revision,
-            "cause_emotions": w.cfg.training.cause_emotions if w.task == "cause" else None,
+        fh.write(spec.config_record)
+    meta = {"task": spec.task, "run_name": spec.run_name, "config_hash": spec.config_hash,
+            "global_step": metrics["global_step"], "base_model": spec.model.base, "revision": spec.model.revision,
+            "cause_emotions": spec.training.cause_emotions if spec.task == "cause" else None,
             "metrics": {k: v for k, v in metrics.items() if k != "log_history"},
             "log_history": metrics["log_history"]}
     with open(os.path.join(local, layout.TRAIN_META_FILE), "w", encoding="utf-8") as fh:
         json.dump(_jsonable(meta), fh, indent=2)
-    adapter_uri = TrainRunLayout(w.run_uri).adapter
+    adapter_uri = TrainRunLayout(spec.run_uri).adapter
     storage.upload_dir(local, adapter_uri)
     storage.write_json(layout.adapter_marker(adapter_uri),
-                       {"run_name": w.run_name, "global_step": metrics["global_step"], "time": time.time()})
+                       {"run_name": spec.run_name, "global_step": metrics["global_step"], "time": time.time()})
     log.info("adapter written to %s", adapter_uri)
 
 
@@ -312,21 +334,19 @@ def train_loop(config: dict) -> dict:
     import torch
 
     w = _setup_worker(config)
-    tok, builder = _setup_tokenizer(w.cfg)
-    rows, stats = _setup_examples(w, config, builder)
-
     t_load = time.perf_counter()
-    model = modeling.load_model(w.cfg.model, w.cfg.quantization, device=w.device, for_training=True, tokenizer=tok)
+    model, tok = modeling.load(w.spec.model, w.spec.quantization, device=w.device, for_training=True)
     load_s = round(time.perf_counter() - t_load, 1)
-    grad_ckpt = use_gradient_checkpointing(w.cfg.training.gradient_checkpointing, w.device)
-    optim = pick_optimizer(w.cfg.training.optim, w.device)
-    dtype = modeling.compute_dtype(w.cfg.quantization, w.device)
+    rows, stats = _setup_examples(w, PromptBuilder(tok, w.spec.prompt.max_prompt_tokens))
+    grad_ckpt = use_gradient_checkpointing(w.spec.training.gradient_checkpointing, w.device)
+    optim = pick_optimizer(w.spec.training.optim, w.device)
+    dtype = modeling.compute_dtype(w.spec.quantization, w.device)
     if w.rank == 0:
         log.info("device %s, compute dtype %s, gradient checkpointing %s, %d worker(s), optimizer %s%s", w.device,
                  str(dtype).removeprefix("torch."), "on" if grad_ckpt else "off", w.world, optim,
-                 f" ({w.cfg.training.optim} needs CUDA: {optim} on CPU)" if optim != w.cfg.training.optim else "")
+                 f" ({w.spec.training.optim} needs CUDA: {optim} on CPU)" if optim != w.spec.training.optim else "")
 
-    with tempfile.TemporaryDirectory(prefix=f"mecpe-{w.run_name}-") as work:
+    with tempfile.TemporaryDirectory(prefix=f"mecpe-{w.spec.run_name}-") as work:
         trainer, throughput = _setup_trainer(w, tok, model, rows, work, grad_ckpt=grad_ckpt, optim=optim)
         resume, state, skipped = _setup_resume(w, work)
         resumed_from = state.global_step if state is not None else None
@@ -361,5 +381,5 @@ def train_loop(config: dict) -> dict:
             "log_history": trainer.state.log_history,
         })
         if w.rank == 0:
-            _save_adapter(w, trainer, tok, config, metrics, os.path.join(work, layout.ADAPTER_DIR))
+            _save_adapter(w, trainer, tok, metrics, os.path.join(work, layout.ADAPTER_DIR))
     return _jsonable(metrics)
