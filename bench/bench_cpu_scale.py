@@ -73,7 +73,9 @@ def run_infer(model: str, inp: str, out: str, overrides: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--data", default=os.environ.get("MECPE_DATA", os.path.join(REPO, "..", "shared/data/ecf")))
+    from mecpe.config import DataConfig  # the data folder by mecpe's own rule
+    ap.add_argument("--data", default=DataConfig().resolved_dir(),
+                    help="ECF folder (default: MECPE_DATA, else ../shared/data/ecf)")
     ap.add_argument("--model", default=None, help="tiny model folder (built into OUT/tiny-model when absent)")
     ap.add_argument("--scales", default="1,10,100")
     ap.add_argument("--actors", default="1,2,4,8")

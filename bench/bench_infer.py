@@ -192,7 +192,9 @@ def t4_fit(model: str, test_file: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--data", default=os.environ.get("MECPE_DATA", os.path.join(REPO, "..", "shared/data/ecf")))
+    from mecpe.config import DataConfig  # the data folder by mecpe's own rule
+    ap.add_argument("--data", default=DataConfig().resolved_dir(),
+                    help="ECF folder (default: MECPE_DATA, else ../shared/data/ecf)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--sample", type=int, default=60, help="utterances timed for the reference-style strategy")
     ap.add_argument("--limit", type=int, default=None, help="first N test conversations (default: all)")

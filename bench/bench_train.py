@@ -116,7 +116,9 @@ def run_variant(name: str, model: str, splits: dict, out: str, steps: int, batch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--data", default=os.environ.get("MECPE_DATA", os.path.join(REPO, "..", "shared/data/ecf")))
+    from mecpe.config import DataConfig  # the data folder by mecpe's own rule
+    ap.add_argument("--data", default=DataConfig().resolved_dir(),
+                    help="ECF folder (default: MECPE_DATA, else ../shared/data/ecf)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--batch", type=int, default=8, help="per-device batch (grad_accum 1); 16 OOMs an H200 "
