@@ -12,7 +12,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mecpe-bench}
 # the benchmarks' own folders (training runs, checkpoints, inference shards) stay on the machine: the device tool
-# brings back only a small $OUT, so each part's JSON and logs are copied there when it ends
+# brings back at most 8 files of $OUT, so only each part's figures (bench_*.json, t4.json, profile tables) are copied
+# there when it ends, beside the logs
 WORK=${WORK:-/tmp/mecpe-bench-work}
 DATA=${MECPE_DATA:-device_data/ecf}
 TOKENIZER=${TOKENIZER:-device_data/tokenizer}
@@ -30,7 +31,7 @@ part() {  # part NAME MIN_SECONDS CMD...: run CMD with the time left (if at leas
   local s; s=$(date +%s)
   timeout --signal=KILL "$t" "$@" > "$OUT/$name.log" 2>&1
   echo "[run_gpu] $name rc=$? in $(( $(date +%s) - s ))s" | tee -a "$OUT/run_gpu.log"
-  (cd "$WORK" && find . -maxdepth 3 -type f \( -name 'bench_*.json' -o -name 't4.json' -o -path './*/mecpe-run/summary.json' \
+  (cd "$WORK" && find . -maxdepth 3 -type f \( -name 'bench_*.json' -o -name 't4.json' \
     -o -path './*/profile/*' \) | xargs -r cp --parents -t "$OUT")  # the figures, never the runs' folders
   tail -25 "$OUT/$name.log"
 }
