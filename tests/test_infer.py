@@ -455,6 +455,8 @@ def test_overwrite_replaces_another_run(ray_cluster, tiny, gold40, tmp_path):
                  "inference.num_cpus=0.5", "inference.emotion_method=generate"]) == 0
     second = json.loads((out / "summary.json").read_text())
     assert second["run_id"] != first["run_id"] and second["conversations"] == 3 and not second["resumed"]
+    # labelled input: `mecpe infer` scored it through the one route (pipeline.step_infer(score=True)), report beside it
+    assert json.loads((out / "metrics.json").read_text())["weighted_f1"] >= 0.0 and (out / "report.md").exists()
     assert json.loads((out / "_run.json").read_text())["run_id"] == second["run_id"]
     assert len(read_shards(out)) == 3 and not old_shards & {p.name for p in (out / "records").glob("*.jsonl")}
 
