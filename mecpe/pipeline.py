@@ -85,9 +85,10 @@ def step_prepare(cfg: Config, train_uri: str | None = None, test_uri: str | None
     result = prepare(train_uri, test_uri, out, split=split or d.split,
                      val_fraction=d.val_fraction if val_fraction is None else val_fraction,
                      seed=d.seed if seed is None else seed)
-    if out == RunLayout(cfg.output_dir).data.root:  # the scoped splits the later steps read (data.limit_*)
+    prepared = RunLayout(cfg.output_dir).data
+    if out == prepared.root:  # the scoped splits the later steps read (data.limit_*)
         for name, n in (("val", d.limit_val), ("test", d.limit_test)):
-            if n is not None and storage.exists(RunLayout(cfg.output_dir).data.split(name)):
+            if n is not None and storage.exists(prepared.split(name)):
                 _limited(cfg, name, n, write=True)
     return {**result, "output": out}
 

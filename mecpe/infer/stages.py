@@ -279,7 +279,7 @@ class _Predictor:
         else:
             yield
 
-    def _predict(self, stage: str, convs: list, rows: list[dict]):
+    def _predict(self, stage: str, convs: list, shown: list):
         from mecpe import predict
 
         spec = self.spec
@@ -289,8 +289,7 @@ class _Predictor:
                                                 method=spec.emotion_method, max_batch_tokens=spec.max_batch_tokens,
                                                 reuse_prefix=spec.reuse_prefix,
                                                 bias=list(spec.emotion_bias) if spec.emotion_bias else None)
-            emotions = [self._cause_emotions(c, r) for c, r in zip(convs, rows)]
-            return predict.predict_causes(self.model, self.tokenizer, self.builder, convs, emotions,
+            return predict.predict_causes(self.model, self.tokenizer, self.builder, convs, shown,
                                           max_new_tokens=spec.max_new_tokens, max_batch_tokens=spec.max_batch_tokens,
                                           reuse_prefix=spec.reuse_prefix)
 
@@ -303,33 +302,36 @@ class _Predictor:
             return predicted
         return {u.id: u.emotion if u.emotion is not None else predicted.get(u.id, "neutral") for u in conv.utterances}
 
-    def _encode(self, stage: str, result: dict, conv, row: dict) -> list[dict]:
+    @staticmethod
+    def _encode(stage: str, result: dict, shown: dict[int, str] | None) -> list[dict]:
         if stage == "emotion":
             return [{"utterance": u, "label": r.label, "status": r.status, "dropped": int(r.dropped),
                      "scores": None if r.scores is None else [round(x, 4) for x in r.scores]}
                     for u, r in sorted(result.items())]
-        read = self._cause_emotions(conv, row)  # the pair's emotion is the one the cause model was shown
-        return [{"utterance": u, "emotion": read[u], "causes": [int(c) for c in r.causes], "status": r.status,
+        # the pair's emotion is the one the cause model was shown
+        return [{"utterance": u, "emotion": shown[u], "causes": [int(c) for c in r.causes], "status": r.status,
                  "dropped": int(r.dropped)} for u, r in sorted(result.items())]
 
-    def _run_stage(self, stage: str, rows: list[dict]) -> None:
-        """Fill ``rows[i][stage + "s"]``; a conversation whose prediction raises becomes a retryable reject."""
+    def _run_stage(self, stage: str, rows: list[dict], parsed: dict[int, data.Conversation]) -> None:
+        """Fill ``rows[i][stage + "s"]``; a conversation whose prediction raises becomes a retryable reject.
+        ``parsed``: each row's conversation by ``id(row)``, read from its columns once per batch."""
         col = "emotions" if stage == "emotion" else "causes"
-        todo = [r for r in rows if r["reject"] is None and r["conversation"] is not None and r[col] is None]
+        todo = [r for r in rows if id(r) in parsed and r["reject"] is None and r[col] is None]
         if not todo:
             return
-        convs = [conversation_of(r) for r in todo]
+        convs = [parsed[id(r)] for r in todo]
+        shown = [self._cause_emotions(c, r) if stage == "cause" else None for c, r in zip(convs, todo)]
         sizes = [max(1, len(c.utterances)) for c in convs]
         start = time.perf_counter()
         try:
-            results = self._predict(stage, convs, todo)
-            groups = [(todo, convs, results)]
+            results = self._predict(stage, convs, shown)
+            groups = [(todo, shown, results)]
         except Exception:  # isolate the failing conversation(s); the rest of the batch goes on
             self._free_memory()
             groups = []
-            for r, c in zip(todo, convs):
+            for r, c, e in zip(todo, convs, shown):
                 try:
-                    groups.append(([r], [c], self._predict(stage, [c], [r])))
+                    groups.append(([r], [e], self._predict(stage, [c], [e])))
                 except Exception as exc:  # noqa: BLE001 - recorded in the reject, retried by the next run
                     self._free_memory()
                     r["reject"] = _reject(r, stage, f"{stage} prediction failed: {type(exc).__name__}: {exc}",
@@ -337,9 +339,9 @@ class _Predictor:
         elapsed = time.perf_counter() - start
         total = sum(sizes)
         share = {id(r): elapsed * s / total for r, s in zip(todo, sizes)}
-        for grp_rows, grp_convs, results in groups:
-            for r, c, res in zip(grp_rows, grp_convs, results):
-                r[col] = self._encode(stage, res, c, r)
+        for grp_rows, grp_shown, results in groups:
+            for r, e, res in zip(grp_rows, grp_shown, results):
+                r[col] = self._encode(stage, res, e)
                 r[f"{stage}_s"] = share[id(r)]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -348,9 +350,10 @@ class _Predictor:
         from mecpe.predict import STATS
 
         rows = batch.to_pylist()
+        parsed = {id(r): conversation_of(r) for r in rows if r["reject"] is None and r["conversation"] is not None}
         before = {s: asdict(STATS[s]) for s in self.stages}
         for stage in self.stages:
-            self._run_stage(stage, rows)
+            self._run_stage(stage, rows, parsed)
         peak = _gpu_peak_gib()
         for r in rows:
             r["gpu_peak_gib"] = max(r.get("gpu_peak_gib") or 0.0, peak)

@@ -89,9 +89,7 @@ def loop_spec(cfg: Config, task: str, run_name: str, config_hash: str, run_dir: 
         limit_train=cfg.data.limit_train, limit_val=cfg.data.limit_val, model=cfg.model,
         quantization=cfg.quantization, lora=cfg.lora, prompt=cfg.prompt, training=cfg.training,
         use_gpu=cfg.scaling.use_gpu, storage_settings=settings.as_dict(),
-        predicted_emotions={k: {str(u): v for u, v in utts.items()} for k, utts in predicted.items()}
-        if predicted else None,
-        config_record=dump_config(cfg))
+        predicted_emotions=dict(predicted) if predicted else None, config_record=dump_config(cfg))
 
 
 def worker_bundle(cfg: Config) -> dict[str, float]:

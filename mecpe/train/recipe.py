@@ -23,7 +23,7 @@ from mecpe.config import LoraSettings, ModelConfig, PromptConfig, QuantizationCo
 from mecpe.layout import TrainRunLayout
 from mecpe.prompts import PromptBuilder
 from mecpe.train.examples import (
-    PackedCollator, TokenBudgetBatchSampler, build_examples, build_packed_rows, normalize_predictions, read_split,
+    PackedCollator, TokenBudgetBatchSampler, build_examples, build_packed_rows, read_split,
     shown_emotions,
 )
 
@@ -50,7 +50,7 @@ class TrainLoopSpec:
     training: TrainingConfig
     use_gpu: bool
     storage_settings: dict
-    predicted_emotions: dict | None  # {conversation_id: {utterance_id: label}} (cause_emotions=predicted)
+    predicted_emotions: dict | None  # normalized {conversation_id: {utterance_id: label}} (cause_emotions=predicted)
     config_record: str  # the whole resolved config as YAML, written beside the adapter as its record; not read here
 
 
@@ -86,7 +86,7 @@ def _setup_worker(config: dict) -> Worker:
 def _setup_examples(w: Worker, builder: PromptBuilder) -> tuple[dict, dict]:
     """Train and validation examples of the task (rows, stats per split)."""
     spec, tcfg = w.spec, w.spec.training
-    predicted = normalize_predictions(spec.predicted_emotions) if spec.predicted_emotions else None
+    predicted = spec.predicted_emotions
 
     def emotions_of(conv):
         return shown_emotions(conv, tcfg.cause_emotions, noise_rate=tcfg.cause_noise_rate, seed=tcfg.seed,
