@@ -85,9 +85,10 @@ def main() -> None:
     os.makedirs(a.out, exist_ok=True)
     model = a.model or os.path.join(a.out, "tiny-model")
     if not os.path.exists(os.path.join(model, "config.json")):
+        from mecpe.config import DataConfig
         from mecpe.tiny import build_tiny_model
 
-        build_tiny_model(model, [os.path.join(a.data, "reconstructed", "Subtask_2_train.json")])
+        build_tiny_model(model, [os.path.join(a.data, DataConfig().train_file)])
     res = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "cpus": os.cpu_count(),
            "scales": [], "actors": []}
 

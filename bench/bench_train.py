@@ -47,7 +47,9 @@ PARAMS = 13e9
 def prepare(data: str, out: str) -> dict[str, str]:
     from mecpe.data import prepare as prepare_data
 
-    train = os.path.join(data, "reconstructed", "Subtask_2_train.json")
+    from mecpe.config import DataConfig
+
+    train = os.path.join(data, DataConfig().train_file)  # the ECF 1.0 text a user downloads
     dest = os.path.join(out, "data")
     prepare_data(train, None, dest)
     return {"train": os.path.join(dest, "train.json"), "val": os.path.join(dest, "val.json")}

@@ -3,7 +3,7 @@
 # checkouts and the same venv: tells a code regression from a slower machine. Prints a table.
 #   bash bench/compare_tiny_build.sh OLD_TREE NEW_TREE [DATA_FILE]
 set -euo pipefail
-data="${3:-${MECPE_DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/ecf}/reconstructed/Subtask_2_train.json}"
+data="${3:-${MECPE_DATA:-$(cd "$(dirname "$0")/../.." && pwd)/shared/data/ecf}/NUSTM_MECPE/data/all_data_pair.txt}"
 py="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/python"
 echo "| tree | commit | seconds | exit |"
 echo "|---|---|---|---|"

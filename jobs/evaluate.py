@@ -1,6 +1,6 @@
 """`ray job submit` entrypoint: scoring and report into <output_dir>. The same as `mecpe evaluate` with these arguments:
 
-    ray job submit --working-dir . -- python jobs/evaluate.py --config jobs/configs/local.yaml [key=value ...]
+    ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/evaluate.py --config jobs/configs/local.yaml [key=value ...]
 """
 import os
 import sys

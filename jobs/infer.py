@@ -1,6 +1,6 @@
 """`ray job submit` entrypoint: two-stage inference (defaults: the prepared test split -> <output_dir>/inference). The same as `mecpe infer` with these arguments:
 
-    ray job submit --working-dir . -- python jobs/infer.py --config jobs/configs/local.yaml [key=value ...]
+    ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/infer.py --config jobs/configs/local.yaml [key=value ...]
 """
 import os
 import sys

@@ -1,6 +1,6 @@
 """`ray job submit` entrypoint: the whole pipeline. The same as `mecpe pipeline` with these arguments:
 
-    ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/local.yaml [key=value ...]
+    ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/pipeline.py --config jobs/configs/local.yaml [key=value ...]
 """
 import os
 import sys

@@ -1,6 +1,6 @@
 """`ray job submit` entrypoint: data preparation into <output_dir>/data. The same as `mecpe data prepare` with these arguments:
 
-    ray job submit --working-dir . -- python jobs/prepare_data.py --config jobs/configs/local.yaml [key=value ...]
+    ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/prepare_data.py --config jobs/configs/local.yaml [key=value ...]
 """
 import os
 import sys

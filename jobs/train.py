@@ -1,6 +1,6 @@
 """`ray job submit` entrypoint: one training run (--task emotion|cause). The same as `mecpe train` with these arguments:
 
-    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/local.yaml [key=value ...]
+    ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/train.py --config jobs/configs/local.yaml [key=value ...]
 """
 import os
 import sys

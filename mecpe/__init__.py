@@ -2,6 +2,7 @@
 
 import logging
 import sys
+import warnings
 
 __version__ = "0.1.0"
 
@@ -17,3 +18,24 @@ def log_to_stdout(level: int = logging.INFO) -> None:
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False
+    drop_harmless_warnings()
+
+
+def _not_the_hub_kernel_miss(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def drop_harmless_warnings() -> None:
+    """Drop two messages every CPU run printed, once per process, that ask nothing of a user:
+
+    * bitsandbytes (>= 0.50, on CPUs with AVX512-BF16) tries to fetch an optional faster 4-bit CPU kernel from the
+      Hugging Face hub when it is imported; without network or the repository's trust it says "Failed to load CPU
+      gemm_4bit_forward from kernels-community" and uses its own CPU kernel, which is what runs anyway.
+    * peft 0.21 reads transformers' ``is_gradient_checkpointing``, deprecated in transformers 5.x, when it wraps a
+      model (each actor that loads an adapter): a FutureWarning about their code, not mecpe's or the user's.
+
+    Called by the process entry points (CLI, Ray Train worker, predictor actor) before they import either."""
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _not_the_hub_kernel_miss not in cpu_ops.filters:
+        cpu_ops.addFilter(_not_the_hub_kernel_miss)
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -2,7 +2,7 @@
 
 One YAML file is the full record of an experiment. It is loaded into these pydantic models (unknown keys are errors,
 so a typo never silently falls back to a default), then ``key.sub=value`` overrides from the command line are applied.
-Each field's ``description`` is what the README's configuration table says about it (generated; a test keeps the two
+Each field's ``description`` is what docs/configuration.md's table says about it (generated; a test keeps the two
 equal, and another fails when a documented key is read nowhere). Configs travel into Ray workers as plain dicts
 (``model_dump()``) and are re-validated there.
 
@@ -241,6 +241,11 @@ class Config(_Strict):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
 
+    def extras(self) -> set[str]:
+        """The pyproject extras its settings need beyond mecpe's dependencies (a config's ``# Install:`` line names
+        them; tests/test_jobs.py holds every config to it)."""
+        return {"gpu"} if self.training.use_liger_kernel else set()
+
 
 def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text != "" else ""
@@ -338,7 +343,7 @@ def config_keys() -> dict[str, Any]:
 
 
 def config_reference_markdown() -> str:
-    """Markdown table of every config key, its default and its description (for the README)."""
+    """Markdown table of every config key, its default and its description (docs/configuration.md)."""
     rows = ["| key | default | what it does |", "|---|---|---|"]
     for key, field in config_keys().items():
         if not field.description:

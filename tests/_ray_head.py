@@ -40,7 +40,12 @@ class RayHead:
         self.log = self.temp_dir.with_suffix(".log")
         cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.port}", "--dashboard-host=127.0.0.1",
                f"--dashboard-port={self.dashboard_port}", f"--num-cpus={num_cpus}", f"--temp-dir={self.temp_dir}",
-               "--include-dashboard=true", "--disable-usage-stats", *(extra_args or [])]
+               "--include-dashboard=true", "--disable-usage-stats",
+               # the agents' fixed default ports (52365, ...) would collide with another Ray on this machine (a
+               # second test run, a local instance): the job server then never gets an agent
+               *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                        "runtime-env-agent-port", "metrics-export-port")),
+               *(extra_args or [])]
         self._log_fh = open(self.log, "wb")
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log_fh, stderr=subprocess.STDOUT,
                                      start_new_session=True)

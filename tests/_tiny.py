@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mecpe.config import DataConfig
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("MECPE_DATA", REPO.parent / "shared" / "data" / "ecf"))
-TRAIN_FILE = DATA_DIR / "reconstructed" / "Subtask_2_train.json"
+# the training file a user downloads: mecpe's default data.train_file (the ECF 1.0 text)
+TRAIN_FILE = DATA_DIR / DataConfig().train_file
 
 
 @functools.lru_cache(maxsize=None)
@@ -70,7 +72,12 @@ def make_conversation(obj: dict, source: str = "test"):
 
 @functools.lru_cache(maxsize=None)
 def train_records() -> tuple:
-    return tuple(json.loads(TRAIN_FILE.read_text(encoding="utf-8")))
+    """The training conversations as SemEval-format JSON records (what ``mecpe data prepare`` writes), file order."""
+    from mecpe import data
+
+    res = data.read_conversations(str(TRAIN_FILE), require_labels=True)
+    assert not res.rejects and not res.file_errors, (res.rejects[:3], res.file_errors)
+    return tuple(data.conversation_to_json(c) for c in res.conversations)
 
 
 def conversations(n: int | None = None) -> list:

@@ -91,7 +91,7 @@ def test_scale_from_zero_pipeline_job(autoscaling_head, mirror, s3_root):
     assert _alive_types() == ["head"]
     out = f"{s3_root}/out"
     # The job runs from the repository on this disk (as from an image with mecpe in it), not from an uploaded
-    # --working-dir (tests/test_jobs.py covers that): the fake provider's nodes share this machine's Ray session
+    # working_dir (tests/test_jobs.py covers that): the fake provider's nodes share this machine's Ray session
     # folder, and a node starting up clears the runtime-env files that are the job workers' working directory.
     cmd = [str(BIN / "ray"), "job", "submit", "--address", autoscaling_head["head"].address, "--",
            sys.executable, str(REPO / "jobs" / "pipeline.py"), "--config", str(REPO / "jobs" / "configs" / "smoke.yaml"),

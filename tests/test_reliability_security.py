@@ -20,7 +20,7 @@ from mecpe import storage
 from mecpe.config import Config, dump_config, load_config
 
 from _faults import BUCKET, SECRETS, FAKE_KEY_ID, fake_cloud, local_ray, ray_session_dir
-from _tiny import REPO, tiny_model_dir
+from _tiny import REPO, tiny_model_dir, train_records
 
 TEST_FILE = "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json"
 ESCAPING = ["../../outside", "a/b/c", "/absolute", "..", "%2e%2e%2fx", "C:\\\\win", "z" * 900]
@@ -58,7 +58,7 @@ def test_credentials_never_written(ray_address, cloud, data_dir, tmp_path, capfd
     out = tmp_path / "out"
     (out / "data").mkdir(parents=True)
     gold = json.loads((data_dir / TEST_FILE).read_text(encoding="utf-8"))
-    train_recs = json.loads((data_dir / "reconstructed" / "Subtask_2_train.json").read_text(encoding="utf-8"))
+    train_recs = train_records()
     (out / "data" / "train.json").write_text(json.dumps(train_recs[:8]))
     (out / "data" / "val.json").write_text(json.dumps(train_recs[200:201]))
     cfg = load_config(None, [f"output_dir={out}", f"model.base={tiny}", f"model.cache_dir={tmp_path / 'cache'}",

@@ -13,6 +13,8 @@ import pytest
 
 from mecpe import data, storage
 
+from _tiny import TRAIN_FILE
+
 SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -167,7 +169,7 @@ def test_prepare_reads_and_writes_s3(s3_server, tmp_path, data_dir):
     storage.write_bytes(test, gold.read_bytes())
     storage.write_bytes(f"s3://{bucket}/in/0-extra.jsonl", json.dumps(
         {"conversation_ID": 1375, "conversation": [{"utterance_ID": 1, "text": "dup", "speaker": "A"}]}).encode())
-    train = str(data_dir / "reconstructed" / "Subtask_2_train.json")
+    train = str(TRAIN_FILE)
     out = f"s3://{bucket}/prepared"
     result = data.prepare(train, test, out, split="reference", val_fraction=0.1, seed=42)
     assert result["test"]["conversations"] == 341 and result["rejects"] == 0

@@ -351,8 +351,10 @@ def test_two_workers_ddp_with_checkpointing_resume(ray_local, tiny, splits, tmp_
     folders = [p.parent for p in (tmp_path / "runs" / res.run_name).rglob("mecpe_checkpoint_rank0.json")]
     complete = [d for d in folders if checkpoints.verify_checkpoint(str(d)) is None]
     assert complete, folders
-    assert all((d / f"rng_state_{r}.pth").exists() and (d / f"mecpe_checkpoint_rank{r}.json").exists()
-               for d in complete for r in (0, 1))
+    # verify_checkpoint holds each rank's files to that rank's manifest: each manifest must list the rank's RNG state
+    # (a manifest without it would verify, and the resumed rank would draw other dropout masks and batches)
+    manifests = [json.loads((d / f"mecpe_checkpoint_rank{r}.json").read_text()) for d in complete for r in (0, 1)]
+    assert all(f"rng_state_{m['rank']}.pth" in m["files"] for m in manifests), [sorted(m["files"]) for m in manifests]
     whole = run_training(cfg_for(str(tmp_path / "whole")), "emotion", train_convs_uri=splits["train"])
     assert [s for s, _ in _losses(m)] == [1, 2, 3, 4, 5]
     assert [x for _, x in _losses(m)] == pytest.approx([x for _, x in _losses(whole.metrics)], rel=1e-4)
