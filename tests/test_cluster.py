@@ -35,6 +35,8 @@ from _cluster import StaticCluster, actor_nodes, drain, node_type_of
 from _faults import wait_for
 from _tiny import REPO, tiny_model_dir, train_records
 
+pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
+
 TEST_FILE = "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json"
 N_CONVS = 16
 MAX_STEPS, SAVE_STEPS = 16, 4

@@ -20,6 +20,8 @@ from _faults import wait_for
 from _ray_head import BIN, RayHead, free_port
 from _tiny import REPO, tiny_model_dir
 
+pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
+
 IDLE_TIMEOUT_MIN = 0.1  # 6 s, so the test sees nodes go
 
 

@@ -143,6 +143,16 @@ def _mecpe_sources() -> dict[str, str]:
     return {str(p.relative_to(REPO / "mecpe")): p.read_text() for p in (REPO / "mecpe").rglob("*.py")}
 
 
+def test_the_quick_tier_starts_no_ray_and_trains_nothing():
+    """`pytest -m "not slow"` (the README's edit-loop tier) stays quick: a test file that starts Ray, trains through
+    the recipe or runs a pipeline in a subprocess carries ``pytestmark = pytest.mark.slow``."""
+    heavy = re.compile(r"\bimport ray\b|ray\.init\(|run_training\(|run_pipeline\(|run_inference\(|"
+                       r"_ray_head|_cluster\b|\[str\(BIN / \"mecpe\"\)")
+    unmarked = [p.name for p in sorted((REPO / "tests").glob("test_*.py"))
+                if heavy.search(p.read_text()) and "pytestmark = pytest.mark.slow" not in p.read_text()]
+    assert not unmarked, f"start Ray or train but are not marked slow: {unmarked}"
+
+
 def test_every_documented_key_is_read_outside_config():
     """A key in the configuration table (docs/configuration.md) that no code reads does nothing: it must be implemented or removed (the check
     that failed on ``data.limit_test``, declared, documented and read by nothing). Keys are matched by their full

@@ -13,6 +13,8 @@ import pytest
 
 from _tiny import REPO, tiny_model_dir
 
+pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
+
 SEVEN = {"neutral", "anger", "disgust", "fear", "joy", "sadness", "surprise"}
 TEST_FILE = "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json"
 

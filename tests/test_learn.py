@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PASS, MISMATCH = 0.8, 0.3

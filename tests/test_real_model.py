@@ -16,6 +16,8 @@ from mecpe.config import load_config
 
 from _tiny import REPO, llama2_like_model, smollm2_dir
 
+pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
+
 CONFIG = REPO / "jobs" / "configs" / "ecf-smollm2.yaml"
 # what the config runs on one GPU, shrunk to seconds on 2 CPU cores (SmolLM2 trains at ~100 tokens/s there): 2
 # training conversations, 2 steps per adapter, short prompts (so shortening runs too), 2 test conversations; no

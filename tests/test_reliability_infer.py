@@ -29,6 +29,8 @@ from mecpe.config import load_config
 from _faults import kill_busy_actor_task, local_ray, task_attempts, wait_for
 from _tiny import REPO, tiny_model_dir
 
+pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
+
 BAD = Path(__file__).parent / "fixtures" / "bad_inputs"
 TEST_FILE = "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json"
 N_CONVS = 24

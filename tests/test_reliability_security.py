@@ -22,6 +22,8 @@ from mecpe.config import Config, dump_config, load_config
 from _faults import BUCKET, SECRETS, FAKE_KEY_ID, fake_cloud, local_ray, ray_session_dir
 from _tiny import REPO, tiny_model_dir, train_records
 
+pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
+
 TEST_FILE = "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json"
 ESCAPING = ["../../outside", "a/b/c", "/absolute", "..", "%2e%2e%2fx", "C:\\\\win", "z" * 900]
 

@@ -26,6 +26,8 @@ from mecpe.train.driver import run_identity
 from _faults import BUCKET, alive_actor_pids, fake_cloud, local_ray, sigkill, wait_for
 from _tiny import REPO, tiny_model_dir, train_records
 
+pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
+
 MAX_STEPS = 10
 SAVE_STEPS = 2
 

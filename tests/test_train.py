@@ -22,6 +22,8 @@ from mecpe.train.driver import run_identity
 from _faults import train_with_worker_kill
 from _tiny import conversations, tiny_model_dir, train_records
 
+pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
+
 
 @pytest.fixture(scope="module")
 def tiny():
