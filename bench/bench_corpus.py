@@ -120,10 +120,9 @@ class TreeSampler:
             return
         total = 0
         for p in procs:
-            try:
+            try:  # the title is read each time: a Ray worker starts as ray::IDLE and becomes an actor later
                 rss = p.memory_info().rss
-                if p.pid not in self.seen:
-                    self.seen[p.pid] = " ".join(p.cmdline())[:160]
+                self.seen[p.pid] = " ".join(p.cmdline())[:160]
             except psutil.Error:
                 continue
             total += rss
