@@ -2,18 +2,24 @@
 
 Both strategies run the same model (the 13B-shaped NF4 stand-in, or any model folder) on the ECF test set. With
 random weights the emotion stage's output is arbitrary, so the cause stage of both reads the *gold* non-neutral
-utterances (1,821 on the official test), and the reference-style strategy is forced to generate its full 15 / 25
-tokens, so the ratio measures the method, not the random model.
+utterances (1,821 on the official test). The reference-style strategy stops at EOS as the reference does (no
+``min_new_tokens``); a random model rarely says EOS, so it mostly runs its 15 / 25 tokens (the answer tokens it ran
+are recorded).
 
-    (a) reference-style (kept here only): one prompt per utterance, ``generate`` with 15 new tokens at batch 2
-        (emotion) and 25 new tokens at batch 1 (cause); timed on a sample, rate = utterances / second.
+    (a) reference-style (kept here only): one prompt per utterance, ``generate`` with up to 15 new tokens at batch 2
+        (emotion) and 25 at batch 1 (cause), stopping at EOS; timed on a sample (at least 200 emotion and 100 cause
+        utterances), rate = utterances / second.
     (b) mecpe default: ``mecpe.infer.run_inference`` (Ray Data, label scoring, shared conversation prefixes,
         constrained cause decoding, token-budget batches), whole test set.
+
+mecpe's wall figure runs from before ``ray.init`` (Ray start included) to the end of inference. MFU = the FLOPs the
+model needed (``bench/limits.py``: 2 x non-embedding parameters x tokens computed) / (GPU busy seconds x 989 TFLOP/s,
+the dense bf16 spec); the same over the bf16 matmul rate measured on this GPU is printed beside it, labelled as such.
 
 Also: prefill ceiling (tokens/s of one large forward batch → the prefill-bound limit = unique prompt tokens mecpe
 computed ÷ that rate), and the T4 fit (fp16 compute, memory capped at 15 GiB, largest token budget that runs).
 
-    python bench/bench_infer.py --model /tmp/standin-13b --data DIR --out OUT [--sample 60]
+    python bench/bench_infer.py --model /tmp/standin-13b --data DIR --out OUT [--sample 200] [--cause-sample 100]
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import limits  # noqa: E402
 
 
 def _cfg(model: str, overrides: list[str]):
@@ -50,11 +59,12 @@ def run_mecpe(model: str, test_file: str, out: str, use_gpu: bool, extra: list[s
     overrides = ["inference.cause_input=gold", "inference.share_base=true", "quantization.mode=nf4",
                  f"inference.num_gpus={1 if use_gpu else 0}", *extra]
     cfg = _cfg(model, overrides)
+    t0 = time.time()  # before ray.init: the wall figure includes Ray's start
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=True)
-    t0 = time.time()
     summary = run_inference(cfg, test_file, out)
     summary["bench_wall_s"] = time.time() - t0
+    summary["bench_wall_from"] = "before ray.init"  # runs before #29 timed from after it
     return summary
 
 
@@ -85,8 +95,9 @@ def unique_prompt_tokens(tok, cfg, test_file: str) -> dict:
     return {"unique_prompt_tokens": total, "full_prompt_tokens": full}
 
 
-def run_reference_style(loaded, test_file: str, sample: int, device: str) -> dict:
-    """One prompt per utterance, HF ``generate`` with the reference's token counts and batch sizes."""
+def run_reference_style(loaded, test_file: str, sample: int, cause_sample: int, device: str) -> dict:
+    """One prompt per utterance, HF ``generate`` with the reference's token limits and batch sizes, stopping at
+    EOS like the reference (no ``min_new_tokens``)."""
     import torch
 
     from mecpe.prompts import PromptBuilder
@@ -97,9 +108,11 @@ def run_reference_style(loaded, test_file: str, sample: int, device: str) -> dic
     emo_prompts = [builder.emotion_prompt(c, u.id).ids for c in convs for u in c.utterances][:sample]
     gold = [{u.id: u.emotion for u in c.utterances} for c in convs]
     cause_prompts = [builder.cause_prompt(c, u.id, g).ids for c, g in zip(convs, gold)
-                     for u in c.utterances if g[u.id] != "neutral"][: max(sample // 2, 1)]
+                     for u in c.utterances if g[u.id] != "neutral"][:cause_sample]
 
-    def timed(prompts, batch, new_tokens):
+    ran = {}  # answer tokens generate ran per stage (batch columns after the prompt)
+
+    def timed(prompts, batch, new_tokens, stage=None):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.time()
@@ -110,21 +123,25 @@ def run_reference_style(loaded, test_file: str, sample: int, device: str) -> dic
             mask = (torch.arange(width, device=m.device)[None, :] >= torch.tensor(
                 [width - len(p) for p in chunk], device=m.device)[:, None]).long()
             with torch.inference_mode():
-                m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                           do_sample=False, pad_token_id=tok.pad_token_id)
+                gen = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            if stage:
+                ran[stage] = ran.get(stage, 0) + (gen.shape[1] - width) * len(chunk)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         return len(prompts) / (time.time() - t0)
 
     timed(emo_prompts[:2], 2, 2)  # warm-up
-    emo = timed(emo_prompts, 2, 15)
-    cause = timed(cause_prompts, 1, 25)
+    emo = timed(emo_prompts, 2, 15, "emotion")
+    cause = timed(cause_prompts, 1, 25, "cause")
     n_utt = sum(len(c.utterances) for c in convs)
     n_cause = sum(1 for g in gold for e in g.values() if e != "neutral")
     wall = n_utt / emo + n_cause / cause
     return {"emotion_utt_s": emo, "cause_utt_s": cause, "utterances": n_utt, "cause_utterances": n_cause,
             "pipeline_utt_s": n_utt / wall, "extrapolated_wall_s": wall,
-            "sampled": {"emotion": len(emo_prompts), "cause": len(cause_prompts)}}
+            "sampled": {"emotion": len(emo_prompts), "cause": len(cause_prompts)},
+            "mean_answer_tokens": {k: ran.get(k, 0) / max(n, 1) for k, n in
+                                   (("emotion", len(emo_prompts)), ("cause", len(cause_prompts)))}}
 
 
 def prefill_rate(loaded, device: str, batch: int = 32, length: int = 512) -> float:
@@ -196,7 +213,8 @@ def main() -> None:
     ap.add_argument("--data", default=DataConfig().resolved_dir(),
                     help="ECF folder (default: MECPE_DATA, else ../shared/data/ecf)")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--sample", type=int, default=60, help="utterances timed for the reference-style strategy")
+    ap.add_argument("--sample", type=int, default=200, help="emotion utterances timed for the reference-style strategy")
+    ap.add_argument("--cause-sample", type=int, default=100, help="cause utterances timed for it")
     ap.add_argument("--limit", type=int, default=None, help="first N test conversations (default: all)")
     ap.add_argument("--part", choices=["all", "mecpe", "reference", "prefill", "t4"], default="all")
     ap.add_argument("--override", action="append", default=[], help="extra config overrides for mecpe")
@@ -225,13 +243,15 @@ def main() -> None:
 
     if a.part in ("all", "mecpe"):
         res["mecpe"] = run_mecpe(a.model, test_file, os.path.join(a.out, "mecpe-run"), use_gpu, a.override)
-        res["mecpe_rates"] = mecpe_rates(res["mecpe"])
+        res["model_shape"] = limits.read_model_shape(a.model)
+        res["matmul_flops"] = limits.measured_matmul_flops() if use_gpu else None
+        res["mecpe_rates"] = mecpe_rates(res["mecpe"], res["model_shape"], res["matmul_flops"])
         save()
     if a.part in ("all", "reference", "prefill"):
         loaded = load(a.model, device)
         res["tokens"] = unique_prompt_tokens(loaded[1], loaded[0], test_file)
         if a.part in ("all", "reference"):
-            res["reference"] = run_reference_style(loaded, test_file, a.sample, device)
+            res["reference"] = run_reference_style(loaded, test_file, a.sample, a.cause_sample, device)
         res["prefill_tok_s"] = prefill_rate(loaded, device)
         save()
         del loaded
@@ -251,14 +271,21 @@ def main() -> None:
     print_table(res)
 
 
-def mecpe_rates(m: dict) -> dict:
+def mecpe_rates(m: dict, shape: dict | None = None, matmul_flops: float | None = None) -> dict:
     """utt/s of mecpe's run: steady (time inside the predictor actors, one GPU shared by both stages) and wall
-    (the whole Ray Data pipeline including actor start-up and the 4-bit model load)."""
+    (``ray.init`` to the end: Ray start, actor start-up, the 4-bit model load, both stages, writes); MFU of the busy
+    time against the 989 TFLOP/s spec and against the measured matmul rate."""
     st = m["this_run"]["stages"]
     emo, cau = st["emotion"], st["cause"]
     busy = emo["actor_s"] + cau["actor_s"]
     engine = m["this_run"].get("engine") or {}
-    return {"pipeline_utt_s": emo["utterances"] / busy if busy else None,
+    flops = sum(limits.stage_flops(shape, engine.get(s) or {}) for s in ("emotion", "cause")) if shape else None
+    wall = m.get("bench_wall_s") if m.get("bench_wall_from") == "before ray.init" else None
+    return {"model_flops": flops, "mfu_spec": flops / (busy * limits.PEAK_BF16_FLOPS) if flops and busy else None,
+            "mfu_measured_matmul": flops / (busy * matmul_flops) if flops and busy and matmul_flops else None,
+            "matmul_flops": matmul_flops, "ray_wall_s": wall,
+            "ray_wall_utt_s": emo["utterances"] / wall if wall else None,
+            "pipeline_utt_s": emo["utterances"] / busy if busy else None,
             "emotion_utt_s": emo["utt_per_s_per_actor"], "cause_utt_s": cau["utt_per_s_per_actor"],
             "wall_utt_s": m["this_run"]["utt_per_s"], "utterances": emo["utterances"], "busy_s": busy,
             "pipeline_s": m["this_run"]["pipeline_s"], "gpu_peak_gib": m["this_run"].get("gpu_peak_gib"),
@@ -272,10 +299,16 @@ def mecpe_rates(m: dict) -> dict:
 def print_table(res: dict) -> None:
     rows = []
     m, r = res.get("mecpe"), res.get("reference")
-    thr = mecpe_rates(m) if m else {}
+    thr = mecpe_rates(m, res.get("model_shape"), res.get("matmul_flops")) if m else {}
     if m:
         rows.append(("mecpe pipeline utt/s (emotion+cause, GPU busy time)", thr["pipeline_utt_s"]))
-        rows.append(("mecpe pipeline utt/s (wall, incl. actor start + model load)", thr["wall_utt_s"]))
+        rows.append(("mecpe pipeline utt/s (wall from ray.init: Ray start, actor start, model load, writes)",
+                     thr.get("ray_wall_utt_s")))
+        rows.append(("mecpe pipeline utt/s (wall of the Ray Data pipeline, Ray already up)", thr["wall_utt_s"]))
+        rows.append(("mecpe MFU, GPU busy time, against 989 TFLOP/s dense bf16 spec", thr.get("mfu_spec")))
+        rows.append(("mecpe MFU, GPU busy time, against the measured bf16 matmul rate (not the spec)",
+                     thr.get("mfu_measured_matmul")))
+        rows.append(("measured bf16 matmul TFLOP/s (8192^3)", (thr.get("matmul_flops") or 0) / 1e12 or None))
         rows.append(("mecpe emotion stage utt/s", thr["emotion_utt_s"]))
         rows.append(("mecpe cause stage utt/s", thr["cause_utt_s"]))
         rows.append(("mecpe predictor peak GPU memory GiB", thr["gpu_peak_gib"]))
@@ -285,13 +318,16 @@ def print_table(res: dict) -> None:
         for key in ("emotion_prefill_s", "cause_prefill_s", "cause_decode_s", "cause_decode_steps"):
             rows.append((f"mecpe engine {key.replace('_', ' ')}", thr[key]))
     if r:
-        rows += [("reference-style emotion utt/s (batch 2, 15 tok)", r["emotion_utt_s"]),
-                 ("reference-style cause utt/s (batch 1, 25 tok)", r["cause_utt_s"]),
+        rows += [("reference-style emotion utt/s (batch 2, up to 15 tok, stops at EOS)", r["emotion_utt_s"]),
+                 ("reference-style cause utt/s (batch 1, up to 25 tok, stops at EOS)", r["cause_utt_s"]),
+                 ("reference-style utterances timed (emotion / cause)",
+                  f"{r['sampled']['emotion']} / {r['sampled']['cause']}"),
                  ("reference-style pipeline utt/s", r["pipeline_utt_s"])]
     if m and r and thr.get("pipeline_utt_s"):
         rows.append(("speed-up vs reference-style (GPU busy time)", thr["pipeline_utt_s"] / r["pipeline_utt_s"]))
-        rows.append(("speed-up vs reference-style (wall-clock, actor start and model load included)",
-                     thr["wall_utt_s"] / r["pipeline_utt_s"]))
+        wall = thr.get("ray_wall_utt_s") or thr["wall_utt_s"]
+        rows.append(("speed-up vs reference-style (wall-clock from ray.init, actor start and model load included)",
+                     wall / r["pipeline_utt_s"]))
     if "prefill_tok_s" in res:
         rows.append(("prefill ceiling tok/s", res["prefill_tok_s"]))
         if m and thr.get("pipeline_utt_s") and "tokens" in res:

@@ -40,7 +40,7 @@ part standin 60 python3 bench/standin.py --out "$MODEL" --tokenizer "$TOKENIZER"
 # training: the reference LoRA with and without Liger's kernels, 8,192-token micro-batches, a whole 64-step run
 part train 200 python3 bench/bench_train.py --model "$MODEL" --data "$DATA" --out "$WORK/train" --steps ${TRAIN_STEPS:-64} \
     --variants ${TRAIN_VARIANTS:-ref,ref-liger} --budgets ${TRAIN_TOKENS:-8192} --logging-steps 2 ${TRAIN_FLAGS:-}
-part infer 150 python3 bench/bench_infer.py --model "$MODEL" --data "$DATA" --out "$WORK/infer" --sample 40 --skip-t4 \
+part infer 150 python3 bench/bench_infer.py --model "$MODEL" --data "$DATA" --out "$WORK/infer" --sample 200 --cause-sample 100 --skip-t4 \
     --override inference.max_batch_tokens=65536 --override inference.batch_size=128
 # where a training step's time goes, early (warm-up) and later: torch.profiler tables in $OUT/profile/profile/ (copied)
 part profile 60 python3 bench/bench_train.py --model "$MODEL" --data "$DATA" --out "$WORK/profile" --steps 12 --variants ref \
