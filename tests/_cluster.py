@@ -201,8 +201,10 @@ def actor_nodes(class_substring: str) -> dict[str, set[str]]:
     Ray's state API."""
     from ray.util.state import list_actors
 
+    from _faults import state_address
+
     out: dict[str, set[str]] = {}
-    for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False):
+    for a in list_actors(address=state_address(), detail=True, limit=10_000, raise_on_missing_output=False):
         if class_substring in (a.class_name or "") and a.node_id:
             out.setdefault(a.class_name, set()).add(a.node_id)
     return out

@@ -140,6 +140,15 @@ def local_ray(dashboard: bool = False) -> Iterator[str]:
         ray.shutdown()
 
 
+def state_address() -> str:
+    """The GCS address of the Ray this process is connected to, for Ray's state API: without one it looks for a Ray
+    on this machine and fails when it finds several ("Found multiple active Ray instances"), as when two test runs
+    share the machine."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def ray_session_dir() -> Path:
     import ray
 
@@ -232,12 +241,13 @@ def kill_busy_actor_task(class_substring: str, alive: Callable[[], bool], timeou
     from ray.util.state import list_tasks
 
     def running():
-        tasks = list_tasks(filters=[("state", "=", "RUNNING"), ("type", "=", "ACTOR_TASK")], detail=True,
-                           raise_on_missing_output=False)
+        tasks = list_tasks(address=state_address(), filters=[("state", "=", "RUNNING"), ("type", "=", "ACTOR_TASK")],
+                           detail=True, raise_on_missing_output=False)
         return [t for t in tasks if class_substring in (t.name or "") and t.name.endswith(".submit")]
 
     def final_state(task):
-        attempts = list_tasks(filters=[("task_id", "=", task.task_id)], detail=True, raise_on_missing_output=False)
+        attempts = list_tasks(address=state_address(), filters=[("task_id", "=", task.task_id)], detail=True,
+                              raise_on_missing_output=False)
         return next((a.state for a in attempts if a.attempt_number == task.attempt_number
                      and a.state in ("FAILED", "FINISHED")), None)
 
@@ -252,4 +262,5 @@ def kill_busy_actor_task(class_substring: str, alive: Callable[[], bool], timeou
 def task_attempts(task_id: str) -> list:
     from ray.util.state import list_tasks
 
-    return list_tasks(filters=[("task_id", "=", task_id)], detail=True, raise_on_missing_output=False)
+    return list_tasks(address=state_address(), filters=[("task_id", "=", task_id)], detail=True,
+                      raise_on_missing_output=False)

@@ -32,7 +32,7 @@ from mecpe.config import load_config
 from mecpe.train import checkpoints
 
 from _cluster import StaticCluster, actor_nodes, drain, node_type_of
-from _faults import wait_for
+from _faults import state_address, wait_for
 from _tiny import REPO, tiny_model_dir, train_records
 
 pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
@@ -89,7 +89,7 @@ def _predictions(out: str) -> dict:
 def _alive_actor_nodes(class_substring: str) -> set[str]:
     from ray.util.state import list_actors
 
-    return {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True,
+    return {a.node_id for a in list_actors(address=state_address(), filters=[("state", "=", "ALIVE")], detail=True,
                                            raise_on_missing_output=False)
             if class_substring in (a.class_name or "")}
 

@@ -339,6 +339,8 @@ JMI = {
 @pytest.mark.parametrize("name", sorted(JMI))
 def test_jmi_submissions_match_scorer(name, data_dir, gold_test):
     path = data_dir / "cmooncs_SemEval-2024_MultiModal_ECPE" / "jmi_gpt_submissions" / name / "Subtask_2_pred.json"
+    if not path.exists():  # optional third download (docs/data.md); CI's data folder holds it
+        pytest.skip(f"{path} absent: the JMI team's published submission (GitHub cmooncs/SemEval-2024_MultiModal_ECPE)")
     with open(path) as fh:
         pred = json.load(fh)
     ours = assert_agrees(pred, gold_test)
