@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from mecpe.errors import ConfigError, InputError
 from mecpe.labels import EMOTIONS
 
 GRID = tuple(float(x) / 4 for x in range(-24, 25))  # -6.0 .. 6.0 in steps of 0.25
@@ -57,7 +58,7 @@ def utterances_from_records(records: Iterable[dict]) -> Utterances:
     for rec in records:
         g = (rec.get("_mecpe") or {}).get("gold")
         if g is None:
-            raise ValueError(f"conversation {rec.get('conversation_ID')}: no gold labels; calibration needs "
+            raise InputError(f"conversation {rec.get('conversation_ID')}: no gold labels; calibration needs "
                              f"labelled input")
         causes: dict[int, set[int]] = {}
         for pair in g["emotion-cause_pairs"]:
@@ -66,7 +67,7 @@ def utterances_from_records(records: Iterable[dict]) -> Utterances:
         for utt in rec["conversation"]:
             uid = int(utt["utterance_ID"])
             if utt.get("label_scores") is None:
-                raise ValueError(f"conversation {rec.get('conversation_ID')}, utterance {uid}: no label scores; "
+                raise ConfigError(f"conversation {rec.get('conversation_ID')}, utterance {uid}: no label scores; "
                                  f"calibration needs inference.emotion_method=score")
             rule = {uid} | ({prev} if prev is not None else set())
             gold_causes = causes.get(uid, set())
@@ -78,7 +79,7 @@ def utterances_from_records(records: Iterable[dict]) -> Utterances:
             convs.append(str(rec["conversation_ID"]))
             prev = uid
     if not gold:
-        raise ValueError("no utterances to calibrate on")
+        raise InputError("no utterances to calibrate on")
     return Utterances(np.asarray(scores, dtype=np.float64), np.asarray(gold), np.asarray(n_rule, dtype=np.float64),
                       np.asarray(n_gold, dtype=np.float64), np.asarray(n_both, dtype=np.float64), convs)
 

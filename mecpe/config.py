@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mecpe.errors import ConfigError, MissingInputError
 from mecpe.labels import EMOTIONS
 
 DEFAULT_DATA_DIR = "../shared/data/ecf"
@@ -256,14 +257,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     out = json.loads(json.dumps(raw))
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node[parts[-1]] = _parse_value(value)
     return out
 
@@ -272,15 +273,18 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     """Load a YAML config (or defaults), apply overrides, validate; local paths made absolute."""
     raw: dict[str, Any] = {}
     if path:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
+        try:
+            with open(path, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise MissingInputError(f"{path}: no such config file") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     try:
         cfg = Config.model_validate(raw)
     except Exception as exc:  # pydantic's message names the field
-        raise ValueError(f"{path or '<defaults>'}: invalid config: {exc}") from exc
+        raise ConfigError(f"{path or '<defaults>'}: invalid config: {exc}") from exc
     return absolute_paths(cfg)
 
 

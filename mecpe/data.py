@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from mecpe import storage
+from mecpe.errors import ConfigError, InputError
 from mecpe.labels import EMOTIONS
 from mecpe.layout import REJECTS_FILE, DataLayout
 
@@ -518,7 +519,7 @@ def split_train_val(convs: Sequence[Conversation], *, val_fraction: float = 0.1,
         train, val = _sklearn_split(rest, val_fraction, seed)
         return {"train": train, "val": val, "reference_test": ref_test}
     if method != "random":
-        raise ValueError(f"unknown split method {method!r} (random | reference)")
+        raise ConfigError(f"unknown split method {method!r} (random | reference)")
     ordered = sorted(convs, key=lambda c: _id_order(c.id))
     n = len(ordered)
     n_val = min(math.ceil(val_fraction * n - 1e-9), max(n - 1, 0))
@@ -568,7 +569,7 @@ def prepare(train_uri: str | Sequence[str], test_uri: str | Sequence[str] | None
     """
     train = read_conversations(train_uri, require_labels=True)
     if not train.conversations:
-        raise ValueError(f"no valid training conversation in {train_uri} "
+        raise InputError(f"no valid training conversation in {train_uri} "
                          f"({len(train.rejects)} rejects, {len(train.file_errors)} file errors: "
                          f"{'; '.join(map(str, train.file_errors[:3]))})")
     test = read_conversations(test_uri, require_labels=True) if test_uri else None

@@ -21,6 +21,7 @@ import time
 
 from mecpe import layout, storage
 from mecpe.config import Config, dump_config
+from mecpe.errors import ConfigError
 from mecpe.layout import InferenceLayout, RunLayout
 
 log = logging.getLogger("mecpe.pipeline")
@@ -56,7 +57,7 @@ def ensure_model(cfg: Config) -> None:
         wanted = tiny.model_dump()
         have = {k: recipe.get(k) for k in wanted}
         if recipe and have != wanted:
-            raise ValueError(f"{cfg.model.base} holds a tiny model built with {have}, the config asks for model.tiny "
+            raise ConfigError(f"{cfg.model.base} holds a tiny model built with {have}, the config asks for model.tiny "
                              f"{wanted}: delete the folder or set model.base to another one")
         return
 

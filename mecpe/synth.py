@@ -18,6 +18,7 @@ import random
 from typing import Any
 
 from mecpe import storage
+from mecpe.errors import ConfigError
 
 SPEAKERS: tuple[str, ...] = ("Chandler", "Joey", "Monica", "Phoebe", "Rachel", "Ross")
 MIN_UTTERANCES, MAX_UTTERANCES = 3, 10
@@ -92,7 +93,7 @@ def conversation(conversation_id: int, seed: int = 0) -> dict:
 def generate(num_train: int = 400, num_test: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, test) conversation records; train ids 1..num_train, test ids num_train+1..num_train+num_test."""
     if num_train < 0 or num_test < 0:
-        raise ValueError("num_train and num_test must be >= 0")
+        raise ConfigError("num_train and num_test must be >= 0")
     train = [conversation(cid, seed) for cid in range(1, num_train + 1)]
     test = [conversation(cid, seed) for cid in range(num_train + 1, num_train + num_test + 1)]
     return train, test

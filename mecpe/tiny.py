@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from mecpe import data, prompts, storage
+from mecpe.errors import InputError
 from mecpe.special_tokens import PAD_TOKEN
 
 log = logging.getLogger("mecpe.tiny")
@@ -47,9 +48,9 @@ def _read(files: Sequence[str]) -> list[data.Conversation]:
     """Conversations of the training files (labels optional); an unreadable file is an error."""
     res = data.read_conversations(list(files))
     if res.file_errors:
-        raise ValueError(f"cannot build the tiny model: {'; '.join(map(str, res.file_errors[:3]))}")
+        raise InputError(f"cannot build the tiny model: {'; '.join(map(str, res.file_errors[:3]))}")
     if not res.conversations:
-        raise ValueError(f"no conversations in {list(files)}")
+        raise InputError(f"no conversations in {list(files)}")
     return res.conversations
 
 

@@ -23,7 +23,8 @@ Commands, through ``mecpe.cli.main`` in one process (one local Ray):
   * ``pipeline.json``: ``timings_s``;
   * ``records/`` and ``rejects/`` shards: their names are uuid4s and their batching follows Ray's scheduling, so
     each folder is compared as the sorted lines of all its shards;
-  * the CLI's printed output: the line ``pipeline finished in N s``.
+  * the CLI's printed output: the line ``pipeline finished in N s``, and in what went to stderr Ray Data's own
+    progress lines (each starting with a timestamp: ``2026-12-05 06:27:03,378\tINFO logging_progress.py:174 --``).
 Every other byte must be equal.
 """
 
@@ -47,6 +48,7 @@ SMOKE = Path("/tmp/eq_smoke.yaml")
 SUMMARY_TIMES = {("wall_s",), ("finished",), ("this_run", "pipeline_s"), ("this_run", "utt_per_s"),
                  ("provenance", "code")}
 STAGE_TIMES = {"actor_s", "utt_per_s_per_actor"}
+RAY_LOG = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\t(DEBUG|INFO|WARNING) ")
 ENGINE_TIMES = {"seconds", "prefill_s", "decode_s", "prompts_per_s"}
 
 
@@ -129,6 +131,7 @@ def _normalize_cli(raw: bytes) -> bytes:
     runs = json.loads(raw)
     for r in runs.values():
         r["stdout"] = re.sub(r"pipeline finished in [0-9.]+ s", "pipeline finished in <normalized> s", r["stdout"])
+        r["stderr"] = "".join(line for line in r["stderr"].splitlines(keepends=True) if not RAY_LOG.match(line))
     return json.dumps(runs, indent=2).encode()
 
 

@@ -84,7 +84,8 @@ def predictions(out: Path) -> dict:
 
 def test_parse_stage_rows_to_conversations_or_rejects():
     from mecpe.infer.source import RAW_SCHEMA
-    from mecpe.infer.stages import ROW_SCHEMA, ParseStage, conversation_of
+    from mecpe.infer.rows import ROW_SCHEMA, conversation_of
+    from mecpe.infer.stages import ParseStage
 
     good = {"conversation_ID": 7, "conversation": [{"utterance_ID": 1, "text": "Hi .", "speaker": "Ross"}]}
 
@@ -125,7 +126,7 @@ def test_parse_stage_rows_to_conversations_or_rejects():
 def test_conversation_columns_round_trip():
     """String ids, labels, pairs and unknown utterance fields survive the typed row columns unchanged."""
     from mecpe import data
-    from mecpe.infer.stages import ROW_SCHEMA, conversation_of, conversation_row
+    from mecpe.infer.rows import ROW_SCHEMA, conversation_of, conversation_row
 
     raw = {"conversation_ID": "dlg-3", "conversation": [
         {"utterance_ID": 1, "text": "Oh no .", "speaker": "Ross", "emotion": "sadness", "video": {"t": [1, 2]}},

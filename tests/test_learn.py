@@ -59,13 +59,13 @@ def _infer_and_score(cfg) -> float:
                                adapters={"emotion": cfg.inference.emotion_adapter, "cause": cfg.inference.cause_adapter})
     builder = PromptBuilder(tok, cfg.prompt.max_prompt_tokens, cut_target=True)
     model.set_adapter("emotion")
-    emo = predict.predict_emotions(model, tok, builder, convs)
+    emo = predict.predict_emotions(model, tok, builder, convs).results
     labels = []
     for conv, res in zip(convs, emo):
         got = {u: r.label for u, r in res.items()}
         labels.append({u.id: got.get(u.id, "neutral") for u in conv.utterances})
     model.set_adapter("cause")
-    causes = predict.predict_causes(model, tok, builder, convs, labels)
+    causes = predict.predict_causes(model, tok, builder, convs, labels).results
     pred = []
     for conv, lab, cau in zip(convs, labels, causes):
         pairs = [data.Pair(u, lab[u], int(c)) for u in sorted(cau) if lab[u] != "neutral" for c in cau[u].causes]

@@ -7,6 +7,6 @@
 """
 
 from mecpe.infer.driver import run_inference
-from mecpe.infer.resume import RunMismatchError
+from mecpe.errors import RunMismatchError
 
 __all__ = ["RunMismatchError", "run_inference"]

@@ -22,9 +22,9 @@ from mecpe.infer.resume import STAGES, assemble, claim_output, done_uids, run_id
 from mecpe.infer.source import LIGHT_CPUS, list_inputs, read_raw
 from mecpe.layout import InferenceLayout
 from mecpe.provenance import code_version
-from mecpe.infer.stages import (
-    CausePredictor, EmotionCausePredictor, EmotionPredictor, ParseStage, PredictorSpec, ShardWriter, merge_engine,
-)
+from mecpe.infer.rows import merge_engine
+from mecpe.infer.stages import CausePredictor, EmotionCausePredictor, EmotionPredictor, ParseStage, PredictorSpec
+from mecpe.infer.writer import ShardWriter
 
 log = logging.getLogger("mecpe.infer")
 

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from mecpe import storage
+from mecpe.errors import MissingInputError
 
 LIGHT_CPUS = 0.25  # read / parse / write stages: JSON and I/O only
 
@@ -46,7 +47,7 @@ def list_inputs(input_uri: str | list[str], *, exclude: str | None = None) -> li
             if skip is None or not f.startswith(skip):
                 out[f] = None
         if not found:
-            raise FileNotFoundError(f"no .json/.jsonl input files at {uri}")
+            raise MissingInputError(f"no .json/.jsonl input files at {uri}")
     return list(out)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from mecpe import layout, modeling, storage
 from mecpe.config import LoraSettings, ModelConfig, PromptConfig, QuantizationConfig, TrainingConfig
+from mecpe.errors import InputError
 from mecpe.layout import TrainRunLayout
 from mecpe.prompts import PromptBuilder
 from mecpe.train.examples import (
@@ -108,7 +109,7 @@ def _setup_examples(w: Worker, builder: PromptBuilder) -> tuple[dict, dict]:
                      s["computed_tokens"], f" in {s['rows']} rows (one per example: {s['example_tokens']})"
                      if "rows" in s else "")
     if not rows["train"]:
-        raise ValueError(f"no {spec.task} training examples in {spec.train_uri}")
+        raise InputError(f"no {spec.task} training examples in {spec.train_uri}")
     return rows, stats
 
 
