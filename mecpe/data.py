@@ -23,7 +23,6 @@ from mecpe.errors import ConfigError, InputError
 from mecpe.labels import EMOTIONS
 from mecpe.layout import REJECTS_FILE, DataLayout
 
-# The seven labels, in the official scorer's index order (neutral = 0). Every module takes them from here.
 MAX_ID_CHARS = 1000
 _KNOWN_UTT_KEYS = ("utterance_ID", "text", "speaker", "emotion", "video_name")
 _DIGITS = re.compile(r"[0-9]+")
@@ -558,14 +557,36 @@ def _dump(convs: Iterable[Conversation]) -> bytes:
     return storage.dumps_json([conversation_to_json(c) for c in convs], indent=4)
 
 
+@dataclass(frozen=True)
+class PrepareResult:
+    """A prepared data folder: the counts of each split written (``splits``), the conversations and files set
+    aside, and how many of those were training files (which fail the step)."""
+
+    output: str
+    splits: dict[str, dict]  # train, val (reference_test), (test) -> counts
+    rejects: int
+    file_errors: list[str]
+    train_file_errors: int
+
+    @property
+    def rejects_file(self) -> str:
+        return DataLayout(self.output).rejects
+
+    def counts_json(self) -> dict:
+        """The manifest's ``counts``: each split's, then what was set aside."""
+        out = dict(self.splits)
+        out.update({k: v for k, v in asdict(self).items() if k not in ("output", "splits")})
+        return out
+
+
 def prepare(train_uri: str | Sequence[str], test_uri: str | Sequence[str] | None, out_dir: str, *,
-            split: str = "random", val_fraction: float = 0.1, seed: int = 42) -> dict:
+            split: str = "random", val_fraction: float = 0.1, seed: int = 42) -> PrepareResult:
     """Validate, split, write ``train/val/test.json`` (+ ``reference_test.json``), ``rejects.jsonl``, ``manifest.json``.
 
     Everything is rewritten on every run (no skipping on existence) and outputs a run does not produce are
     deleted, so stale files from other inputs or settings never survive; same inputs give identical bytes.
-    ``manifest.json`` (inputs' sha256, settings, outputs' sha256) is written last. Raises ValueError when
-    no training conversation survives. Returns JSON-able counts.
+    ``manifest.json`` (inputs' sha256, settings, outputs' sha256, counts) is written last. Raises ``InputError``
+    when no training conversation survives.
     """
     train = read_conversations(train_uri, require_labels=True)
     if not train.conversations:
@@ -587,14 +608,13 @@ def prepare(train_uri: str | Sequence[str], test_uri: str | Sequence[str] | None
     for name, blob in outputs.items():
         storage.write_bytes(storage.join(out_dir, name), blob)
 
-    result = {name: counts(convs) for name, convs in splits.items()}
-    result.update(rejects=len(problems), file_errors=[str(e) for r in (train, test) if r for e in r.file_errors],
-                  train_file_errors=len(train.file_errors))
+    result = PrepareResult(out_dir, {name: counts(convs) for name, convs in splits.items()}, len(problems),
+                           [str(e) for r in (train, test) if r for e in r.file_errors], len(train.file_errors))
     storage.write_json(DataLayout(out_dir).manifest, {
         "inputs": {"train": train.sources, "test": test.sources if test else {}},
         "settings": {"split": split, "val_fraction": val_fraction, "seed": seed},
         "outputs": {name: hashlib.sha256(blob).hexdigest() for name, blob in outputs.items()},
-        "counts": result,
+        "counts": result.counts_json(),
     }, indent=2)
     return result
 

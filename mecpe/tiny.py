@@ -27,6 +27,7 @@ import torch
 
 from mecpe import data, prompts, storage
 from mecpe.errors import InputError
+from mecpe.labels import EMOTIONS
 from mecpe.special_tokens import PAD_TOKEN
 
 log = logging.getLogger("mecpe.tiny")
@@ -60,13 +61,13 @@ def _tokenizer_corpus(convs: list, rng: random.Random, num_prompts: int = 300) -
     corpus = [u.text for c in convs for u in c.utterances] + sorted({u.speaker for c in convs for u in c.utterances})
     for conv in rng.sample(convs, min(num_prompts, len(convs))):
         utt = rng.choice(conv.utterances)
-        emotions = {u.id: (u.emotion if u.emotion in data.EMOTIONS else "neutral") for u in conv.utterances}
+        emotions = {u.id: (u.emotion if u.emotion in EMOTIONS else "neutral") for u in conv.utterances}
         corpus.append("[INST] " + prompts.emotion_prompt_text(conv, utt.id) + " [/INST]")
         corpus.append("[INST] " + prompts.cause_prompt_text(conv, utt.id, emotions) + " [/INST]")
         corpus.append(prompts.emotion_target(utt.id, emotions[utt.id]))
         corpus.append(prompts.cause_target(sorted(rng.sample(range(1, len(conv.utterances) + 1),
                                                              rng.randint(0, min(3, len(conv.utterances)))))))
-    corpus += [prompts.emotion_target(i, lab) for i in range(1, 40) for lab in data.EMOTIONS]
+    corpus += [prompts.emotion_target(i, lab) for i in range(1, 40) for lab in EMOTIONS]
     return corpus
 
 
@@ -88,7 +89,7 @@ def build_tokenizer(convs: list, seed: int = 0, vocab_size: int = 2048):
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token=PAD_TOKEN, model_max_length=4096)
     tok.chat_template = LLAMA2_CHAT_TEMPLATE
-    multi = [lab for lab in data.EMOTIONS if len(tok(" " + lab, add_special_tokens=False)["input_ids"]) != 1]
+    multi = [lab for lab in EMOTIONS if len(tok(" " + lab, add_special_tokens=False)["input_ids"]) != 1]
     if multi:
         raise RuntimeError(f"tiny tokenizer: labels {multi} are not single tokens; raise vocab_size")
     return tok

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from mecpe import data, storage
 from mecpe.infer.resume import META
+from mecpe.labels import EMOTIONS
 from mecpe.infer.rows import SHARD_SCHEMA, conversation_of, merge_engine, reject_of, rows_table
 from mecpe.layout import InferenceLayout
 
@@ -25,9 +26,9 @@ def build_record(row: dict) -> dict:
     conv = conversation_of(row)
     emo = {e["utterance"]: e for e in row["emotions"]}
     cau = {c["utterance"]: c for c in row["causes"] or []}
-    labels = {u: (e["label"] if e["label"] in data.EMOTIONS else "neutral") for u, e in emo.items()}
+    labels = {u: (e["label"] if e["label"] in EMOTIONS else "neutral") for u, e in emo.items()}
     # The pair's emotion is the one the cause stage read: the predicted label, or the gold one with cause_input=gold.
-    pairs = [data.Pair(u, cau[u]["emotion"], c) for u in sorted(cau) if cau[u]["emotion"] in data.EMOTIONS[1:]
+    pairs = [data.Pair(u, cau[u]["emotion"], c) for u in sorted(cau) if cau[u]["emotion"] in EMOTIONS[1:]
              for c in cau[u]["causes"]]
     rec = data.conversation_to_json(conv, emotions=labels, pairs=pairs)
     for utt in rec["conversation"]:

@@ -21,8 +21,9 @@ import random
 from typing import Any, Mapping, Sequence
 
 from mecpe import storage
-from mecpe.data import EMOTIONS, read_conversations
+from mecpe.data import read_conversations
 from mecpe.errors import ConfigError, InputError
+from mecpe.labels import EMOTIONS
 
 TASKS = ("emotion", "cause")
 _MAX_LISTED = 50  # over-budget example ids kept in the stats
