@@ -4,13 +4,14 @@ functions that return values and raise errors. ``jobs/*.py`` (``ray job submit``
 
 from __future__ import annotations
 
+from types import MappingProxyType
 import argparse
 import json
 import sys
 
 from mecpe import log_to_stdout, pipeline, synth
 from mecpe.config import DataConfig, TinyModelSettings, load_config
-from mecpe.data import counts_table
+from mecpe.splits import counts_table
 from mecpe.errors import MecpeError
 from mecpe.evaluate import Metrics
 from mecpe.metric import OFFICIAL_KEYS
@@ -197,7 +198,8 @@ def _tiny(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": _evaluate, "train": _train, "infer": _infer, "pipeline": _pipeline, "tiny-model": _tiny}
+COMMANDS = MappingProxyType({"evaluate": _evaluate, "train": _train, "infer": _infer, "pipeline": _pipeline,
+                             "tiny-model": _tiny})
 
 
 def main(argv: list[str] | None = None) -> int:

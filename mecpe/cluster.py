@@ -26,7 +26,7 @@ from mecpe import storage
 from mecpe.errors import NodeLocalPathError, UnschedulableError
 
 log = logging.getLogger(__name__)
-_BASIC = {"CPU", "GPU", "memory", "object_store_memory"}
+_BASIC = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 
 
 def connect(ray_address: str | None = None) -> None:

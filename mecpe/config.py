@@ -3,8 +3,9 @@
 One YAML file is the full record of an experiment. It is loaded into these pydantic models (unknown keys are errors,
 so a typo never silently falls back to a default), then ``key.sub=value`` overrides from the command line are applied.
 Each field's ``description`` is what docs/configuration.md's table says about it (generated; a test keeps the two
-equal, and another fails when a documented key is read nowhere). Configs travel into Ray workers as plain dicts
-(``model_dump()``) and are re-validated there.
+equal, and another fails when a documented key is read nowhere). The config stops at the drivers: Ray workers
+receive specs built from it (``train.recipe.TrainLoopSpec``, ``infer.stages.PredictorSpec``) holding only the
+sections they use.
 
 Precedence, everywhere: a value set in the config (file or override) wins over the environment, which wins over the
 built-in default (``data.data_dir`` over ``MECPE_DATA``; ``storage.s3_endpoint`` / ``s3_region`` over

@@ -9,16 +9,17 @@ files are written from them (``as_json``, built on ``dataclasses.asdict``) by ``
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mecpe import metric
 from mecpe.calibrate import Calibration
 
-BASELINES = {  # the rule baselines beside the system in the pipeline's report: name -> emotions they use
+BASELINES = MappingProxyType({  # the rule baselines beside the system in the pipeline's report: name -> emotions
     "majority emotion + self/previous causes": "majority",
     "gold emotions + self/previous causes (oracle)": "gold",
-}
+})
 UTTERANCE_FIELDS = ("emotion_accuracy", "emotion_weighted_f1", "emotion_confusion", "num_utterances_scored",
                     "emotion_unknown_labels", "emotion_per_class")  # None where the prediction has no emotions
 
@@ -38,10 +39,8 @@ class PairScores:
 
 
 @dataclass(frozen=True)
-class Metrics:
-    """The official Subtask 2 figures (bit-equal to the organisers' scorer), per emotion, the scorer's counts, the
-    utterance emotion diagnostics (None without predicted emotions); the rule ``baselines`` by name and the
-    ``scope`` note of a limited run where the step asks for them."""
+class Official:
+    """The six official Subtask 2 figures (bit-equal to the organisers' scorer), in its order."""
 
     precision_pair: float
     recall_pair: float
@@ -49,6 +48,18 @@ class Metrics:
     weighted_precision: float
     weighted_recall: float
     weighted_f1: float
+
+    def official(self) -> dict[str, float]:
+        """The six official figures by name, in the scorer's order."""
+        return {k: getattr(self, k) for k in metric.OFFICIAL_KEYS}
+
+
+@dataclass(frozen=True)
+class Metrics(Official):
+    """The official figures, per emotion, the scorer's counts, the utterance emotion diagnostics (None without
+    predicted emotions); the rule ``baselines`` by name and the ``scope`` note of a limited run where the step asks
+    for them."""
+
     per_emotion: dict[str, PairScores]
     pair_confusion: list[list[int]]
     num_conversations_scored: int
@@ -69,10 +80,6 @@ class Metrics:
     def has_emotions(self) -> bool:
         return self.emotion_accuracy is not None
 
-    def official(self) -> dict[str, float]:
-        """The six official figures by name, in the scorer's order."""
-        return {k: getattr(self, k) for k in metric.OFFICIAL_KEYS}
-
     def as_json(self) -> dict[str, Any]:
         """The figures as ``metrics.json`` holds them (official first; no utterance fields where there are none);
         baselines and scope are the report's to place."""
@@ -82,15 +89,9 @@ class Metrics:
 
 
 @dataclass(frozen=True)
-class ValidationScores:
+class ValidationScores(Official):
     """What the validation split is judged by: the official figures and the utterance emotions."""
 
-    precision_pair: float
-    recall_pair: float
-    f1_pair: float
-    weighted_precision: float
-    weighted_recall: float
-    weighted_f1: float
     emotion_accuracy: float | None = None
     emotion_weighted_f1: float | None = None
 

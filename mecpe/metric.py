@@ -13,6 +13,7 @@ changes the official ones. ``score_subtask2`` returns plain dicts (the scorer's 
 
 from __future__ import annotations
 
+from types import MappingProxyType
 import json
 from collections import Counter
 from typing import Any
@@ -23,7 +24,7 @@ from mecpe import storage
 from mecpe.errors import EvaluationError
 from mecpe.labels import EMOTIONS  # the scorer's index order
 
-EMOTION_IDX = {e: i for i, e in enumerate(EMOTIONS)}
+EMOTION_IDX = MappingProxyType({e: i for i, e in enumerate(EMOTIONS)})
 OFFICIAL_KEYS = (
     "precision_pair",
     "recall_pair",

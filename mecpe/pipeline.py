@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from mecpe import layout, storage
 from mecpe.config import Config, dump_config
 from mecpe.errors import ConfigError
-from mecpe.data import PrepareResult
+from mecpe.splits import PrepareResult
 from mecpe.evaluate import Metrics, Validation, ValidationScores
 from mecpe.infer.summary import InferenceSummary
 from mecpe.layout import InferenceLayout, RunLayout
@@ -76,7 +76,7 @@ def step_prepare(cfg: Config, train_uri: str | None = None, test_uri: str | None
     ``cfg.data``. Also where the config's own inputs are made when it asks for them: the synthetic corpus
     (``data.synthesize_if_missing``) and the tiny model (``model.build_tiny_if_missing``); train and infer only read.
     Returns ``mecpe.data.prepare``'s counts of the folder written."""
-    from mecpe.data import prepare
+    from mecpe.splits import prepare
 
     d = cfg.data
     ensure_model(cfg)

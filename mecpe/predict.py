@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["EmotionResult", "CauseResult", "StageOutput", "StageStats", "PromptSource", "predict_emotions",
-           "pick_label", "predict_causes", "score_emotion_labels", "cause_answer_ids", "prefix_shared_logits"]
+__all__ = ("EmotionResult", "CauseResult", "StageOutput", "StageStats", "PromptSource", "predict_emotions",
+           "pick_label", "predict_causes", "score_emotion_labels", "cause_answer_ids", "prefix_shared_logits")
 
 T = TypeVar("T")
 

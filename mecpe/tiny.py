@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from mecpe import data, prompts, storage
+from mecpe import data, prompts, readers, storage
 from mecpe.errors import InputError
 from mecpe.labels import EMOTIONS
 from mecpe.special_tokens import PAD_TOKEN
@@ -42,12 +42,12 @@ LLAMA2_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
 )
-_SPECIALS = ["<unk>", "<s>", "</s>", PAD_TOKEN]  # ids 0..3
+_SPECIALS = ("<unk>", "<s>", "</s>", PAD_TOKEN)  # ids 0..3
 
 
 def _read(files: Sequence[str]) -> list[data.Conversation]:
     """Conversations of the training files (labels optional); an unreadable file is an error."""
-    res = data.read_conversations(list(files))
+    res = readers.read_conversations(list(files))
     if res.file_errors:
         raise InputError(f"cannot build the tiny model: {'; '.join(map(str, res.file_errors[:3]))}")
     if not res.conversations:
@@ -81,7 +81,7 @@ def build_tokenizer(convs: list, seed: int = 0, vocab_size: int = 2048):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(_tokenizer_corpus(convs, random.Random(seed)), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=list(_SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     # Like Llama's tokenizer, plain encoding prepends <s> (prompts are built with add_special_tokens=False).
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",

@@ -3,6 +3,7 @@ fit only moves it up, is deterministic, and is read from real inference records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -67,7 +68,7 @@ def test_fit_raises_the_objective_deterministically():
     assert calibrate.rule_weighted_f1(u, [a.bias[e] for e in EMOTIONS]) == pytest.approx(a.after)
     assert a.two_fold.before is not None and a.two_fold.after is not None
     assert a.applied == (a.two_fold.after > a.two_fold.before)
-    json.dumps(a)  # plain floats: it goes into calibration.json and the config
+    json.dumps(dataclasses.asdict(a))  # plain floats: it goes into calibration.json and the config
 
 
 def test_records_without_scores_or_gold_are_refused():

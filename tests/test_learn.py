@@ -50,7 +50,7 @@ def test_learn_config_reaches_the_bar(learned):
 def _infer_and_score(cfg) -> float:
     """Both stages in this process with the trained adapters (the stages' own library calls), official metric."""
     from mecpe import data, modeling, predict, storage
-    from mecpe.evaluate import score_subtask2
+    from mecpe.metric import score_subtask2
     from mecpe.prompts import PromptBuilder
 
     gold = storage.read_json(cfg.data.path(cfg.data.test_file))

@@ -9,4 +9,4 @@
 from mecpe.infer.driver import run_inference
 from mecpe.errors import RunMismatchError
 
-__all__ = ["RunMismatchError", "run_inference"]
+__all__ = ("RunMismatchError", "run_inference")

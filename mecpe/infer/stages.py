@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from mecpe import data, storage
+from mecpe import data, readers, storage
 from mecpe.config import ModelConfig, QuantizationConfig
 from mecpe.engine.stats import StageStats
 from mecpe.infer.rows import (
@@ -72,7 +72,7 @@ class ParseStage:
         return row
 
     def _item(self, item, source, file_index, position, location) -> dict:
-        """One (raw object | data.Reject) from ``data.iter_records`` / ``data.record_from_line`` -> a row."""
+        """One (raw object | data.Reject) from ``readers.iter_records`` / ``readers.record_from_line`` -> a row."""
         if isinstance(item, data.Reject):
             return self._row(source, file_index, position, location, conv_id=item.conversation_id,
                              reject=("read", item.reason, item.field))
@@ -89,7 +89,7 @@ class ParseStage:
         """One raw row -> a conversation row or a reject row."""
         source, fi, pos, loc, kind = r["source"], r["file_index"], r["position"], r["location"], r["kind"]
         if kind == "line":  # undecoded bytes: mecpe.data decodes and parses (invalid UTF-8 -> a reject)
-            _, item = data.record_from_line(r["raw"], loc, source)
+            _, item = readers.record_from_line(r["raw"], loc, source)
             return self._item(item, source, fi, pos, loc)
         if kind == "item":
             return self._item(json.loads(r["raw"]), source, fi, pos, loc)

@@ -21,7 +21,7 @@ import random
 from typing import Any, Mapping, Sequence
 
 from mecpe import storage
-from mecpe.data import read_conversations
+from mecpe.readers import read_conversations
 from mecpe.errors import ConfigError, InputError
 from mecpe.labels import EMOTIONS
 
