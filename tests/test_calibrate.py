@@ -80,3 +80,21 @@ def test_records_without_scores_or_gold_are_refused():
     rec["_mecpe"]["gold"] = None
     with pytest.raises(ValueError, match="no gold labels"):
         calibrate.utterances_from_records([rec])
+
+
+def test_cli_says_whether_the_fitted_bias_was_applied():
+    """The pipeline's summary line tells a bias that was fitted but left out (no gain out of sample) from one that
+    was applied: printing the values alone read as if it had been."""
+    from mecpe.cli import _bias_line
+    from mecpe.evaluate import Validation, ValidationScores
+
+    u = calibrate.utterances_from_records(_records(120, 2, 1.5))
+    fitted = calibrate.fit(u)
+    scores = ValidationScores(*[0.0] * 6)
+    applied = Validation(120, None, scores, scores, dataclasses.replace(fitted, applied=True))
+    left_out = Validation(120, None, scores, scores, dataclasses.replace(fitted, applied=False))
+    values = ", ".join(f"{k} {b:+.2f}" for k, b in fitted.bias.items() if b)
+    assert _bias_line(applied) == f"emotion bias: {values}"
+    line = _bias_line(left_out)
+    assert line.startswith("emotion bias: fitted, not applied (2-fold weighted_f1 ") and values in line
+    assert _bias_line(Validation(120, None, scores)) is None
