@@ -208,7 +208,7 @@ def test_assemble_dedupes_copies_and_duplicate_ids(tmp_path):
 
 
 def test_end_to_end_40_conversations(baseline, gold40):
-    from mecpe.evaluate import score_subtask2
+    from mecpe.metric import score_subtask2
 
     out, summary = baseline
     pred = json.loads((out / "Subtask_2_pred.json").read_text())
@@ -455,7 +455,7 @@ def test_overwrite_replaces_another_run(ray_cluster, tiny, gold40, tmp_path):
                  "quantization.mode=none", "prompt.max_prompt_tokens=512", "inference.batch_size=8",
                  "inference.num_cpus=0.5", "inference.emotion_method=generate"]) == 0
     second = json.loads((out / "summary.json").read_text())
-    assert second["run_id"] != first["run_id"] and second["conversations"] == 3 and not second["resumed"]
+    assert second["run_id"] != first.run_id and second["conversations"] == 3 and not second["resumed"]
     # labelled input: `mecpe infer` scored it through the one route (pipeline.step_infer(score=True)), report beside it
     assert json.loads((out / "metrics.json").read_text())["weighted_f1"] >= 0.0 and (out / "report.md").exists()
     assert json.loads((out / "_run.json").read_text())["run_id"] == second["run_id"]
