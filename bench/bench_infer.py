@@ -45,7 +45,7 @@ def _cfg(model: str, overrides: list[str]):
 
 
 def _conversations(test_file: str, limit: int | None = None):
-    from mecpe.data import read_conversations
+    from mecpe.readers import read_conversations
 
     convs = read_conversations([test_file], require_labels=True).conversations
     return convs[:limit] if limit else convs

@@ -45,7 +45,7 @@ PARAMS = 13e9
 
 
 def prepare(data: str, out: str) -> dict[str, str]:
-    from mecpe.data import prepare as prepare_data
+    from mecpe.splits import prepare as prepare_data
 
     from mecpe.config import DataConfig
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from mecpe.config import DataConfig
-from mecpe.evaluate import OFFICIAL_KEYS, baseline_predictions, evaluate_files, score_subtask2
+from mecpe.metric import OFFICIAL_KEYS, baseline_predictions, evaluate_files, score_subtask2
 from mecpe.storage import read_json
 
 JMI = "cmooncs_SemEval-2024_MultiModal_ECPE/jmi_gpt_submissions"

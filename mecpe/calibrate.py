@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from mecpe.errors import ConfigError, InputError
 from mecpe.labels import EMOTIONS
 
 GRID = tuple(float(x) / 4 for x in range(-24, 25))  # -6.0 .. 6.0 in steps of 0.25
@@ -57,7 +58,7 @@ def utterances_from_records(records: Iterable[dict]) -> Utterances:
     for rec in records:
         g = (rec.get("_mecpe") or {}).get("gold")
         if g is None:
-            raise ValueError(f"conversation {rec.get('conversation_ID')}: no gold labels; calibration needs "
+            raise InputError(f"conversation {rec.get('conversation_ID')}: no gold labels; calibration needs "
                              f"labelled input")
         causes: dict[int, set[int]] = {}
         for pair in g["emotion-cause_pairs"]:
@@ -66,7 +67,7 @@ def utterances_from_records(records: Iterable[dict]) -> Utterances:
         for utt in rec["conversation"]:
             uid = int(utt["utterance_ID"])
             if utt.get("label_scores") is None:
-                raise ValueError(f"conversation {rec.get('conversation_ID')}, utterance {uid}: no label scores; "
+                raise ConfigError(f"conversation {rec.get('conversation_ID')}, utterance {uid}: no label scores; "
                                  f"calibration needs inference.emotion_method=score")
             rule = {uid} | ({prev} if prev is not None else set())
             gold_causes = causes.get(uid, set())
@@ -78,7 +79,7 @@ def utterances_from_records(records: Iterable[dict]) -> Utterances:
             convs.append(str(rec["conversation_ID"]))
             prev = uid
     if not gold:
-        raise ValueError("no utterances to calibrate on")
+        raise InputError("no utterances to calibrate on")
     return Utterances(np.asarray(scores, dtype=np.float64), np.asarray(gold), np.asarray(n_rule, dtype=np.float64),
                       np.asarray(n_gold, dtype=np.float64), np.asarray(n_both, dtype=np.float64), convs)
 
@@ -118,9 +119,42 @@ def _ascend(u: Utterances, grid: Sequence[float] = GRID, max_rounds: int = 20) -
     return bias, best
 
 
-def fit(u: Utterances, grid: Sequence[float] = GRID) -> dict:
-    """The bias (label -> value), the objective before and after on all of ``u``, the 2-fold estimate, and whether
-    the bias is to be applied (it gains out of sample)."""
+@dataclass(frozen=True)
+class Estimate:
+    """The objective without and with the bias, where it was measured (None: no fold had data)."""
+
+    before: float | None
+    after: float | None
+
+
+@dataclass(frozen=True)
+class NeutralCounts:
+    """Utterances predicted neutral without and with the bias, and gold neutral ones."""
+
+    before: int
+    after: int
+    gold: int
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A fitted bias (label -> value) and what it did: the objective on all of the utterances and 2-fold by
+    conversation, and whether it is to be applied (it gains out of sample). ``calibration.json`` is its asdict."""
+
+    bias: dict[str, float]
+    utterances: int
+    conversations: int
+    objective: str
+    before: float
+    after: float
+    two_fold: Estimate
+    applied: bool
+    predicted_neutral: NeutralCounts
+
+
+def fit(u: Utterances, grid: Sequence[float] = GRID) -> Calibration:
+    """The bias, the objective before and after on all of ``u``, the 2-fold estimate, and whether the bias is to be
+    applied (it gains out of sample)."""
     bias, after = _ascend(u, grid)
     before = rule_weighted_f1(u, [0.0] * len(EMOTIONS))
     convs = sorted(set(u.conversation))
@@ -132,16 +166,16 @@ def fit(u: Utterances, grid: Sequence[float] = GRID) -> dict:
         if len(train) and len(test):
             b, _ = _ascend(train, grid)
             held_out.append((rule_weighted_f1(test, [0.0] * len(EMOTIONS)), rule_weighted_f1(test, b)))
-    two_fold = {"before": float(np.mean([h[0] for h in held_out])) if held_out else None,
-                "after": float(np.mean([h[1] for h in held_out])) if held_out else None}
-    return {
-        "bias": {e: float(b) for e, b in zip(EMOTIONS, bias)},
-        "utterances": len(u), "conversations": len(convs),
-        "objective": "official weighted_f1 with self/previous causes",
-        "before": float(before), "after": float(after),
-        "two_fold": two_fold,
-        "applied": bool(held_out) and two_fold["after"] > two_fold["before"],
-        "predicted_neutral": {"before": int((np.argmax(u.scores, 1) == 0).sum()),
-                              "after": int((np.argmax(u.scores + np.asarray(bias), 1) == 0).sum()),
-                              "gold": int((u.gold == 0).sum())},
-    }
+    two_fold = Estimate(float(np.mean([h[0] for h in held_out])) if held_out else None,
+                        float(np.mean([h[1] for h in held_out])) if held_out else None)
+    return Calibration(
+        bias={e: float(b) for e, b in zip(EMOTIONS, bias)},
+        utterances=len(u), conversations=len(convs),
+        objective="official weighted_f1 with self/previous causes",
+        before=float(before), after=float(after),
+        two_fold=two_fold,
+        applied=bool(held_out) and two_fold.after > two_fold.before,
+        predicted_neutral=NeutralCounts(int((np.argmax(u.scores, 1) == 0).sum()),
+                                        int((np.argmax(u.scores + np.asarray(bias), 1) == 0).sum()),
+                                        int((u.gold == 0).sum())),
+    )

@@ -4,11 +4,20 @@ functions that return values and raise errors. ``jobs/*.py`` (``ray job submit``
 
 from __future__ import annotations
 
+from types import MappingProxyType
 import argparse
 import json
 import sys
 
-EXIT_USER_ERROR = 2
+from mecpe import log_to_stdout, pipeline, synth
+from mecpe.config import DataConfig, TinyModelSettings, load_config
+from mecpe.splits import counts_table
+from mecpe.errors import MecpeError
+from mecpe.evaluate import Metrics
+from mecpe.metric import OFFICIAL_KEYS
+from mecpe.report import format_table
+
+EXIT_USER_ERROR = MecpeError.exit_code
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -62,8 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("tiny-model", help="build the tiny local Llama-architecture model + tokenizer")
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--data", nargs="+", help="training file(s) (default: data.train_file of the defaults)")
-    from mecpe.config import TinyModelSettings
-
     t = TinyModelSettings()  # the defaults of model.tiny
     tiny.add_argument("--seed", type=int, default=t.seed, help="model.tiny.seed")
     tiny.add_argument("--layers", type=int, default=t.num_layers, help="decoder layers (model.tiny.num_layers)")
@@ -76,126 +83,114 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------- commands
 
 
-def _prepare(args) -> int:
-    from mecpe import layout, storage
-    from mecpe.config import load_config
-    from mecpe.data import counts_table
-    from mecpe.pipeline import step_prepare
+def _config(args):
+    return load_config(args.config, args.overrides)
 
-    result = step_prepare(load_config(args.config, args.overrides), args.train, args.test, args.out,
-                          split=args.split, val_fraction=args.val_fraction, seed=args.seed)
-    names = [k for k in ("train", "val", "reference_test", "test") if k in result]
-    print(counts_table({k: result[k] for k in names}))
-    print(f"rejects: {result['rejects']} (see {storage.join(result['output'], layout.REJECTS_FILE)})")
-    for message in result["file_errors"]:
+
+def _prepare(args) -> int:
+    result = pipeline.step_prepare(_config(args), args.train, args.test, args.out, split=args.split,
+                                   val_fraction=args.val_fraction, seed=args.seed)
+    print(counts_table(result.splits))
+    print(f"rejects: {result.rejects} (see {result.rejects_file})")
+    for message in result.file_errors:
         print(f"file error: {message}", file=sys.stderr)
-    return EXIT_USER_ERROR if result["train_file_errors"] else 0
+    return EXIT_USER_ERROR if result.train_file_errors else 0
 
 
 def _synth(args) -> int:
-    from mecpe import synth
-
     counts = synth.write_corpus(args.out, num_train=args.train, num_test=args.test, seed=args.seed)
     print(json.dumps(counts, indent=2))
     return 0
 
 
-def _print_metrics(metrics: dict, cause_utterances: int | None = None) -> None:
-    from mecpe.evaluate import OFFICIAL_KEYS, format_table
-
+def _print_metrics(metrics: Metrics, cause_utterances: int | None = None) -> None:
     print(format_table(metrics))
-    base = metrics.get("baselines") or {}
-    if base:
-        names = list(base)
+    if metrics.baselines:
+        names = list(metrics.baselines)
         print("\nbeside the rule baselines (report.md has the full table):")
         print(f"  {'metric':<20} {'mecpe':>8}" + "".join(f"  {n}" for n in names))
         for k in OFFICIAL_KEYS:
-            print(f"  {k:<20} {metrics[k]:>8.4f}" + "".join(f"  {base[n][k]:>{len(n)}.4f}" for n in names))
+            print(f"  {k:<20} {getattr(metrics, k):>8.4f}"
+                  + "".join(f"  {getattr(b, k):>{len(n)}.4f}" for n, b in metrics.baselines.items()))
     if cause_utterances is not None:
         print(f"\ncause stage: {cause_utterances} utterances predicted non-neutral were asked for their causes")
-    if metrics.get("scope"):
-        print(metrics["scope"])
+    if metrics.scope:
+        print(metrics.scope)
 
 
 def _evaluate(args) -> int:
-    from mecpe.layout import RunLayout
-    from mecpe.pipeline import score_files
-
     if args.config:
-        from mecpe.config import load_config
-        from mecpe.pipeline import step_evaluate
-
-        cfg = load_config(args.config, args.overrides)
-        metrics = step_evaluate(cfg, args.pred, args.gold)
-        _print_metrics(metrics)
-        print(f"report: {RunLayout(cfg.output_dir).report}")
+        evaluated = pipeline.step_evaluate(_config(args), args.pred, args.gold)
+        _print_metrics(evaluated.metrics)
+        print(f"report: {evaluated.report}")
         return 0
     if not (args.pred and args.gold):
         print("mecpe evaluate: error: --pred and --gold are required without --config", file=sys.stderr)
         return EXIT_USER_ERROR
-    metrics, paths = score_files(args.pred, args.gold, json_out=args.json_out, out_dir=args.out_dir)
-    _print_metrics(metrics)
-    if "report" in paths:
-        print(f"report written to {paths['report']}")
+    evaluated = pipeline.score_files(args.pred, args.gold, json_out=args.json_out, out_dir=args.out_dir)
+    _print_metrics(evaluated.metrics)
+    if evaluated.report:
+        print(f"report written to {evaluated.report}")
     return 0
 
 
 def _train(args) -> int:
-    from mecpe.config import load_config
-    from mecpe.pipeline import step_train
-
-    res = step_train(load_config(args.config, args.overrides), args.task)
+    res = pipeline.step_train(_config(args), args.task)
     print(f"{args.task} adapter: {res.adapter_uri} (run {res.run_name}, step {res.global_step}"
           f"{', already finished' if res.reused else ''})")
     return 0
 
 
 def _infer(args) -> int:
-    from mecpe.config import load_config
-    from mecpe.layout import InferenceLayout
-    from mecpe.pipeline import step_infer
-
-    cfg = load_config(args.config, args.overrides)
-    summary = step_infer(cfg, args.input, args.output, overwrite=args.overwrite, score=True)
-    out = InferenceLayout(summary["output"])
-    print(f"{summary['conversations']} conversations predicted, {summary['rejects']} rejected "
-          f"(see {out.rejects}); {out.pred}")
-    if "not_scored" in summary:
-        print(f"not scored: {summary['not_scored']}")
-    elif "metrics" in summary:
-        _print_metrics(summary["metrics"], summary["this_run"]["stages"]["cause"]["utterances"])
+    inferred = pipeline.step_infer(_config(args), args.input, args.output, overwrite=args.overwrite, score=True)
+    summary = inferred.summary
+    print(f"{summary.conversations} conversations predicted, {summary.rejects} rejected "
+          f"(see {summary.rejects_file}); {summary.pred_file}")
+    if inferred.not_scored is not None:
+        print(f"not scored: {inferred.not_scored}")
+    elif inferred.metrics is not None:
+        _print_metrics(inferred.metrics, summary.this_run.stages.cause.utterances)
     return 0
 
 
-def _pipeline(args) -> int:
-    from mecpe.config import load_config
-    from mecpe.layout import RunLayout
-    from mecpe.pipeline import run_pipeline
+def _bias_line(validation) -> str | None:
+    """What became of the emotion bias: applied (its nonzero values), or fitted and left out, with the 2-fold
+    estimate that decided it."""
+    cal = validation.calibration
+    if cal is None:
+        return None
+    values = ", ".join(f"{k} {b:+.2f}" for k, b in cal.bias.items() if b)
+    if cal.applied:
+        return f"emotion bias: {values}"
+    fold = cal.two_fold
+    estimate = (f"2-fold weighted_f1 {fold.before:.4f} -> {fold.after:.4f}" if fold.before is not None
+                else "no 2-fold estimate")
+    return f"emotion bias: fitted, not applied ({estimate}; fitted {values or 'all zero'})"
 
-    cfg = load_config(args.config, args.overrides)
-    res = run_pipeline(cfg)
-    print(f"\n== {args.config}: predictions for {cfg.data.path(cfg.data.test_file)}, scored against its gold labels ==")
-    _print_metrics(res["metrics"], res["summary"]["this_run"]["stages"]["cause"]["utterances"])
-    val = res.get("validation")
+
+def _pipeline(args) -> int:
+    res = pipeline.run_pipeline(_config(args))
+    print(f"\n== {args.config}: predictions for {res.test_file}, scored against its gold labels ==")
+    _print_metrics(res.metrics, res.summary.this_run.stages.cause.utterances)
+    val = res.validation
     if val:
-        before = val.get("before_calibration")
-        raw = f" (uncalibrated {before['weighted_f1']:.4f})" if before else ""
-        print(f"\nvalidation split ({val['conversations']} conversations, where choices are made): weighted_f1 "
-              f"{val['metrics']['weighted_f1']:.4f}{raw}")
-        if val.get("calibration"):
-            print("emotion bias: " + ", ".join(f"{k} {b:+.2f}" for k, b in val["calibration"]["bias"].items() if b))
-    out = res["output_dir"]
+        before = val.before_calibration
+        raw = f" (uncalibrated {before.weighted_f1:.4f})" if before else ""
+        print(f"\nvalidation split ({val.conversations} conversations, where choices are made): weighted_f1 "
+              f"{val.metrics.weighted_f1:.4f}{raw}")
+        bias = _bias_line(val)
+        if bias:
+            print(bias)
     print("\noutputs:")
-    for name in RunLayout(out).listing(validation=bool(val)):
-        print(f"  {out.rstrip('/')}/{name}")
-    print(f"  emotion adapter: {res['adapters']['emotion']}\n  cause adapter:   {res['adapters']['cause']}")
-    print(f"pipeline finished in {res['timings']['total']} s")
+    for path in res.outputs:
+        print(f"  {path}")
+    print(f"  emotion adapter: {res.adapters['emotion']}\n  cause adapter:   {res.adapters['cause']}")
+    print(f"pipeline finished in {res.timings['total']} s")
     return 0
 
 
 def _tiny(args) -> int:
-    from mecpe.config import DataConfig
-    from mecpe.tiny import build_tiny_model
+    from mecpe.tiny import build_tiny_model  # torch and transformers: imported by this command only
 
     d = DataConfig()
     print(build_tiny_model(args.out, args.data or [d.path(d.train_file)], seed=args.seed, num_layers=args.layers,
@@ -203,12 +198,11 @@ def _tiny(args) -> int:
     return 0
 
 
-COMMANDS = {"evaluate": _evaluate, "train": _train, "infer": _infer, "pipeline": _pipeline, "tiny-model": _tiny}
+COMMANDS = MappingProxyType({"evaluate": _evaluate, "train": _train, "infer": _infer, "pipeline": _pipeline,
+                             "tiny-model": _tiny})
 
 
 def main(argv: list[str] | None = None) -> int:
-    from mecpe import log_to_stdout
-
     args = build_parser().parse_args(argv)
     log_to_stdout()
     run = (_prepare if args.data_command == "prepare" else _synth) if args.command == "data" else \
@@ -217,20 +211,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(run, args) -> int:
-    """Expected failures (bad input, bad config, an output of another run, a cluster that cannot hold the workers,
-    local paths on a cluster of several machines, a damaged state file of an earlier run: every ValueError) end with
-    one line naming the problem, and the file where there is one, and exit code 2; anything else keeps its
-    traceback."""
-    from mecpe.cluster import NodeLocalPathError, UnschedulableError
-    from mecpe.evaluate import EvaluationError
-    from mecpe.infer.resume import RunMismatchError
-
+    """An error a user can cause (``MecpeError``: bad input, bad config, an output of another run, a cluster that
+    cannot hold the workers, local paths on a cluster of several machines, a damaged state file of an earlier run)
+    ends with one line naming the problem, and the file where there is one, and its exit code; anything else is a
+    bug and keeps its traceback."""
     try:
         return run(args)
-    except (EvaluationError, RunMismatchError, NodeLocalPathError, UnschedulableError, FileNotFoundError,
-            ValueError) as exc:
+    except MecpeError as exc:
         print(f"mecpe {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return exc.exit_code
 
 
 if __name__ == "__main__":

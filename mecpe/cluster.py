@@ -23,17 +23,10 @@ import time
 from typing import Mapping, Sequence
 
 from mecpe import storage
+from mecpe.errors import NodeLocalPathError, UnschedulableError
 
 log = logging.getLogger(__name__)
-_BASIC = {"CPU", "GPU", "memory", "object_store_memory"}
-
-
-class UnschedulableError(RuntimeError):
-    """The cluster can never hold the workers or actors a step asks for."""
-
-
-class NodeLocalPathError(RuntimeError):
-    """A step would hand a path on the driver's disk to workers on other machines."""
+_BASIC = frozenset({"CPU", "GPU", "memory", "object_store_memory"})
 
 
 def connect(ray_address: str | None = None) -> None:

@@ -3,8 +3,9 @@
 One YAML file is the full record of an experiment. It is loaded into these pydantic models (unknown keys are errors,
 so a typo never silently falls back to a default), then ``key.sub=value`` overrides from the command line are applied.
 Each field's ``description`` is what docs/configuration.md's table says about it (generated; a test keeps the two
-equal, and another fails when a documented key is read nowhere). Configs travel into Ray workers as plain dicts
-(``model_dump()``) and are re-validated there.
+equal, and another fails when a documented key is read nowhere). The config stops at the drivers: Ray workers
+receive specs built from it (``train.recipe.TrainLoopSpec``, ``infer.stages.PredictorSpec``) holding only the
+sections they use.
 
 Precedence, everywhere: a value set in the config (file or override) wins over the environment, which wins over the
 built-in default (``data.data_dir`` over ``MECPE_DATA``; ``storage.s3_endpoint`` / ``s3_region`` over
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from mecpe.errors import ConfigError, MissingInputError
 from mecpe.labels import EMOTIONS
 
 DEFAULT_DATA_DIR = "../shared/data/ecf"
@@ -256,14 +258,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     out = json.loads(json.dumps(raw))
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value")
         key, value = item.split("=", 1)
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a section")
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
         node[parts[-1]] = _parse_value(value)
     return out
 
@@ -272,15 +274,18 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     """Load a YAML config (or defaults), apply overrides, validate; local paths made absolute."""
     raw: dict[str, Any] = {}
     if path:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
+        try:
+            with open(path, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise MissingInputError(f"{path}: no such config file") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides or [])
     try:
         cfg = Config.model_validate(raw)
     except Exception as exc:  # pydantic's message names the field
-        raise ValueError(f"{path or '<defaults>'}: invalid config: {exc}") from exc
+        raise ConfigError(f"{path or '<defaults>'}: invalid config: {exc}") from exc
     return absolute_paths(cfg)
 
 

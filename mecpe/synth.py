@@ -15,9 +15,11 @@ others were generated before it.
 from __future__ import annotations
 
 import random
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from mecpe import storage
+from mecpe.errors import ConfigError
 
 SPEAKERS: tuple[str, ...] = ("Chandler", "Joey", "Monica", "Phoebe", "Rachel", "Ross")
 MIN_UTTERANCES, MAX_UTTERANCES = 3, 10
@@ -25,23 +27,23 @@ MIN_WORDS, MAX_WORDS = 3, 6  # words per utterance, the cue word included
 EMOTIONAL_RATE = 0.42  # probability that an utterance is emotional: ~58% neutral
 # One cue word per emotion; it never appears in a neutral utterance. One word (not two) and never the first word of
 # the text (so always the same token, with its leading space): the tiny model learns the word -> emotion map fast.
-CUES: dict[str, tuple[str, ...]] = {
+CUES: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "anger": ("furious",),
     "disgust": ("gross",),
     "fear": ("scared",),
     "joy": ("happy",),
     "sadness": ("sad",),
     "surprise": ("wow",),
-}
+})
 # Emotion mix of the emotional utterances (joy and surprise most common, as in ECF).
-EMOTION_WEIGHTS: dict[str, float] = {"anger": 0.15, "disgust": 0.12, "fear": 0.12, "joy": 0.25,
-                                     "sadness": 0.15, "surprise": 0.21}
+EMOTION_WEIGHTS: Mapping[str, float] = MappingProxyType({"anger": 0.15, "disgust": 0.12, "fear": 0.12, "joy": 0.25,
+                                                          "sadness": 0.15, "surprise": 0.21})
 NEUTRAL_WORDS: tuple[str, ...] = (
     "okay", "so", "we", "went", "to", "the", "coffee", "house", "today", "what", "about", "it", "yeah", "you",
     "know", "i", "think", "maybe", "later", "tomorrow", "apartment", "dinner", "just", "then", "there", "this",
     "that", "call", "me", "guess", "right", "well", "here", "now", "with", "him", "her", "they", "said", "come",
 )
-CUE_TO_EMOTION: dict[str, str] = {w: e for e, words in CUES.items() for w in words}
+CUE_TO_EMOTION: Mapping[str, str] = MappingProxyType({w: e for e, words in CUES.items() for w in words})
 
 RULES = (
     "Synthetic corpus rules (mecpe.synth): conversations of 3-10 utterances; speakers drawn from the six Friends "
@@ -92,7 +94,7 @@ def conversation(conversation_id: int, seed: int = 0) -> dict:
 def generate(num_train: int = 400, num_test: int = 100, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(train, test) conversation records; train ids 1..num_train, test ids num_train+1..num_train+num_test."""
     if num_train < 0 or num_test < 0:
-        raise ValueError("num_train and num_test must be >= 0")
+        raise ConfigError("num_train and num_test must be >= 0")
     train = [conversation(cid, seed) for cid in range(1, num_train + 1)]
     test = [conversation(cid, seed) for cid in range(num_train + 1, num_train + num_test + 1)]
     return train, test

@@ -25,7 +25,9 @@ from typing import Sequence
 
 import torch
 
-from mecpe import data, prompts, storage
+from mecpe import data, prompts, readers, storage
+from mecpe.errors import InputError
+from mecpe.labels import EMOTIONS
 from mecpe.special_tokens import PAD_TOKEN
 
 log = logging.getLogger("mecpe.tiny")
@@ -40,16 +42,16 @@ LLAMA2_CHAT_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
     "{% endfor %}"
 )
-_SPECIALS = ["<unk>", "<s>", "</s>", PAD_TOKEN]  # ids 0..3
+_SPECIALS = ("<unk>", "<s>", "</s>", PAD_TOKEN)  # ids 0..3
 
 
 def _read(files: Sequence[str]) -> list[data.Conversation]:
     """Conversations of the training files (labels optional); an unreadable file is an error."""
-    res = data.read_conversations(list(files))
+    res = readers.read_conversations(list(files))
     if res.file_errors:
-        raise ValueError(f"cannot build the tiny model: {'; '.join(map(str, res.file_errors[:3]))}")
+        raise InputError(f"cannot build the tiny model: {'; '.join(map(str, res.file_errors[:3]))}")
     if not res.conversations:
-        raise ValueError(f"no conversations in {list(files)}")
+        raise InputError(f"no conversations in {list(files)}")
     return res.conversations
 
 
@@ -59,13 +61,13 @@ def _tokenizer_corpus(convs: list, rng: random.Random, num_prompts: int = 300) -
     corpus = [u.text for c in convs for u in c.utterances] + sorted({u.speaker for c in convs for u in c.utterances})
     for conv in rng.sample(convs, min(num_prompts, len(convs))):
         utt = rng.choice(conv.utterances)
-        emotions = {u.id: (u.emotion if u.emotion in data.EMOTIONS else "neutral") for u in conv.utterances}
+        emotions = {u.id: (u.emotion if u.emotion in EMOTIONS else "neutral") for u in conv.utterances}
         corpus.append("[INST] " + prompts.emotion_prompt_text(conv, utt.id) + " [/INST]")
         corpus.append("[INST] " + prompts.cause_prompt_text(conv, utt.id, emotions) + " [/INST]")
         corpus.append(prompts.emotion_target(utt.id, emotions[utt.id]))
         corpus.append(prompts.cause_target(sorted(rng.sample(range(1, len(conv.utterances) + 1),
                                                              rng.randint(0, min(3, len(conv.utterances)))))))
-    corpus += [prompts.emotion_target(i, lab) for i in range(1, 40) for lab in data.EMOTIONS]
+    corpus += [prompts.emotion_target(i, lab) for i in range(1, 40) for lab in EMOTIONS]
     return corpus
 
 
@@ -79,7 +81,7 @@ def build_tokenizer(convs: list, seed: int = 0, vocab_size: int = 2048):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(_tokenizer_corpus(convs, random.Random(seed)), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=_SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, special_tokens=list(_SPECIALS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     # Like Llama's tokenizer, plain encoding prepends <s> (prompts are built with add_special_tokens=False).
     bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
@@ -87,7 +89,7 @@ def build_tokenizer(convs: list, seed: int = 0, vocab_size: int = 2048):
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                   pad_token=PAD_TOKEN, model_max_length=4096)
     tok.chat_template = LLAMA2_CHAT_TEMPLATE
-    multi = [lab for lab in data.EMOTIONS if len(tok(" " + lab, add_special_tokens=False)["input_ids"]) != 1]
+    multi = [lab for lab in EMOTIONS if len(tok(" " + lab, add_special_tokens=False)["input_ids"]) != 1]
     if multi:
         raise RuntimeError(f"tiny tokenizer: labels {multi} are not single tokens; raise vocab_size")
     return tok

@@ -73,9 +73,9 @@ def make_conversation(obj: dict, source: str = "test"):
 @functools.lru_cache(maxsize=None)
 def train_records() -> tuple:
     """The training conversations as SemEval-format JSON records (what ``mecpe data prepare`` writes), file order."""
-    from mecpe import data
+    from mecpe import data, readers
 
-    res = data.read_conversations(str(TRAIN_FILE), require_labels=True)
+    res = readers.read_conversations(str(TRAIN_FILE), require_labels=True)
     assert not res.rejects and not res.file_errors, (res.rejects[:3], res.file_errors)
     return tuple(data.conversation_to_json(c) for c in res.conversations)
 

@@ -1,5 +1,6 @@
 """The code's rules (docs/architecture.md), checked on the source: no import circle, command-line concerns only in
-the CLI, pure prompts, each concept defined once."""
+the CLI, user errors caught by the CLI only, pure prompts, each concept defined once, small modules, no
+module-global mutable state."""
 
 from __future__ import annotations
 
@@ -55,26 +56,34 @@ def test_no_import_circle():
 
 
 def test_the_layers_point_one_way():
-    """Lower layers never import higher ones: storage and labels know no other mecpe module, config only the labels;
-    data knows storage; prompts and calibrate know only the labels; model sources know storage and the special
-    tokens; the CLI is imported by nothing but jobs/."""
+    """Lower layers never import higher ones: the errors and the labels know no other mecpe module, storage only the
+    errors, config the labels and errors; the ECF schema knows storage and the labels, its readers the schema; prompts
+    know only the labels, calibrate the labels and errors; the official metric knows no step; the engine knows
+    nothing but itself; the CLI is imported by nothing but jobs/."""
     graph = _graph()
     allowed = {
-        "mecpe.storage": set(),
+        "mecpe.errors": set(),
+        "mecpe.storage": {"mecpe.errors"},
         "mecpe.labels": set(),
         "mecpe.special_tokens": set(),
-        "mecpe.config": {"mecpe.labels"},
+        "mecpe.config": {"mecpe.labels", "mecpe.errors"},
         "mecpe.layout": {"mecpe.storage"},
-        "mecpe.data": {"mecpe.storage", "mecpe.labels", "mecpe.layout"},
+        "mecpe.data": {"mecpe.storage", "mecpe.labels"},
+        "mecpe.readers": {"mecpe.data", "mecpe.storage"},
         "mecpe.prompts": {"mecpe.labels"},
-        "mecpe.calibrate": {"mecpe.labels"},
-        "mecpe.sources": {"mecpe.storage", "mecpe.special_tokens"},
+        "mecpe.calibrate": {"mecpe.labels", "mecpe.errors"},
+        "mecpe.metric": {"mecpe.errors", "mecpe.labels", "mecpe.storage"},
+        "mecpe.evaluate": {"mecpe.metric", "mecpe.calibrate"},
+        "mecpe.sources": {"mecpe.storage", "mecpe.special_tokens", "mecpe.errors"},
         "mecpe.modeling": {"mecpe.sources", "mecpe.special_tokens", "mecpe.config"},
     }
     for module, deps in allowed.items():
         assert graph[module] <= deps, f"{module} imports {graph[module] - deps}"
+    for module in (m for m in graph if m.startswith("mecpe.engine")):
+        assert all(d.startswith("mecpe.engine") for d in graph[module]), f"{module} imports {graph[module]}"
     assert not [m for m, deps in graph.items() if "mecpe.cli" in deps], "library code imports the CLI"
-    assert "mecpe.evaluate" not in set().union(*(graph[m] for m in graph if m.startswith("mecpe.infer"))), \
+    scoring = {"mecpe.evaluate", "mecpe.metric", "mecpe.report"}
+    assert not scoring & set().union(*(graph[m] for m in graph if m.startswith("mecpe.infer"))), \
         "inference imports evaluation (scoring belongs to the evaluate step)"
 
 
@@ -120,6 +129,88 @@ def test_each_concept_defined_once():
     assert labels == ["labels.py"], labels
     assert connects == ["cluster.py"], connects
     assert rejects == ["data.py"], rejects
+
+
+MAX_LINES = 450
+
+
+def test_no_module_is_over_450_lines():
+    """A module over 450 lines holds more than one concern: split it by concern (as predict.py became engine/)."""
+    sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in PKG.rglob("*.py")}
+    assert not {p: n for p, n in sizes.items() if n > MAX_LINES}, {p: n for p, n in sizes.items() if n > MAX_LINES}
+
+
+# Module-level names that hold mutable state, each with the reason it is kept. Everything else at module level
+# is a constant (a literal tuple, frozenset, string, number, compiled pattern, class, function or logger).
+GLOBAL_STATE_ALLOWED = {
+    "mecpe/sources.py:_RESOLVED": "per-process memo of resolved model folders (a node resolves an s3:// mirror or "
+                                  "a GGUF conversion once)",
+    "mecpe/storage.py:_settings": "the S3 settings of this process, set once per process (storage.configure) so "
+                                  "that Ray workers read and write where the driver does",
+    "mecpe/infer/stages.py:_DONE_CACHE": "per worker process: the finished uids fetched once from the object store "
+                                         "for all the parse tasks of a run (one entry, replaced per run)",
+}
+_MUTABLE_CALLS = {"dict", "list", "set", "Counter", "defaultdict", "OrderedDict", "deque", "bytearray"}
+
+
+def _module_state(tree: ast.Module, rel: str) -> list[str]:
+    found = []
+    for node in tree.body:
+        targets, value = [], None
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            targets, value = [node.target], node.value
+        mutable = isinstance(value, (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)) or (
+            isinstance(value, ast.Call) and ast.unparse(value.func).split(".")[-1] in _MUTABLE_CALLS)
+        if mutable:
+            found += [f"{rel}:{ast.unparse(t)}" for t in targets]
+    found += [f"{rel}:{name}" for n in ast.walk(tree) if isinstance(n, ast.Global) for name in n.names]
+    return found
+
+
+def test_no_module_global_mutable_state():
+    """No module keeps mutable state at module level (counters a caller must diff, caches nobody resets): results
+    travel as return values. The allowlist names each exception and why; read-only tables are tuples or frozen."""
+    found = []
+    for path in PKG.rglob("*.py"):
+        rel = str(path.relative_to(REPO))
+        found += [f for f in _module_state(ast.parse(path.read_text()), rel) if f not in GLOBAL_STATE_ALLOWED]
+    assert not found, found
+    # the check sees the counters predict.py had (STATS = {...}) and a `global`
+    assert _module_state(ast.parse("STATS: dict = {'emotion': 0}\ndef f():\n    global N\n"), "x") == \
+        ["x:STATS", "x:N"]
+
+
+def _user_error_names() -> set[str]:
+    tree = ast.parse((PKG / "errors.py").read_text())
+    return {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+
+
+def _catches_user_errors(tree: ast.AST, names: set[str]) -> list[int]:
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ExceptHandler) and node.type is not None:
+            caught = {ast.unparse(t).split(".")[-1] for t in
+                      (node.type.elts if isinstance(node.type, ast.Tuple) else [node.type])}
+            if caught & names:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_cli_catches_user_errors():
+    """A ``MecpeError`` (or a subclass: ``mecpe.errors``) travels up to the CLI, which prints it and exits with its
+    code; no library module catches one to convert it into another error, a status or a value (``step_infer``
+    asks ``metric.id_problem`` whether labelled input can be scored rather than catching the scorer's error)."""
+    names = _user_error_names()
+    assert {"MecpeError", "EvaluationError", "RunMismatchError", "ConfigError"} <= names
+    offenders = [f"{p.relative_to(REPO)}:{line}" for p in PKG.rglob("*.py") if p.name != "cli.py"
+                 for line in _catches_user_errors(ast.parse(p.read_text()), names)]
+    assert not offenders, offenders
+    cli = ast.parse((PKG / "cli.py").read_text())
+    assert _catches_user_errors(cli, names), "the CLI catches MecpeError"
+    assert _catches_user_errors(ast.parse("try:\n    f()\nexcept (KeyError, errors.EvaluationError):\n    pass\n"),
+                                names) == [3]
 
 
 def _docstrings(tree: ast.AST) -> set[int]:

@@ -3,6 +3,7 @@ fit only moves it up, is deterministic, and is read from real inference records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from mecpe import calibrate
-from mecpe.evaluate import baseline_predictions, score_subtask2
+from mecpe.metric import baseline_predictions, score_subtask2
 from mecpe.labels import EMOTIONS
 
 from _tiny import train_records
@@ -63,11 +64,11 @@ def test_fit_raises_the_objective_deterministically():
     u = calibrate.utterances_from_records(_records(120, 2, 1.5))
     a, b = calibrate.fit(u), calibrate.fit(u)
     assert a == b
-    assert a["after"] > a["before"] and a["bias"]["neutral"] == 0.0 and any(a["bias"].values())
-    assert calibrate.rule_weighted_f1(u, [a["bias"][e] for e in EMOTIONS]) == pytest.approx(a["after"])
-    assert set(a["two_fold"]) == {"before", "after"}
-    assert a["applied"] == (a["two_fold"]["after"] > a["two_fold"]["before"])
-    json.dumps(a)  # plain floats: it goes into calibration.json and the config
+    assert a.after > a.before and a.bias["neutral"] == 0.0 and any(a.bias.values())
+    assert calibrate.rule_weighted_f1(u, [a.bias[e] for e in EMOTIONS]) == pytest.approx(a.after)
+    assert a.two_fold.before is not None and a.two_fold.after is not None
+    assert a.applied == (a.two_fold.after > a.two_fold.before)
+    json.dumps(dataclasses.asdict(a))  # plain floats: it goes into calibration.json and the config
 
 
 def test_records_without_scores_or_gold_are_refused():
@@ -79,3 +80,21 @@ def test_records_without_scores_or_gold_are_refused():
     rec["_mecpe"]["gold"] = None
     with pytest.raises(ValueError, match="no gold labels"):
         calibrate.utterances_from_records([rec])
+
+
+def test_cli_says_whether_the_fitted_bias_was_applied():
+    """The pipeline's summary line tells a bias that was fitted but left out (no gain out of sample) from one that
+    was applied: printing the values alone read as if it had been."""
+    from mecpe.cli import _bias_line
+    from mecpe.evaluate import Validation, ValidationScores
+
+    u = calibrate.utterances_from_records(_records(120, 2, 1.5))
+    fitted = calibrate.fit(u)
+    scores = ValidationScores(*[0.0] * 6)
+    applied = Validation(120, None, scores, scores, dataclasses.replace(fitted, applied=True))
+    left_out = Validation(120, None, scores, scores, dataclasses.replace(fitted, applied=False))
+    values = ", ".join(f"{k} {b:+.2f}" for k, b in fitted.bias.items() if b)
+    assert _bias_line(applied) == f"emotion bias: {values}"
+    line = _bias_line(left_out)
+    assert line.startswith("emotion bias: fitted, not applied (2-fold weighted_f1 ") and values in line
+    assert _bias_line(Validation(120, None, scores)) is None

@@ -207,7 +207,7 @@ def test_placement_by_gpu_type(static_cluster, uninterrupted_training, mirror, i
     workers = set().union(*uninterrupted_training["workers"].values())
     assert workers and {types[n] for n in workers} == {"a100"}, workers
     summary = run_inference(load_config(None, _inference(mirror)), inputs, _out(s3_root, "placement"))
-    assert summary["conversations"] == N_CONVS and summary["rejects"] == 0
+    assert summary.conversations == N_CONVS and summary.rejects == 0
     actors = actor_nodes("EmotionCausePredictor")
     nodes = set().union(*actors.values())
     assert actors and {types[n] for n in nodes} == {"t4"}, actors
@@ -300,7 +300,7 @@ def baseline(static_cluster, mirror, inputs, s3_root) -> str:
 
     out = _out(s3_root, "baseline")
     summary = run_inference(load_config(None, _inference(mirror)), inputs, out)
-    assert summary["conversations"] == N_CONVS
+    assert summary.conversations == N_CONVS
     return out
 
 
@@ -346,7 +346,7 @@ def test_t4_preemption_mid_inference(static_cluster, mirror, inputs, baseline, s
     if "err" in box:
         raise box["err"]
     assert done_before < N_CONVS, "the run had finished before the preemption"
-    assert box["summary"]["conversations"] == N_CONVS
+    assert box["summary"].conversations == N_CONVS
     _check_exactly_once(out, inputs, baseline)
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mecpe import data
+from mecpe import data, readers, splits
 from mecpe.config import DataConfig
-from mecpe.data import EMOTIONS, FileError, InvalidConversation, Pair
+from mecpe.data import FileError, InvalidConversation, Pair
+from mecpe.labels import EMOTIONS
 
 BAD = Path(__file__).parent / "fixtures" / "bad_inputs"
 # the reference system's split of ECF's 1,374 training conversation ids (tests/fixtures/reference_split.py wrote it)
@@ -44,7 +45,7 @@ def test_ecf_1_0_text_format_is_read_as_written(train_file, tmp_path):
     """``NUSTM/MECPE data/all_data_pair.txt`` (what a user downloads): ids, pairs (emotion from the emotion utterance),
     speaker, emotion, text and the clip's episode and times of each line, as the file writes them; ``prepare`` takes
     it as its training file."""
-    res = data.read_conversations(train_file, require_labels=True)
+    res = readers.read_conversations(train_file, require_labels=True)
     assert not res.rejects and not res.file_errors
     first = res.conversations[0]
     assert first.id == 1 and len(first.utterances) == 8
@@ -55,8 +56,8 @@ def test_ecf_1_0_text_format_is_read_as_written(train_file, tmp_path):
     assert u1.extra["video_source"] == ["S01E01", "00:01:19.037", "00:01:25.417"]
     assert (u3.speaker, u3.emotion, u3.text) == ("Chandler", "surprise",
                                                   "Then I look down , and I realize there is a phone ... there .")
-    out = data.prepare(train_file, None, str(tmp_path / "p"))
-    assert out["train"]["conversations"] + out["val"]["conversations"] == 1374
+    out = splits.prepare(train_file, None, str(tmp_path / "p"))
+    assert out.splits["train"]["conversations"] + out.splits["val"]["conversations"] == 1374
 
 
 def test_ecf_text_format_errors_name_the_line(tmp_path):
@@ -67,28 +68,28 @@ def test_ecf_text_format_errors_name_the_line(tmp_path):
     pair_on_neutral = "4 1\n(1,1)\n1 | Joey | neutral | Ok . | Friends_S1E1: 00:00:06.000 - 00:00:07.000\n"
     path = tmp_path / "ecf.txt"
     path.write_text(good + bad_pairs + bad_utt + pair_on_neutral)
-    res = data.read_conversations(str(path), require_labels=True)
+    res = readers.read_conversations(str(path), require_labels=True)
     assert [c.id for c in res.conversations] == [1]
     assert res.conversations[0].pairs == (Pair(2, "joy", 1),)
     got = {r.conversation_id: (r.location, r.field) for r in res.rejects}
     assert got == {"2": ("line 5", "emotion-cause_pairs"), "3": ("line 8", "conversation[0]"),
                    "4": ("line 11", "emotion-cause_pairs[0]")}
     (tmp_path / "broken.txt").write_text(good + "x y\n")
-    res = data.read_conversations(str(tmp_path / "broken.txt"))
+    res = readers.read_conversations(str(tmp_path / "broken.txt"))
     assert [c.id for c in res.conversations] == [1]
     assert res.file_errors and "line 5" in str(res.file_errors[0]) and "<conversation_ID>" in str(res.file_errors[0])
 
 
 def test_real_training_and_test_counts(train_file, test_file):
-    train = data.read_conversations(train_file, require_labels=True)
+    train = readers.read_conversations(train_file, require_labels=True)
     assert (train.rejects, train.file_errors) == ([], [])
-    c = data.counts(train.conversations)
+    c = splits.counts(train.conversations)
     assert (c["conversations"], c["utterances"], c["pairs"]) == (1374, 13619, 9794)
     assert c["utterances"] - c["emotions"]["neutral"] == 7690
 
-    test = data.read_conversations([test_file], require_labels=True)
+    test = readers.read_conversations([test_file], require_labels=True)
     assert (test.rejects, test.file_errors) == ([], [])
-    c = data.counts(test.conversations)
+    c = splits.counts(test.conversations)
     assert (c["conversations"], c["utterances"], c["pairs"]) == (341, 3101, 2462)
     assert c["emotions"] == {"neutral": 1280, "anger": 235, "disgust": 123, "fear": 151, "joy": 700,
                              "sadness": 249, "surprise": 363}
@@ -97,15 +98,15 @@ def test_real_training_and_test_counts(train_file, test_file):
 def test_round_trip_reproduces_the_gold_test_file(test_file):
     """Parsed and written back, the test file is the same JSON (key order and video_source included)."""
     original = json.loads(Path(test_file).read_bytes())
-    convs, rejects = data.parse_conversations(Path(test_file).read_bytes(), test_file, require_labels=True)
+    convs, rejects = readers.parse_conversations(Path(test_file).read_bytes(), test_file, require_labels=True)
     assert rejects == []
     assert [data.conversation_to_json(c) for c in convs] == original
     assert list(original[0]["conversation"][0]) == list(data.conversation_to_json(convs[0])["conversation"][0])
 
 
 def test_reference_split_matches_the_reference_ids(train_file):
-    convs = data.read_conversations(train_file, require_labels=True).conversations
-    split = data.split_train_val(convs, method="reference")
+    convs = readers.read_conversations(train_file, require_labels=True).conversations
+    split = splits.split_train_val(convs, method="reference")
     expected = json.loads(REFERENCE_SPLIT.read_text())
     assert _ids(split["train"]) == expected["train"]  # same order too: sklearn's permutation order
     assert _ids(split["val"]) == expected["val"]
@@ -115,32 +116,32 @@ def test_reference_split_matches_the_reference_ids(train_file):
 
 def test_random_split_is_seeded_disjoint_and_complete():
     convs = [_conv(i) for i in range(1, 201)] + [_conv("wild-id")]
-    a = data.split_train_val(list(reversed(convs)), val_fraction=0.1, seed=7)
-    b = data.split_train_val(convs, val_fraction=0.1, seed=7)
+    a = splits.split_train_val(list(reversed(convs)), val_fraction=0.1, seed=7)
+    b = splits.split_train_val(convs, val_fraction=0.1, seed=7)
     assert _ids(a["train"]) == _ids(b["train"]) and _ids(a["val"]) == _ids(b["val"])  # input order irrelevant
     assert len(a["val"]) == 21 and not set(_ids(a["train"])) & set(_ids(a["val"]))
     assert sorted(map(str, _ids(a["train"]) + _ids(a["val"]))) == sorted(str(c.id) for c in convs)
-    assert _ids(data.split_train_val(convs, seed=8)["val"]) != _ids(a["val"])
-    assert data.split_train_val([_conv(1)])["train"] and not data.split_train_val([_conv(1)])["val"]
+    assert _ids(splits.split_train_val(convs, seed=8)["val"]) != _ids(a["val"])
+    assert splits.split_train_val([_conv(1)])["train"] and not splits.split_train_val([_conv(1)])["val"]
 
 
 def test_prepare_is_deterministic_and_splits_are_disjoint(tmp_path, train_file, test_file):
     outs = [tmp_path / "a", tmp_path / "b"]
-    results = [data.prepare(train_file, test_file, str(o), split="random", val_fraction=0.1, seed=42) for o in outs]
-    data.prepare(train_file, test_file, str(outs[0]), split="random", val_fraction=0.1, seed=42)  # same dir again
+    results = [splits.prepare(train_file, test_file, str(o), split="random", val_fraction=0.1, seed=42) for o in outs]
+    splits.prepare(train_file, test_file, str(outs[0]), split="random", val_fraction=0.1, seed=42)  # same dir again
     names = ["train.json", "val.json", "test.json", "rejects.jsonl", "manifest.json"]
     assert sorted(p.name for p in outs[0].iterdir()) == sorted(names)
     for name in names:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
-    assert results[0] == results[1]
-    assert (results[0]["train"]["conversations"], results[0]["val"]["conversations"]) == (1236, 138)
-    assert results[0]["test"]["pairs"] == 2462 and results[0]["rejects"] == 0
+    assert results[0].splits == results[1].splits
+    assert (results[0].splits["train"]["conversations"], results[0].splits["val"]["conversations"]) == (1236, 138)
+    assert results[0].splits["test"]["pairs"] == 2462 and results[0].rejects == 0
 
-    splits = {n: json.loads((outs[0] / f"{n}.json").read_text()) for n in ("train", "val", "test")}
-    ids = {n: {c["conversation_ID"] for c in convs} for n, convs in splits.items()}
+    written = {n: json.loads((outs[0] / f"{n}.json").read_text()) for n in ("train", "val", "test")}
+    ids = {n: {c["conversation_ID"] for c in convs} for n, convs in written.items()}
     assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
     assert ids["train"] | ids["val"] == set(range(1, 1375))
-    for convs in splits.values():
+    for convs in written.values():
         for c in convs:
             for u in c["conversation"]:
                 assert u["video_name"] == f"dia{c['conversation_ID']}utt{u['utterance_ID']}.mp4"
@@ -152,15 +153,15 @@ def test_prepare_is_deterministic_and_splits_are_disjoint(tmp_path, train_file, 
 
 def test_prepare_reference_then_random_removes_stale_outputs(tmp_path, train_file, test_file):
     out = tmp_path / "prep"
-    result = data.prepare(train_file, test_file, str(out), split="reference")
+    result = splits.prepare(train_file, test_file, str(out), split="reference")
     ref = json.loads(REFERENCE_SPLIT.read_text())
     written = {n: [c["conversation_ID"] for c in json.loads((out / f"{n}.json").read_text())]
                for n in ("train", "val", "reference_test")}
     assert written == {"train": ref["train"], "val": ref["val"], "reference_test": ref["test"]}
-    assert result["reference_test"]["conversations"] == 138
+    assert result.splits["reference_test"]["conversations"] == 138
     sha_before = json.loads((out / "manifest.json").read_text())["outputs"]["train.json"]
 
-    data.prepare(train_file, None, str(out), split="random")
+    splits.prepare(train_file, None, str(out), split="random")
     assert not (out / "reference_test.json").exists() and not (out / "test.json").exists()
     assert json.loads((out / "manifest.json").read_text())["outputs"]["train.json"] != sha_before
 
@@ -230,7 +231,7 @@ def test_every_fixture_file_is_covered():
 def test_reject_class(name):
     good_ids, n_rejects, reason, field = REJECT_CASES[name]
     source = str(BAD / name)
-    result = data.read_conversations(source, require_labels=True)
+    result = readers.read_conversations(source, require_labels=True)
     assert result.file_errors == []
     assert _ids(result.conversations) == good_ids
     assert len(result.rejects) == n_rejects, result.rejects
@@ -242,7 +243,7 @@ def test_reject_class(name):
 
 def test_reject_details():
     names = ("duplicate_conversation_ids.json", "broken_lines.jsonl", "invalid_utf8_array.json", "missing_emotion.json")
-    by_name = {n: data.read_conversations(str(BAD / n)).rejects for n in names}
+    by_name = {n: readers.read_conversations(str(BAD / n)).rejects for n in names}
     first = by_name["duplicate_conversation_ids.json"][0]
     assert first.location == "index 1" and first.conversation_id == "1" and "(index 0)" in first.reason
     assert [(r.location, r.reason[:14]) for r in by_name["broken_lines.jsonl"]] == \
@@ -255,9 +256,9 @@ def test_reject_details():
 
 
 def test_control_characters_are_kept_and_escaped(tmp_path):
-    convs, rejects = data.parse_conversations((BAD / "control_chars.json").read_bytes(), "control_chars.json")
+    convs, rejects = readers.parse_conversations((BAD / "control_chars.json").read_bytes(), "control_chars.json")
     assert rejects == [] and "\u0000" in convs[0].utterances[0].text and "\u0007" in convs[0].utterances[0].text
-    data.prepare(str(BAD / "control_chars.json"), None, str(tmp_path), split="random", val_fraction=0.0)
+    splits.prepare(str(BAD / "control_chars.json"), None, str(tmp_path), split="random", val_fraction=0.0)
     raw = (tmp_path / "train.json").read_bytes()
     assert b"\\u0000" in raw and b"\x00" not in raw
     assert json.loads(raw)[0]["conversation"][0]["text"] == convs[0].utterances[0].text
@@ -271,14 +272,14 @@ def test_control_characters_are_kept_and_escaped(tmp_path):
 ])
 def test_file_errors(name, position, message):
     with pytest.raises(FileError) as exc:
-        data.parse_conversations((BAD / name).read_bytes(), name)
+        readers.parse_conversations((BAD / name).read_bytes(), name)
     err = exc.value
     assert err.source == name and position in err.position and message in err.message
     assert str(err).startswith(f"{name}:") and "\n" not in str(err)
 
 
 def test_read_conversations_records_file_errors_and_continues(tmp_path):
-    result = data.read_conversations([str(BAD / "truncated_array.json"), str(BAD / "duplicate_across_a.json"),
+    result = readers.read_conversations([str(BAD / "truncated_array.json"), str(BAD / "duplicate_across_a.json"),
                                       str(tmp_path / "missing.json")])
     assert _ids(result.conversations) == [1, 2] and result.rejects == []
     assert [e.source.rsplit("/", 1)[-1] for e in result.file_errors] == ["truncated_array.json", "missing.json"]
@@ -286,7 +287,7 @@ def test_read_conversations_records_file_errors_and_continues(tmp_path):
 
 def test_duplicate_ids_across_files():
     a, b = str(BAD / "duplicate_across_a.json"), str(BAD / "duplicate_across_b.json")
-    result = data.read_conversations([a, b])
+    result = readers.read_conversations([a, b])
     assert _ids(result.conversations) == [1, 2, 3]
     assert [c.source for c in result.conversations] == [a, a, b]
     (r,) = result.rejects
@@ -298,9 +299,9 @@ def test_jsonl_and_folder_input(tmp_path):
     (tmp_path / "part-1.jsonl").write_text("\n".join(lines) + "\n\n")
     (tmp_path / "part-0.data").write_text(json.dumps(_conv_json(4)) + "\n")  # detected by content: starts with {
     (tmp_path / "_SUCCESS.json").write_text("junk")  # hidden: skipped
-    result = data.read_conversations([str(tmp_path / "part-1.jsonl"), str(tmp_path / "part-0.data")])
+    result = readers.read_conversations([str(tmp_path / "part-1.jsonl"), str(tmp_path / "part-0.data")])
     assert _ids(result.conversations) == [5, 6, 4] and result.rejects == []
-    assert _ids(data.read_conversations(str(tmp_path)).conversations) == [5, 6]  # folder: .json/.jsonl only
+    assert _ids(readers.read_conversations(str(tmp_path)).conversations) == [5, 6]  # folder: .json/.jsonl only
 
 
 def test_size_is_never_a_reason_to_reject(tmp_path):
@@ -310,7 +311,7 @@ def test_size_is_never_a_reason_to_reject(tmp_path):
     path = tmp_path / "big.json"
     path.write_text(json.dumps([long_conv, big_text]))
     start = time.perf_counter()
-    result = data.read_conversations(str(path), require_labels=True)
+    result = readers.read_conversations(str(path), require_labels=True)
     assert time.perf_counter() - start < 5
     assert result.rejects == [] and [len(c.utterances) for c in result.conversations] == [10_000, 3]
     assert len(result.conversations[1].utterances[0].text) == 1_000_000
@@ -360,7 +361,7 @@ def test_write_predictions_official_format(tmp_path):
 
 
 def test_counts_table_lists_every_emotion():
-    table = data.counts_table({"train": data.counts([_conv(1)]), "val": data.counts([])})
+    table = splits.counts_table({"train": splits.counts([_conv(1)]), "val": splits.counts([])})
     lines = table.splitlines()
     assert "train" in lines[0] and "val" in lines[0]
     assert [line.split()[0] for line in lines[1:]] == ["conversations", "utterances", "pairs", *EMOTIONS]

@@ -7,6 +7,7 @@ copied into the repo. The tests fail (not skip) when it is missing.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -18,16 +19,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from mecpe.evaluate import (  # noqa: E402
-    EMOTIONS,
+from mecpe.evaluate import BASELINES, score  # noqa: E402
+from mecpe.labels import EMOTIONS  # noqa: E402
+from mecpe.metric import (  # noqa: E402
     EvaluationError,
     baseline_predictions,
     evaluate_files,
-    format_table,
     parse_pairs,
     score_subtask2,
-    write_report,
 )
+from mecpe.report import format_table, write_report  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "evaluate"
 OFFICIAL = ("precision_pair", "recall_pair", "f1_pair", "weighted_precision", "weighted_recall", "weighted_f1")
@@ -417,16 +418,16 @@ def test_baseline_majority(gold_test):
 def test_write_report(tmp_path, gold_test):
     from matplotlib.image import imread
 
-    m = score_subtask2(baseline_predictions(gold_test, emotions="gold"), gold_test)
-    base = score_subtask2(baseline_predictions(gold_test, emotions="majority"), gold_test)
-    paths = write_report(m, str(tmp_path / "rep"), baselines={"majority": base},
+    m = score(baseline_predictions(gold_test, emotions="gold"), gold_test)
+    base = score(baseline_predictions(gold_test, emotions="majority"), gold_test)
+    paths = write_report(dataclasses.replace(m, baselines={"majority": base}), str(tmp_path / "rep"),
                          parse_status={"ok": 3000, "unparsed": 101})
     assert set(paths) == {"metrics", "report", "confusion_matrix"}
     for p in paths.values():
         assert os.path.getsize(p) > 0
     data = json.loads(Path(paths["metrics"]).read_text())
     assert list(data)[:6] == list(OFFICIAL)
-    assert data["baselines"]["majority"]["weighted_f1"] == pytest.approx(base["weighted_f1"])
+    assert data["baselines"]["majority"]["weighted_f1"] == pytest.approx(base.weighted_f1)
     report = Path(paths["report"]).read_text()
     for emo in EMOTIONS[1:]:
         assert emo in report
@@ -438,19 +439,32 @@ def test_write_report(tmp_path, gold_test):
 
 
 def test_write_report_without_emotion_fields_plots_pair_confusion(tmp_path):
-    m = score_subtask2(with_pairs({1: [["1_joy", "1"]], 2: []}), GOLD)
+    m = score(with_pairs({1: [["1_joy", "1"]], 2: []}), GOLD)
     paths = write_report(m, str(tmp_path / "r2"))
     assert Path(paths["confusion_matrix"]).read_bytes()[:4] == b"\x89PNG"
     assert "Utterance emotions" not in Path(paths["report"]).read_text()
 
 
 def test_format_table():
-    m = score_subtask2(copy.deepcopy(GOLD), GOLD)
+    m = score(copy.deepcopy(GOLD), GOLD)
     table = format_table(m)
     for k in OFFICIAL:
         assert k in table
     for emo in EMOTIONS[1:]:
         assert emo in table
+
+
+def test_score_is_the_scorer_typed(gold_test):
+    """``evaluate.score`` (what every route calls) holds exactly what the scorer returns, and with ``baselines`` the
+    rule baselines' figures as the scorer gives them."""
+    pred = baseline_predictions(gold_test, emotions="gold")
+    m = score(pred, gold_test, baselines=True, scope="a note")
+    assert m.as_json() == score_subtask2(pred, gold_test)
+    assert list(m.baselines) == list(BASELINES) and m.scope == "a note"
+    for name, emotions in BASELINES.items():
+        assert m.baselines[name].as_json() == score_subtask2(baseline_predictions(gold_test, emotions=emotions),
+                                                             gold_test)
+    assert m.per_emotion["joy"].tp == score_subtask2(pred, gold_test)["per_emotion"]["joy"]["tp"]
 
 
 def test_evaluate_files_errors(tmp_path):

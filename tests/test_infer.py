@@ -86,7 +86,8 @@ def predictions(out: Path) -> dict:
 
 def test_parse_stage_rows_to_conversations_or_rejects():
     from mecpe.infer.source import RAW_SCHEMA
-    from mecpe.infer.stages import ROW_SCHEMA, ParseStage, conversation_of
+    from mecpe.infer.rows import ROW_SCHEMA, conversation_of
+    from mecpe.infer.stages import ParseStage
 
     good = {"conversation_ID": 7, "conversation": [{"utterance_ID": 1, "text": "Hi .", "speaker": "Ross"}]}
 
@@ -127,7 +128,7 @@ def test_parse_stage_rows_to_conversations_or_rejects():
 def test_conversation_columns_round_trip():
     """String ids, labels, pairs and unknown utterance fields survive the typed row columns unchanged."""
     from mecpe import data
-    from mecpe.infer.stages import ROW_SCHEMA, conversation_of, conversation_row
+    from mecpe.infer.rows import ROW_SCHEMA, conversation_of, conversation_row
 
     raw = {"conversation_ID": "dlg-3", "conversation": [
         {"utterance_ID": 1, "text": "Oh no .", "speaker": "Ross", "emotion": "sadness", "video": {"t": [1, 2]}},
@@ -209,7 +210,7 @@ def test_assemble_dedupes_copies_and_duplicate_ids(tmp_path):
 
 
 def test_end_to_end_40_conversations(baseline, gold40):
-    from mecpe.evaluate import score_subtask2
+    from mecpe.metric import score_subtask2
 
     out, summary = baseline
     pred = json.loads((out / "Subtask_2_pred.json").read_text())
@@ -221,23 +222,23 @@ def test_end_to_end_40_conversations(baseline, gold40):
     assert 0.0 <= metrics["weighted_f1"] <= 1.0
     # labelled input: the gold labels of the predicted conversations, in prediction order, for mecpe evaluate
     gold_file = json.loads((out / "gold.json").read_text())
-    assert summary["has_gold"] and score_subtask2(pred, gold_file) == metrics
+    assert summary.has_gold and score_subtask2(pred, gold_file) == metrics
     assert [c["conversation_ID"] for c in gold_file] == [c["conversation_ID"] for c in pred]
     assert not (out / "metrics.json").exists()  # scoring is mecpe evaluate's job, not inference's
 
-    assert summary["conversations"] == 40 and summary["utterances"] == n_utts and summary["rejects"] == 0
-    assert sum(summary["parse_status"]["emotion"].values()) == n_utts
+    assert summary.conversations == 40 and summary.utterances == n_utts and summary.rejects == 0
+    assert sum(summary.parse_status["emotion"].values()) == n_utts
     n_emotional = sum(1 for c in pred for u in c["conversation"] if u["emotion"] != "neutral")
-    assert sum(summary["parse_status"].get("cause", {}).values()) == n_emotional
-    assert summary["this_run"]["stages"]["emotion"]["utterances"] == n_utts
-    assert summary["this_run"]["stages"]["emotion"]["utt_per_s_per_actor"] > 0
-    engine = summary["this_run"]["engine"]  # the engine's own counters, summed over the batches
+    assert sum(summary.parse_status.get("cause", {}).values()) == n_emotional
+    assert summary.this_run.stages.emotion.utterances == n_utts
+    assert summary.this_run.stages.emotion.utt_per_s_per_actor > 0
+    engine = summary.this_run.engine  # the engine's own counters, summed over the batches
     assert engine["emotion"]["prompts"] == n_utts and engine["cause"]["prompts"] == n_emotional
     assert engine["emotion"]["prefill_s"] > 0 and engine["cause"]["decode_steps"] > 0
     assert len(engine["load_s"]) == 2 and all(s > 0 for s in engine["load_s"])  # one per actor (two stages)
-    prov = summary["provenance"]
+    prov = summary.provenance
     assert prov["base_model"] and prov["mecpe_version"] and len(prov["inputs"][0]["sha256"]) == 64
-    assert json.loads((out / "summary.json").read_text())["run_id"] == summary["run_id"]
+    assert json.loads((out / "summary.json").read_text())["run_id"] == summary.run_id
     assert (out / "rejects.jsonl").read_text() == ""
 
     records = read_shards(out)
@@ -337,10 +338,10 @@ def test_share_base_nf4_with_adapters(ray_cluster, tiny, gold40, tmp_path):
     cfg = make_cfg(tiny, share_base=True, emotion_adapter=emo, cause_adapter=cau, cause_input="gold")
     cfg.quantization.mode = "nf4"
     summary = run_inference(cfg, str(src), str(tmp_path / "out"))
-    assert summary["conversations"] == 10 and summary["rejects"] == 0
-    assert summary["provenance"]["adapters"]["emotion"] == {"uri": emo, "config_hash": "cfg-1"}
-    assert summary["provenance"]["adapters"]["cause"] == {"uri": cau, "config_hash": "cfg-2"}
-    assert summary["this_run"]["resources"]["share_base"] is True
+    assert summary.conversations == 10 and summary.rejects == 0
+    assert summary.provenance["adapters"]["emotion"] == {"uri": emo, "config_hash": "cfg-1"}
+    assert summary.provenance["adapters"]["cause"] == {"uri": cau, "config_hash": "cfg-2"}
+    assert summary.this_run.resources.share_base is True
     pred = json.loads((tmp_path / "out" / "Subtask_2_pred.json").read_text())
     assert sorted(c["conversation_ID"] for c in pred) == sorted(c["conversation_ID"] for c in gold40[:10])
     assert all(u["emotion"] in SEVEN for c in pred for u in c["conversation"])
@@ -350,7 +351,7 @@ def test_share_base_nf4_with_adapters(ray_cluster, tiny, gold40, tmp_path):
             uid, label = e.split("_")
             assert gold[(c["conversation_ID"], int(uid))] == label
     n_gold_emotional = sum(1 for v in gold.values() if v != "neutral")
-    assert sum(summary["parse_status"]["cause"].values()) == n_gold_emotional
+    assert sum(summary.parse_status["cause"].values()) == n_gold_emotional
 
 
 def test_s3_input_and_output(ray_cluster, tiny, gold40, s3_server, capsys):
@@ -420,7 +421,7 @@ def test_bad_input_mixed_good_and_bad(ray_cluster, tiny, gold40, tmp_path):
     assert all(r["reason"] and r["stage"] for r in rejects)
     # nothing lost: 6 non-blank lines + 4 array items + 1 unreadable file == records + rejects
     assert len(pred) + len(rejects) == 6 + 4 + 1
-    assert summary["conversations"] == 5 and summary["rejects"] == 6
+    assert summary.conversations == 5 and summary.rejects == 6
 
 
 def test_refuses_output_of_another_run(baseline, tiny, input40, capsys):
@@ -456,7 +457,7 @@ def test_overwrite_replaces_another_run(ray_cluster, tiny, gold40, tmp_path):
                  "quantization.mode=none", "prompt.max_prompt_tokens=512", "inference.batch_size=8",
                  "inference.num_cpus=0.5", "inference.emotion_method=generate"]) == 0
     second = json.loads((out / "summary.json").read_text())
-    assert second["run_id"] != first["run_id"] and second["conversations"] == 3 and not second["resumed"]
+    assert second["run_id"] != first.run_id and second["conversations"] == 3 and not second["resumed"]
     # labelled input: `mecpe infer` scored it through the one route (pipeline.step_infer(score=True)), report beside it
     assert json.loads((out / "metrics.json").read_text())["weighted_f1"] >= 0.0 and (out / "report.md").exists()
     assert json.loads((out / "_run.json").read_text())["run_id"] == second["run_id"]

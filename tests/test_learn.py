@@ -52,7 +52,7 @@ def test_learn_config_reaches_the_bar(learned):
 def _infer_and_score(cfg) -> float:
     """Both stages in this process with the trained adapters (the stages' own library calls), official metric."""
     from mecpe import data, modeling, predict, storage
-    from mecpe.evaluate import score_subtask2
+    from mecpe.metric import score_subtask2
     from mecpe.prompts import PromptBuilder
 
     gold = storage.read_json(cfg.data.path(cfg.data.test_file))
@@ -61,13 +61,13 @@ def _infer_and_score(cfg) -> float:
                                adapters={"emotion": cfg.inference.emotion_adapter, "cause": cfg.inference.cause_adapter})
     builder = PromptBuilder(tok, cfg.prompt.max_prompt_tokens, cut_target=True)
     model.set_adapter("emotion")
-    emo = predict.predict_emotions(model, tok, builder, convs)
+    emo = predict.predict_emotions(model, tok, builder, convs).results
     labels = []
     for conv, res in zip(convs, emo):
         got = {u: r.label for u, r in res.items()}
         labels.append({u.id: got.get(u.id, "neutral") for u in conv.utterances})
     model.set_adapter("cause")
-    causes = predict.predict_causes(model, tok, builder, convs, labels)
+    causes = predict.predict_causes(model, tok, builder, convs, labels).results
     pred = []
     for conv, lab, cau in zip(convs, labels, causes):
         pairs = [data.Pair(u, lab[u], int(c)) for u in sorted(cau) if lab[u] != "neutral" for c in cau[u].causes]

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import _tiny
+from mecpe.labels import EMOTIONS
 
 TEST_FILE = _tiny.DATA_DIR / "NUSTM_SemEval-2024_ECAC" / "data" / "Subtask_2_test.json"
 LENGTHS = (1, 2, 4, 7, 11, 17)  # conversation lengths of the batch: very different prefix lengths
@@ -133,15 +134,16 @@ def test_label_scores_equal_brute_force(tok, builder, tight, convs, attn):
     for bld in (builder, tight):
         sub = convs[2:] if bld is tight else convs[:4]
         ref = {(ci, u.id): [_full_logprob(model, bld.emotion_prompt(c, u.id).ids, bld.emotion_answer(u.id, lab))
-                            for lab in predict.EMOTIONS]
+                            for lab in EMOTIONS]
                for ci, c in enumerate(sub) for u in c.utterances}
         for reuse, budget in ((True, 16384), (True, 600), (False, 16384)) if attn == "sdpa" else ((True, 16384),):
-            got = predict.score_emotion_labels(model, tok, bld, sub, reuse_prefix=reuse, max_batch_tokens=budget)
+            got = predict.score_emotion_labels(model, tok, bld, sub, reuse_prefix=reuse,
+                                               max_batch_tokens=budget).results
             diff = max(abs(a - b) for (ci, uid), r in ref.items() for a, b in zip(got[ci][uid][0], r))
             assert diff < 1e-4, (reuse, budget, diff)
-        res = predict.predict_emotions(model, tok, bld, sub)
+        res = predict.predict_emotions(model, tok, bld, sub).results
         for (ci, uid), r in ref.items():
-            assert res[ci][uid].label == predict.EMOTIONS[max(range(7), key=r.__getitem__)]
+            assert res[ci][uid].label == EMOTIONS[max(range(7), key=r.__getitem__)]
             assert res[ci][uid].status == "scored"
         assert list(res[-1]) == [u.id for u in sub[-1].utterances]  # utterance order
     assert any(r.dropped for r in res[-1].values())
@@ -152,19 +154,19 @@ def test_scoring_agrees_with_trie_constrained_greedy(tok, builder, model, convs)
     token's, so scoring must pick exactly the label that greedy decoding restricted to the seven answers picks."""
     from mecpe import predict
 
-    assert all(len(builder.emotion_answer(3, lab)) == len(builder.emotion_answer(3, "joy")) for lab in predict.EMOTIONS)
+    assert all(len(builder.emotion_answer(3, lab)) == len(builder.emotion_answer(3, "joy")) for lab in EMOTIONS)
     crafted = copy.deepcopy(model)
     bias = torch.zeros(crafted.lm_head.out_features)
     bias[tok.eos_token_id] = 100.0
     crafted.lm_head = _Biased(crafted.lm_head, bias)
-    scored = predict.predict_emotions(crafted, tok, builder, convs)
-    greedy = predict.predict_emotions(crafted, tok, builder, convs, method="constrained_generate")
+    scored = predict.predict_emotions(crafted, tok, builder, convs).results
+    greedy = predict.predict_emotions(crafted, tok, builder, convs, method="constrained_generate").results
     labels = [(s[u].label, g[u].label) for s, g in zip(scored, greedy) for u in s]
     assert all(a == b for a, b in labels), labels
     assert len({a for a, _ in labels}) >= 3  # not a degenerate constant answer
     # uncrafted: the trie decoder still only ever yields one of the seven answers
-    plain = predict.predict_emotions(model, tok, builder, convs, method="constrained_generate")
-    assert all(r.status == "ok" and r.label in predict.EMOTIONS for c in plain for r in c.values())
+    plain = predict.predict_emotions(model, tok, builder, convs, method="constrained_generate").results
+    assert all(r.status == "ok" and r.label in EMOTIONS for c in plain for r in c.values())
 
 
 # ---------------------------------------------------------------- causes
@@ -180,7 +182,7 @@ def test_constrained_causes_well_formed_and_invariant(tok, builder, model, convs
     runs = {}
     for reuse, budget in ((True, 16384), (True, 500), (False, 16384), (False, 900)):
         runs[(reuse, budget)] = predict.cause_answer_ids(model, tok, builder, convs, emos, reuse_prefix=reuse,
-                                                         max_batch_tokens=budget)
+                                                         max_batch_tokens=budget).results
     first = runs[(True, 16384)]
     assert all(r == first for r in runs.values())  # prefix sharing and batching change nothing
     texts = []
@@ -194,7 +196,7 @@ def test_constrained_causes_well_formed_and_invariant(tok, builder, model, convs
             assert nums == sorted(set(nums)) and all(1 <= x <= len(conv.utterances) for x in nums)
             texts.append(text)
     assert len(set(texts)) >= 3
-    res = predict.predict_causes(model, tok, builder, convs, emos)
+    res = predict.predict_causes(model, tok, builder, convs, emos).results
     assert all(r.status == "ok" for c in res for r in c.values())
     assert [sorted(c) for c in res] == [sorted(c) for c in first]
 
@@ -223,23 +225,25 @@ def _brute_greedy(model, prompt_ids, steps, allowed_fn, advance_fn, state):
 def test_tree_decoding_equals_brute_force_greedy(tok, builder, model, convs, constrained):
     """Packed rows + shared prefix cache + one token per question per step == full-prompt greedy decoding."""
     from mecpe import predict
+    from mecpe.engine import decoding
+    from mecpe.engine.packing import Block
 
     emos = _gold(convs)
     emos = [{u: ("anger" if i % 2 else "neutral") for i, u in enumerate(e)} for e in emos]
     steps = 12
     got = predict.cause_answer_ids(model, tok, builder, convs, emos, constrained=constrained, max_new_tokens=steps,
-                                   max_batch_tokens=1200)
-    forced = predict._forced_cause_start(builder) if constrained else []
+                                   max_batch_tokens=1200).results
+    forced = predict.forced_cause_start(builder) if constrained else []
     if constrained:
-        dec = predict._ListDecoder(tok.eos_token_id, predict._pieces(tok),
-                                   predict._cause_literal(tok, builder, forced), set(tok.all_special_ids))
+        dec = decoding.ListDecoder(tok.eos_token_id, decoding.token_pieces(tok),
+                                   predict.cause_literal(tok, builder, forced), set(tok.all_special_ids))
     else:
-        dec = predict._Decoder(tok.eos_token_id, predict._newline_ids(tok))
+        dec = decoding.Decoder(tok.eos_token_id, decoding.newline_ids(tok))
     n = 0
     for ci, conv in enumerate(convs[:5]):
         for uid, (ids, _) in got[ci].items():
             p = builder.cause_prompt(conv, uid, emos[ci])
-            start = dec.start(predict._Block((ci, uid), [], data=len(conv.utterances)))
+            start = dec.start(Block((ci, uid), [], data=len(conv.utterances)))
             ref = _brute_greedy(model, p.ids + forced, steps, dec.allowed, dec.advance, start)
             assert ids == forced + ref, (ci, uid)
             n += 1
@@ -250,25 +254,23 @@ def test_unconstrained_and_generate_are_deterministic(tok, builder, model, convs
     from mecpe import predict
 
     emos = _gold(convs)
-    a = predict.predict_emotions(model, tok, builder, convs, method="generate")
-    b = predict.predict_emotions(model, tok, builder, convs, method="generate", max_batch_tokens=600)
+    a = predict.predict_emotions(model, tok, builder, convs, method="generate").results
+    b = predict.predict_emotions(model, tok, builder, convs, method="generate", max_batch_tokens=600).results
     assert a == b
     assert all(r.status in ("ok", "repaired", "invalid") for c in a for r in c.values())
     assert all(r.label == "neutral" for c in a for r in c.values() if r.status == "invalid")
-    c1 = predict.predict_causes(model, tok, builder, convs, emos, constrained=False)
-    c2 = predict.predict_causes(model, tok, builder, convs, emos, constrained=False, reuse_prefix=False)
+    c1 = predict.predict_causes(model, tok, builder, convs, emos, constrained=False).results
+    c2 = predict.predict_causes(model, tok, builder, convs, emos, constrained=False, reuse_prefix=False).results
     assert c1 == c2
 
 
 def test_stats_count_shared_work(tok, builder, model, convs):
     from mecpe import predict
 
-    shared, full = predict.StageStats(), predict.StageStats()
-    before = predict.STATS["emotion"].prompts
-    predict.predict_emotions(model, tok, builder, convs, stats=shared)
-    predict.predict_emotions(model, tok, builder, convs, stats=full, reuse_prefix=False)
+    shared = predict.predict_emotions(model, tok, builder, convs).stats
+    full = predict.predict_emotions(model, tok, builder, convs, reuse_prefix=False).stats
     n = sum(len(c.utterances) for c in convs)
-    assert shared.prompts == full.prompts == n and predict.STATS["emotion"].prompts == before + 2 * n
+    assert shared.prompts == full.prompts == n  # each call counts its own work only
     assert shared.prompt_tokens == full.prompt_tokens == full.computed_tokens
     assert shared.computed_tokens < 0.6 * full.computed_tokens
     assert shared.generated_tokens == full.generated_tokens > 0 and shared.seconds > 0
@@ -284,16 +286,16 @@ def test_peft_model_and_nf4_run(tok, builder, convs):
 
     base = _load()
     emos = _gold(convs[:4])
-    want = predict.predict_emotions(base, tok, builder, convs[:4])
+    want = predict.predict_emotions(base, tok, builder, convs[:4]).results
     peft = get_peft_model(copy.deepcopy(base), modeling.get_peft_config(LoraSettings(r=4, alpha=8)))
     peft.train()  # dropout on: predict must switch it off (and restore the mode)
-    assert predict.predict_emotions(peft, tok, builder, convs[:4]) == want  # fresh LoRA: B = 0
+    assert predict.predict_emotions(peft, tok, builder, convs[:4]).results == want  # fresh LoRA: B = 0
     assert peft.training
     t0 = time.perf_counter()
     nf4, _ = modeling.load(ModelConfig(base=_tiny.tiny_model_dir()), QuantizationConfig(mode="nf4"), device="cpu")
     assert any(type(m).__name__ == "Linear4bit" for m in nf4.modules())
-    emo = predict.predict_emotions(nf4, tok, builder, convs[:4])
-    assert all(r.label in predict.EMOTIONS for c in emo for r in c.values())
-    causes = predict.predict_causes(nf4, tok, builder, convs[:4], emos)
+    emo = predict.predict_emotions(nf4, tok, builder, convs[:4]).results
+    assert all(r.label in EMOTIONS for c in emo for r in c.values())
+    causes = predict.predict_causes(nf4, tok, builder, convs[:4], emos).results
     assert all(r.status in ("ok", "repaired") for c in causes for r in c.values())
     assert time.perf_counter() - t0 < 30

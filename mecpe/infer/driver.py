@@ -14,7 +14,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from mecpe import cluster, storage
 from mecpe.config import Config
@@ -22,9 +22,10 @@ from mecpe.infer.resume import STAGES, assemble, claim_output, done_uids, run_id
 from mecpe.infer.source import LIGHT_CPUS, list_inputs, read_raw
 from mecpe.layout import InferenceLayout
 from mecpe.provenance import code_version
-from mecpe.infer.stages import (
-    CausePredictor, EmotionCausePredictor, EmotionPredictor, ParseStage, PredictorSpec, ShardWriter, merge_engine,
-)
+from mecpe.infer.rows import merge_engine
+from mecpe.infer.summary import InferenceSummary, Resources, Stages, StageSummary, ThisRun
+from mecpe.infer.stages import CausePredictor, EmotionCausePredictor, EmotionPredictor, ParseStage, PredictorSpec
+from mecpe.infer.writer import ShardWriter
 
 log = logging.getLogger("mecpe.infer")
 
@@ -123,7 +124,8 @@ def _rate(n: int, s: float) -> float | None:
     return round(n / s, 2) if s > 0 else None
 
 
-def run_inference(cfg: Config, input_uri: str | list[str], output_uri: str, *, overwrite: bool = False) -> dict:
+def run_inference(cfg: Config, input_uri: str | list[str], output_uri: str, *,
+                  overwrite: bool = False) -> InferenceSummary:
     """Predict emotions and causes for every conversation of ``input_uri``; write everything under ``output_uri``;
     resume a crashed run of the same configuration (``mecpe.infer.resume``). Returns the summary."""
     settings = storage.settings_from(cfg.storage)
@@ -131,7 +133,7 @@ def run_inference(cfg: Config, input_uri: str | list[str], output_uri: str, *, o
         return _run(cfg, input_uri, output_uri, overwrite, settings)
 
 
-def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: storage.S3Settings) -> dict:
+def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: storage.S3Settings) -> InferenceSummary:
     import ray
 
     import mecpe
@@ -184,54 +186,33 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
     public = ("source", "location", "conversation_id", "reason", "field", "stage", "retryable")
     storage.write_bytes(out.rejects,
                         storage.dumps_jsonl({k: r.get(k) for k in public} for r in asm.rejects))
-    summary = {
-        "run_id": ident["run_id"],
-        "output": output_uri,
-        "conversations": asm.conversations,
-        "utterances": asm.utterances,
-        "rejects": len(asm.rejects),
-        "rejects_by_stage": dict(Counter(r["stage"] for r in asm.rejects)),
-        "retryable_rejects": sum(1 for r in asm.rejects if r.get("retryable")),
-        "parse_status": asm.parse_status,
-        "dropped_utterances": asm.dropped,
-        "duplicate_shard_copies_ignored": asm.duplicates_in_shards,
-        "resumed": bool(done),
-        "done_before_this_run": len(done),
-        "this_run": {
-            "shards": this_run["shards"], "records": this_run["records"], "rejects": this_run["rejects"],
-            "pipeline_s": round(pipe_s, 2),
-            "stages": {
-                "emotion": {"utterances": this_run["emotion_utterances"], "actor_s": round(secs["emotion"], 2),
-                            "utt_per_s_per_actor": _rate(this_run["emotion_utterances"], secs["emotion"])},
-                "cause": {"utterances": this_run["cause_utterances"], "actor_s": round(secs["cause"], 2),
-                          "utt_per_s_per_actor": _rate(this_run["cause_utterances"], secs["cause"])},
-            },
-            "utt_per_s": _rate(this_run["emotion_utterances"], pipe_s),
-            "gpu_peak_gib": gpu_peak,  # the largest predictor actor's peak allocated GPU memory
-            # engine counters per stage (prefill / decoding device seconds, passes, tokens) and each predictor
-            # actor's start-up (model + adapters loaded) in seconds
-            "engine": _counts(engine),
-            "resources": {"num_actors": res.num_actors, "num_gpus": res.num_gpus, "num_cpus": res.num_cpus,
-                          "accelerator_type": res.accelerator_type, "batch_size": res.batch_size,
-                          "share_base": cfg.inference.share_base},
-        },
-        "wall_s": round(time.time() - t0, 2),
-        "has_gold": asm.has_gold,
-        "provenance": {
-            "base_model": cfg.model.base, "revision": cfg.model.revision,
-            "adapters": ident["adapters"], "quantization": ident["quantization"],
-            "mecpe_version": mecpe.__version__, "code": code_version(),
-            "inputs": ident["inputs"], "python": sys.version.split()[0], "ray": ray.__version__,
-        },
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    storage.write_json(out.summary, summary, indent=2)
-    st = summary["this_run"]["stages"]
+    stages = Stages(*(StageSummary(this_run[f"{stage}_utterances"], round(secs[stage], 2),
+                                   _rate(this_run[f"{stage}_utterances"], secs[stage])) for stage in STAGES))
+    summary = InferenceSummary(
+        run_id=ident["run_id"], output=output_uri, conversations=asm.conversations, utterances=asm.utterances,
+        rejects=len(asm.rejects), rejects_by_stage=dict(Counter(r["stage"] for r in asm.rejects)),
+        retryable_rejects=sum(1 for r in asm.rejects if r.get("retryable")), parse_status=asm.parse_status,
+        dropped_utterances=asm.dropped, duplicate_shard_copies_ignored=asm.duplicates_in_shards, resumed=bool(done),
+        done_before_this_run=len(done),
+        this_run=ThisRun(shards=this_run["shards"], records=this_run["records"], rejects=this_run["rejects"],
+                         pipeline_s=round(pipe_s, 2), stages=stages,
+                         utt_per_s=_rate(this_run["emotion_utterances"], pipe_s), gpu_peak_gib=gpu_peak,
+                         engine=_counts(engine),
+                         resources=Resources(res.num_actors, res.num_gpus, res.num_cpus, res.accelerator_type,
+                                             res.batch_size, cfg.inference.share_base)),
+        wall_s=round(time.time() - t0, 2), has_gold=asm.has_gold,
+        provenance={"base_model": cfg.model.base, "revision": cfg.model.revision, "adapters": ident["adapters"],
+                    "quantization": ident["quantization"], "mecpe_version": mecpe.__version__, "code": code_version(),
+                    "inputs": ident["inputs"], "python": sys.version.split()[0], "ray": ray.__version__},
+        finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    storage.write_json(out.summary, asdict(summary), indent=2)
     log.info("read+parse: %d file(s), %d conversations, %d rejects (%d done before this run)", len(files),
-             summary["conversations"], summary["rejects"], len(done))
+             summary.conversations, summary.rejects, len(done))
     for stage in STAGES:
-        log.info("%s: %d utterances this run, %s utt/s per actor, parse status %s", stage, st[stage]["utterances"],
-                 st[stage]["utt_per_s_per_actor"], asm.parse_status[stage])
+        st = getattr(stages, stage)
+        log.info("%s: %d utterances this run, %s utt/s per actor, parse status %s", stage, st.utterances,
+                 st.utt_per_s_per_actor, asm.parse_status[stage])
     log.info("write: %d shards this run; %s, %s, %s (%s s)", this_run["shards"], out.pred, out.rejects, out.summary,
-             summary["wall_s"])
+             summary.wall_s)
     return summary

@@ -31,14 +31,11 @@ from typing import Any, Iterator
 
 from mecpe import data, layout, runid, storage
 from mecpe.config import Config
+from mecpe.errors import RunMismatchError
 from mecpe.layout import InferenceLayout
 
 META = "_mecpe"  # per-record bookkeeping in the shards; stripped from Subtask_2_pred.json
 STAGES = ("emotion", "cause")
-
-
-class RunMismatchError(RuntimeError):
-    """The output location holds results of a different run (other config, adapters or input)."""
 
 
 def _now() -> str:

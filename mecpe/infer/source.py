@@ -14,7 +14,8 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 
-from mecpe import storage
+from mecpe import readers, storage
+from mecpe.errors import MissingInputError
 
 LIGHT_CPUS = 0.25  # read / parse / write stages: JSON and I/O only
 
@@ -46,7 +47,7 @@ def list_inputs(input_uri: str | list[str], *, exclude: str | None = None) -> li
             if skip is None or not f.startswith(skip):
                 out[f] = None
         if not found:
-            raise FileNotFoundError(f"no .json/.jsonl input files at {uri}")
+            raise MissingInputError(f"no .json/.jsonl input files at {uri}")
     return list(out)
 
 
@@ -112,7 +113,7 @@ def make_raw_datasource(members: list[tuple[str, str, int]], filesystem, lines_p
             from mecpe import data
 
             try:
-                for index, (location, item) in enumerate(data.iter_records(data_bytes, source)):
+                for index, (location, item) in enumerate(readers.iter_records(data_bytes, source)):
                     if isinstance(item, data.Reject):
                         full = add("reject", index, location, json.dumps(item.to_json(), ensure_ascii=False).encode())
                     else:

@@ -5,139 +5,32 @@
     EmotionPredictor        actors: model + emotion adapter loaded once; mecpe.predict.predict_emotions
     CausePredictor          actors: model + cause adapter; predict_causes on the predicted emotions
     EmotionCausePredictor   inference.share_base: one 4-bit base with both adapters, both stages
-    ShardWriter             one atomic shard per batch: records/part-<uuid>.jsonl (+ rejects/part-<uuid>.jsonl);
-                            returns one small row of counts and timings, which the driver consumes as they come
 
-Shards are written by our own stage rather than ``Dataset.write_json``: each shard must be atomic (it is the
-completion marker for resume), and the driver needs a per-batch signal (counts, timings) while the run streams.
+The rows they exchange are ``mecpe.infer.rows``; the last stage, the shard writer, is ``mecpe.infer.writer``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
-import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from mecpe import data, storage
+from mecpe import data, readers, storage
 from mecpe.config import ModelConfig, QuantizationConfig
-from mecpe.infer.resume import META
-from mecpe.layout import InferenceLayout
+from mecpe.engine.stats import StageStats
+from mecpe.infer.rows import (
+    ROW_SCHEMA, conversation_of, conversation_row, id_text, merge_engine, reject_of, rows_table, uid,
+)
+
+if TYPE_CHECKING:
+    from mecpe.predict import StageOutput
 
 log = logging.getLogger("mecpe.infer")
-
-# Rows between stages carry parsed, typed columns: the validated conversation as a struct (read back without
-# validating again), the reject as a ``mecpe.data.Reject`` struct, the predictions as lists of structs. Only an
-# utterance's unknown input fields (``extra``) stay a JSON text: they are passed through to the output, never read.
-UTTERANCE = pa.struct([("id", pa.int64()), ("text", pa.large_string()), ("speaker", pa.string()),
-                       ("emotion", pa.string()), ("extra", pa.string())])
-PAIR = pa.struct([("emotion_utt", pa.int64()), ("emotion", pa.string()), ("cause_utt", pa.int64())])
-CONVERSATION = pa.struct([("id_int", pa.int64()), ("id_str", pa.string()),  # conversation_ID: one of them is set
-                          ("utterances", pa.list_(UTTERANCE)),
-                          ("pairs", pa.list_(PAIR))])  # null: the input had no labels
-REJECT = pa.struct([("source", pa.string()), ("location", pa.string()), ("conversation_id", pa.string()),
-                    ("reason", pa.string()), ("field", pa.string()), ("stage", pa.string()),
-                    ("retryable", pa.bool_())])
-EMOTION = pa.struct([("utterance", pa.int64()), ("label", pa.string()), ("status", pa.string()),
-                     ("dropped", pa.int64()), ("scores", pa.list_(pa.float64()))])  # scores: score method only
-CAUSE = pa.struct([("utterance", pa.int64()), ("emotion", pa.string()),  # the emotion the cause model was shown
-                   ("causes", pa.list_(pa.int64())), ("status", pa.string()), ("dropped", pa.int64())])
-# Engine counters of one batch (set on its first row): {stage: {counter: value}}, each actor's load seconds.
-ENGINE = pa.struct([("emotion", pa.map_(pa.string(), pa.float64())), ("cause", pa.map_(pa.string(), pa.float64())),
-                    ("load_s", pa.list_(pa.float64()))])
-ROW_SCHEMA = pa.schema([
-    ("uid", pa.string()),
-    ("key", pa.string()),
-    ("conversation_id", pa.string()),
-    ("source", pa.string()),
-    ("location", pa.string()),
-    ("file_index", pa.int64()),
-    ("position", pa.int64()),
-    ("conversation", CONVERSATION),
-    ("reject", REJECT),  # set: the row ends in rejects
-    ("emotions", pa.list_(EMOTION)),
-    ("causes", pa.list_(CAUSE)),
-    ("emotion_s", pa.float64()),
-    ("cause_s", pa.float64()),
-    ("gpu_peak_gib", pa.float64()),  # peak GPU memory of the predictor actors that handled the row (0: CPU)
-    ("engine", ENGINE),
-])
-SHARD_SCHEMA = pa.schema([
-    ("records", pa.int64()),
-    ("rejects", pa.int64()),
-    ("emotion_utterances", pa.int64()),
-    ("cause_utterances", pa.int64()),
-    ("emotion_s", pa.float64()),
-    ("cause_s", pa.float64()),
-    ("gpu_peak_gib", pa.float64()),
-    ("engine", ENGINE),  # the engine counters of the shard's rows, summed (merge_engine)
-])
-
-
-def conversation_row(conv: data.Conversation) -> dict:
-    """A validated conversation as a ``CONVERSATION`` struct."""
-    return {"id_int": conv.id if isinstance(conv.id, int) else None,
-            "id_str": conv.id if isinstance(conv.id, str) else None,
-            "utterances": [{"id": u.id, "text": u.text, "speaker": u.speaker, "emotion": u.emotion,
-                            "extra": json.dumps(u.extra, ensure_ascii=False) if u.extra else None}
-                           for u in conv.utterances],
-            "pairs": None if conv.pairs is None else [{"emotion_utt": p.emotion_utt, "emotion": p.emotion,
-                                                       "cause_utt": p.cause_utt} for p in conv.pairs]}
-
-
-def conversation_of(row: dict) -> data.Conversation:
-    """The row's conversation, as ``ParseStage`` validated it (no second validation)."""
-    c = row["conversation"]
-    return data.Conversation(
-        id=c["id_int"] if c["id_int"] is not None else c["id_str"],
-        utterances=tuple(data.Utterance(u["id"], u["text"], u["speaker"], u["emotion"],
-                                        json.loads(u["extra"]) if u["extra"] else {}) for u in c["utterances"]),
-        pairs=None if c["pairs"] is None else tuple(data.Pair(p["emotion_utt"], p["emotion"], p["cause_utt"])
-                                                    for p in c["pairs"]),
-        source=row["source"])
-
-
-def merge_engine(total: dict, part: dict | None) -> dict:
-    """Sum engine counters ({stage: {counter: n}}, "load_s": [actor load seconds]) into ``total``; ``part`` as an
-    ``ENGINE`` struct reads back (maps as lists of pairs, absent stages as None)."""
-    for key, value in (part or {}).items():
-        if value is None:
-            continue
-        if key == "load_s":
-            total.setdefault("load_s", []).extend(value)
-        else:
-            stage = total.setdefault(key, {})
-            for k, v in (value.items() if isinstance(value, dict) else value):
-                stage[k] = stage.get(k, 0) + v
-    return total
-
-
-def uid(source: str, position: int) -> str:
-    """Stable id of an input position (file URI + line / array index): what resume counts as done."""
-    return hashlib.sha256(f"{source}\n{position}".encode()).hexdigest()[:24]
-
-
-def _rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def _reject(row: dict, stage: str, reason: str, field: str | None = None, *, retryable: bool = False) -> dict:
-    return data.Reject(row["source"], row["location"], row.get("conversation_id"), reason, field,
-                       stage=stage, retryable=retryable).to_json()
-
-
-def _id_text(value: Any) -> str | None:
-    if value is None:
-        return None
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text[:200]
-
 
 # ----------------------------------------------------------------------------------------------- parse
 
@@ -171,15 +64,15 @@ class ParseStage:
     @staticmethod
     def _row(source, file_index, position, location, *, conv_id=None, conversation=None, reject=None) -> dict:
         row = {"uid": uid(source, position), "key": None if conversation is None else storage.safe_key(conv_id),
-               "conversation_id": _id_text(conv_id), "source": source, "location": location,
+               "conversation_id": id_text(conv_id), "source": source, "location": location,
                "file_index": file_index, "position": position, "conversation": conversation, "reject": None,
                "emotions": None, "causes": None, "emotion_s": 0.0, "cause_s": 0.0, "engine": None}
         if reject is not None:
-            row["reject"] = _reject(row, *reject)
+            row["reject"] = reject_of(row, *reject)
         return row
 
     def _item(self, item, source, file_index, position, location) -> dict:
-        """One (raw object | data.Reject) from ``data.iter_records`` / ``data.record_from_line`` -> a row."""
+        """One (raw object | data.Reject) from ``readers.iter_records`` / ``readers.record_from_line`` -> a row."""
         if isinstance(item, data.Reject):
             return self._row(source, file_index, position, location, conv_id=item.conversation_id,
                              reject=("read", item.reason, item.field))
@@ -196,7 +89,7 @@ class ParseStage:
         """One raw row -> a conversation row or a reject row."""
         source, fi, pos, loc, kind = r["source"], r["file_index"], r["position"], r["location"], r["kind"]
         if kind == "line":  # undecoded bytes: mecpe.data decodes and parses (invalid UTF-8 -> a reject)
-            _, item = data.record_from_line(r["raw"], loc, source)
+            _, item = readers.record_from_line(r["raw"], loc, source)
             return self._item(item, source, fi, pos, loc)
         if kind == "item":
             return self._item(json.loads(r["raw"]), source, fi, pos, loc)
@@ -216,7 +109,7 @@ class ParseStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = [self._safe_parse(r) for r in batch.to_pylist()]
         done = self.done
-        return _rows_table([x for x in rows if x["uid"] not in done], ROW_SCHEMA)
+        return rows_table([x for x in rows if x["uid"] not in done], ROW_SCHEMA)
 
 
 # ----------------------------------------------------------------------------------------------- predict
@@ -279,19 +172,18 @@ class _Predictor:
         else:
             yield
 
-    def _predict(self, stage: str, convs: list, shown: list):
-        from mecpe import predict
+    def _predict(self, stage: str, convs: list[data.Conversation], shown: list) -> StageOutput:
+        from mecpe.predict import predict_causes, predict_emotions  # torch: in the actors only
 
         spec = self.spec
         with self._adapter(stage):
             if stage == "emotion":
-                return predict.predict_emotions(self.model, self.tokenizer, self.builder, convs,
-                                                method=spec.emotion_method, max_batch_tokens=spec.max_batch_tokens,
-                                                reuse_prefix=spec.reuse_prefix,
-                                                bias=list(spec.emotion_bias) if spec.emotion_bias else None)
-            return predict.predict_causes(self.model, self.tokenizer, self.builder, convs, shown,
-                                          max_new_tokens=spec.max_new_tokens, max_batch_tokens=spec.max_batch_tokens,
-                                          reuse_prefix=spec.reuse_prefix)
+                return predict_emotions(self.model, self.tokenizer, self.builder, convs, method=spec.emotion_method,
+                                        max_batch_tokens=spec.max_batch_tokens, reuse_prefix=spec.reuse_prefix,
+                                        bias=list(spec.emotion_bias) if spec.emotion_bias else None)
+            return predict_causes(self.model, self.tokenizer, self.builder, convs, shown,
+                                  max_new_tokens=spec.max_new_tokens, max_batch_tokens=spec.max_batch_tokens,
+                                  reuse_prefix=spec.reuse_prefix)
 
     def _cause_emotions(self, conv, row: dict) -> dict[int, str]:
         """The emotions the cause stage reads: stage 1's predictions (the method), or with
@@ -312,29 +204,34 @@ class _Predictor:
         return [{"utterance": u, "emotion": shown[u], "causes": [int(c) for c in r.causes], "status": r.status,
                  "dropped": int(r.dropped)} for u, r in sorted(result.items())]
 
-    def _run_stage(self, stage: str, rows: list[dict], parsed: dict[int, data.Conversation]) -> None:
+    def _run_stage(self, stage: str, rows: list[dict], parsed: dict[int, data.Conversation]) -> StageStats:
         """Fill ``rows[i][stage + "s"]``; a conversation whose prediction raises becomes a retryable reject.
-        ``parsed``: each row's conversation by ``id(row)``, read from its columns once per batch."""
+        ``parsed``: each row's conversation by ``id(row)``, read from its columns once per batch. Returns the
+        engine's work on the batch (the calls that succeeded)."""
         col = "emotions" if stage == "emotion" else "causes"
         todo = [r for r in rows if id(r) in parsed and r["reject"] is None and r[col] is None]
+        stats = StageStats()
         if not todo:
-            return
+            return stats
         convs = [parsed[id(r)] for r in todo]
         shown = [self._cause_emotions(c, r) if stage == "cause" else None for c, r in zip(convs, todo)]
         sizes = [max(1, len(c.utterances)) for c in convs]
         start = time.perf_counter()
         try:
-            results = self._predict(stage, convs, shown)
-            groups = [(todo, shown, results)]
+            out = self._predict(stage, convs, shown)
+            groups = [(todo, shown, out.results)]
+            stats.add(out.stats)
         except Exception:  # isolate the failing conversation(s); the rest of the batch goes on
             self._free_memory()
             groups = []
             for r, c, e in zip(todo, convs, shown):
                 try:
-                    groups.append(([r], [e], self._predict(stage, [c], [e])))
+                    out = self._predict(stage, [c], [e])
+                    groups.append(([r], [e], out.results))
+                    stats.add(out.stats)
                 except Exception as exc:  # noqa: BLE001 - recorded in the reject, retried by the next run
                     self._free_memory()
-                    r["reject"] = _reject(r, stage, f"{stage} prediction failed: {type(exc).__name__}: {exc}",
+                    r["reject"] = reject_of(r, stage, f"{stage} prediction failed: {type(exc).__name__}: {exc}",
                                           retryable=True)
         elapsed = time.perf_counter() - start
         total = sum(sizes)
@@ -343,26 +240,21 @@ class _Predictor:
             for r, e, res in zip(grp_rows, grp_shown, results):
                 r[col] = self._encode(stage, res, e)
                 r[f"{stage}_s"] = share[id(r)]
+        return stats
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from dataclasses import asdict
-
-        from mecpe.predict import STATS
-
         rows = batch.to_pylist()
         parsed = {id(r): conversation_of(r) for r in rows if r["reject"] is None and r["conversation"] is not None}
-        before = {s: asdict(STATS[s]) for s in self.stages}
-        for stage in self.stages:
-            self._run_stage(stage, rows, parsed)
+        work = {stage: self._run_stage(stage, rows, parsed) for stage in self.stages}
         peak = _gpu_peak_gib()
         for r in rows:
             r["gpu_peak_gib"] = max(r.get("gpu_peak_gib") or 0.0, peak)
         if rows:
-            engine = {s: {k: v - before[s][k] for k, v in asdict(STATS[s]).items()} for s in self.stages}
+            engine = {stage: asdict(stats) for stage, stats in work.items()}
             if self._load_s is not None:
                 engine["load_s"], self._load_s = [self._load_s], None
             rows[0]["engine"] = merge_engine(merge_engine({}, rows[0].get("engine")), engine)
-        return _rows_table(rows, ROW_SCHEMA)
+        return rows_table(rows, ROW_SCHEMA)
 
 
 def _gpu_peak_gib() -> float:
@@ -392,85 +284,3 @@ class EmotionCausePredictor(_Predictor):
     stages = ("emotion", "cause")
 
 
-# ----------------------------------------------------------------------------------------------- write
-
-
-def build_record(row: dict) -> dict:
-    """Output record of a predicted row: the conversation in input schema with predicted ``emotion`` per
-    utterance, official ``emotion-cause_pairs``, per-utterance ``parse_status`` / ``dropped_utterances`` (and
-    ``label_scores``, each label's answer log-probability, with the score method), and
-    bookkeeping under ``_mecpe`` (uid, key, source, location, order, gold labels when present)."""
-    conv = conversation_of(row)
-    emo = {e["utterance"]: e for e in row["emotions"]}
-    cau = {c["utterance"]: c for c in row["causes"] or []}
-    labels = {u: (e["label"] if e["label"] in data.EMOTIONS else "neutral") for u, e in emo.items()}
-    # The pair's emotion is the one the cause stage read: the predicted label, or the gold one with cause_input=gold.
-    pairs = [data.Pair(u, cau[u]["emotion"], c) for u in sorted(cau) if cau[u]["emotion"] in data.EMOTIONS[1:]
-             for c in cau[u]["causes"]]
-    rec = data.conversation_to_json(conv, emotions=labels, pairs=pairs)
-    for utt in rec["conversation"]:
-        u = int(utt["utterance_ID"])
-        if u in emo and emo[u]["scores"] is not None:  # what mecpe.calibrate fits a bias on
-            utt["label_scores"] = emo[u]["scores"]
-        status = {"emotion": emo[u]["status"]} if u in emo else {}
-        dropped = {"emotion": emo[u]["dropped"]} if u in emo else {}
-        if u in cau:
-            status["cause"] = cau[u]["status"]
-            dropped["cause"] = cau[u]["dropped"]
-        utt["parse_status"] = status
-        utt["dropped_utterances"] = dropped
-    gold = None
-    if conv.pairs is not None and all(u.emotion is not None for u in conv.utterances):
-        gold = {"emotions": {str(u.id): u.emotion for u in conv.utterances},
-                "emotion-cause_pairs": [p.to_json() for p in conv.pairs]}
-    rec[META] = {"uid": row["uid"], "key": row["key"], "source": row["source"], "location": row["location"],
-                 "file_index": row["file_index"], "position": row["position"], "gold": gold}
-    return rec
-
-
-def reject_record(row: dict) -> dict:
-    """The row's ``mecpe.data.Reject`` and the bookkeeping resume and assembly need (uid, key, input order)."""
-    return {**row["reject"], "uid": row["uid"], "key": row["key"], "file_index": row["file_index"],
-            "position": row["position"]}
-
-
-class ShardWriter:
-    """One atomic shard per batch (records and, if any, rejects); returns one row of counts and timings."""
-
-    def __init__(self, output_uri: str, storage_settings: dict):
-        storage.configure(storage_settings)
-        self.out = InferenceLayout(output_uri)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        if batch.num_rows == 0:
-            return _rows_table([], SHARD_SCHEMA)
-        records, rejects = [], []
-        emo_u = cau_u = 0
-        emo_s = cau_s = gpu = 0.0
-        engine: dict = {}
-        for row in batch.to_pylist():
-            merge_engine(engine, row.get("engine"))
-            gpu = max(gpu, row.get("gpu_peak_gib") or 0.0)
-            emo_s += row["emotion_s"] or 0.0
-            cau_s += row["cause_s"] or 0.0
-            if row["reject"] is not None:
-                rejects.append(reject_record(row))
-                continue
-            try:
-                rec = build_record(row)
-            except Exception as exc:  # noqa: BLE001 - never lose a conversation to a bookkeeping bug
-                row["reject"] = _reject(row, "write", f"cannot build record: {type(exc).__name__}: {exc}",
-                                        retryable=True)
-                rejects.append(reject_record(row))
-                continue
-            records.append(rec)
-            emo_u += len(rec["conversation"])
-            cau_u += sum(1 for u in rec["conversation"] if "cause" in u["parse_status"])
-        name = f"part-{uuid.uuid4().hex}.jsonl"
-        if records:
-            storage.write_bytes(storage.join(self.out.records, name), storage.dumps_jsonl(records))
-        if rejects:
-            storage.write_bytes(storage.join(self.out.rejects_dir, name), storage.dumps_jsonl(rejects))
-        return _rows_table([{"records": len(records), "rejects": len(rejects), "emotion_utterances": emo_u,
-                             "cause_utterances": cau_u, "emotion_s": emo_s, "cause_s": cau_s,
-                             "gpu_peak_gib": gpu, "engine": engine or None}], SHARD_SCHEMA)

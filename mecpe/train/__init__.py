@@ -9,4 +9,4 @@
 
 from mecpe.train.driver import TrainResult, run_training
 
-__all__ = ["TrainResult", "run_training"]
+__all__ = ("TrainResult", "run_training")

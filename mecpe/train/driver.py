@@ -20,13 +20,14 @@ from typing import Mapping
 
 from mecpe import cluster, layout, runid, storage
 from mecpe.config import Config, dump_config
+from mecpe.errors import ConfigError
 from mecpe.train.examples import TASKS, normalize_predictions
 from mecpe.layout import TrainRunLayout
 from mecpe.train.recipe import TrainLoopSpec, train_loop
 
 STORAGE_RETRY_WAITS_S = (5, 20, 60)  # pauses before starting a run again after a controller storage error
 # Training settings that do not change the adapter (bookkeeping), left out of the run hash.
-_NOT_HASHED = {"save_steps", "num_to_keep", "logging_steps", "eval_steps", "use_liger_kernel"}
+_NOT_HASHED = frozenset({"save_steps", "num_to_keep", "logging_steps", "eval_steps", "use_liger_kernel"})
 
 log = logging.getLogger("mecpe.train")
 
@@ -111,7 +112,7 @@ def run_training(cfg: Config, task: str, *, train_convs_uri: str | None = None, 
     validation loss. ``predicted_emotions`` (cause task with ``training.cause_emotions=predicted``): a mapping
     ``{conversation_id: {utterance_id: label}}``, a list of official-format prediction records, or a JSON URI."""
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
     settings = storage.settings_from(cfg.storage)
     with storage.using(settings):
         return _run(cfg, task, train_convs_uri, val_convs_uri, predicted_emotions, settings)
@@ -130,7 +131,7 @@ def _run(cfg: Config, task: str, train_uri: str | None, val_uri: str | None, pre
     predicted = None
     if task == "cause" and cfg.training.cause_emotions == "predicted":
         if predicted_emotions is None:
-            raise ValueError("training.cause_emotions=predicted needs predicted_emotions (mapping or JSON file)")
+            raise ConfigError("training.cause_emotions=predicted needs predicted_emotions (mapping or JSON file)")
         predicted = normalize_predictions(predicted_emotions)
 
     run_name, chash = run_identity(cfg, task, train_uri, val_uri, predicted)

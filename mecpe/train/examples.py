@@ -21,7 +21,9 @@ import random
 from typing import Any, Mapping, Sequence
 
 from mecpe import storage
-from mecpe.data import EMOTIONS, read_conversations
+from mecpe.readers import read_conversations
+from mecpe.errors import ConfigError, InputError
+from mecpe.labels import EMOTIONS
 
 TASKS = ("emotion", "cause")
 _MAX_LISTED = 50  # over-budget example ids kept in the stats
@@ -43,9 +45,9 @@ def shown_emotions(conv: Any, mode: str = "gold", *, noise_rate: float = 0.2, se
         pred = (predicted or {}).get(str(conv.id))
         missing = [uid for uid in gold if not pred or pred.get(uid) not in EMOTIONS]
         if missing:
-            raise ValueError(f"conversation {conv.id}: no predicted emotion for utterances {missing[:10]}")
+            raise InputError(f"conversation {conv.id}: no predicted emotion for utterances {missing[:10]}")
         return {uid: pred[uid] for uid in gold}
-    raise ValueError(f"unknown cause_emotions mode {mode!r}")
+    raise ConfigError(f"unknown cause_emotions mode {mode!r}")
 
 
 def normalize_predictions(obj: Any) -> dict[str, dict[int, str]]:
@@ -86,7 +88,7 @@ def _stats(convs: Sequence[Any], targets: list[tuple[Any, int, Any, list[int]]],
 
 def _all_targets(task: str, convs: Sequence[Any], builder: Any, emotions_of: Any):
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
     return [(conv, uid, prompt, answer) for conv in convs
             for uid, prompt, answer in _targets(task, conv, builder, emotions_of)]
 
@@ -195,7 +197,7 @@ def read_split(uri: str | None, limit: int | None) -> list:
         return []
     res = read_conversations(uri, require_labels=True)
     if res.file_errors:
-        raise ValueError(f"{uri}: unreadable: {'; '.join(str(e) for e in res.file_errors[:3])}")
+        raise InputError(f"{uri}: unreadable: {'; '.join(str(e) for e in res.file_errors[:3])}")
     if res.rejects:
         log.warning("%s: %d invalid conversations skipped, e.g. %s: %s", uri, len(res.rejects),
                     res.rejects[0].location, res.rejects[0].reason)
@@ -212,7 +214,7 @@ class TokenBudgetBatchSampler:
 
     def __init__(self, lengths: Sequence[int], max_tokens: int, seed: int = 0):
         if max_tokens < 1:
-            raise ValueError(f"training.max_batch_tokens must be positive, got {max_tokens}")
+            raise ConfigError(f"training.max_batch_tokens must be positive, got {max_tokens}")
         self.batches: list[list[int]] = []
         batch: list[int] = []
         for i in sorted(range(len(lengths)), key=lambda k: (lengths[k], k)):

@@ -20,6 +20,7 @@ from typing import Any
 
 from mecpe import layout, modeling, storage
 from mecpe.config import LoraSettings, ModelConfig, PromptConfig, QuantizationConfig, TrainingConfig
+from mecpe.errors import InputError
 from mecpe.layout import TrainRunLayout
 from mecpe.prompts import PromptBuilder
 from mecpe.train.examples import (
@@ -108,7 +109,7 @@ def _setup_examples(w: Worker, builder: PromptBuilder) -> tuple[dict, dict]:
                      s["computed_tokens"], f" in {s['rows']} rows (one per example: {s['example_tokens']})"
                      if "rows" in s else "")
     if not rows["train"]:
-        raise ValueError(f"no {spec.task} training examples in {spec.train_uri}")
+        raise InputError(f"no {spec.task} training examples in {spec.train_uri}")
     return rows, stats
 
 
@@ -322,7 +323,7 @@ def _save_adapter(w: Worker, trainer, tok, metrics: dict, local: str) -> None:
     # would otherwise store the whole matrix with every adapter once the vocabulary grew (32,001 x 5,120 for Llama-2).
     trainer.model.save_pretrained(local, save_embedding_layers=False)
     tok.save_pretrained(local)
-    with open(os.path.join(local, layout.ADAPTER_CONFIG_FILE), "w", encoding="utf-8") as fh:
+    with open(os.path.join(local, layout.CONFIG_FILE), "w", encoding="utf-8") as fh:
         fh.write(spec.config_record)
     meta = {"task": spec.task, "run_name": spec.run_name, "config_hash": spec.config_hash,
             "global_step": metrics["global_step"], "base_model": spec.model.base, "revision": spec.model.revision,

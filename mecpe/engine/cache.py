@@ -1,0 +1,87 @@
+"""The transformers KV cache as decoding needs it, and every transformers version shim of the engine, in one place.
+
+``DynamicCache`` concatenates each step's keys and values onto the whole cache (a copy per step); a ``RoomLayer``
+writes them into room reserved after the prefill instead. The shims: the forward's cache argument is ``cache`` in
+transformers >= 5.2x and ``past_key_values`` before, and the output names it the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _room_layer_class() -> type:
+    """A ``DynamicLayer`` with reserved room: ``update`` writes into spare capacity instead of ``torch.cat``, so a
+    decoding step costs no copy of the whole cache. Built on first use (importing transformers is slow)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomLayer(DynamicLayer):
+        reserve = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = key_states.shape[-2]
+            used = self.keys.shape[-2] if self.is_initialized and self.keys is not None and self.keys.dim() == 4 else 0
+            kb = getattr(self, "_kb", None)
+            if kb is None or used + n > kb.shape[-2] or (used and self.keys.data_ptr() != kb.data_ptr()):
+                cap = used + n + self.reserve
+                kb = key_states.new_empty((*key_states.shape[:2], cap, key_states.shape[-1]))
+                vb = value_states.new_empty((*value_states.shape[:2], cap, value_states.shape[-1]))
+                if used:
+                    kb[:, :, :used] = self.keys
+                    vb[:, :, :used] = self.values
+                self._kb, self._vb = kb, vb
+                self.is_initialized, self.device, self.dtype = True, key_states.device, key_states.dtype
+            self._kb[:, :, used:used + n] = key_states
+            self._vb[:, :, used:used + n] = value_states
+            self.keys, self.values = self._kb[:, :, :used + n], self._vb[:, :, :used + n]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if getattr(self, "_kb", None) is None or not self.is_initialized:
+                return super().batch_select_indices(indices)
+            used = self.keys.shape[-2]
+            self._kb, self._vb = self._kb.index_select(0, indices), self._vb.index_select(0, indices)
+            self.keys, self.values = self._kb[:, :, :used], self._vb[:, :, :used]
+
+    return RoomLayer
+
+
+def room_cache(model: Any, reserve: int) -> Any:
+    """An empty cache whose layers keep ``reserve`` positions of room after the first (prefill) update."""
+    from transformers import DynamicCache
+
+    cls = _room_layer_class()
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = []
+    for _ in range(cfg.num_hidden_layers):
+        layer = cls()
+        layer.reserve = reserve
+        layers.append(layer)
+    cache = DynamicCache()
+    cache.layers = layers
+    return cache
+
+
+def select_rows(cache: Any, idx: torch.Tensor) -> Any:
+    """Keep batch rows ``idx``, layer by layer in place (old rows freed as it goes, so the peak is one layer more,
+    not a second cache)."""
+    cache.batch_select_indices(idx)
+    return cache
+
+
+@functools.lru_cache(maxsize=None)
+def cache_argument(cls: type) -> str:
+    """transformers >= 5.2x calls the KV cache argument ``cache`` (``past_key_values`` deprecated); 5.17 only knows
+    ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def returned_cache(out: Any) -> Any:
+    """The cache a forward returned, under either version's name."""
+    new = getattr(out, "cache", None)
+    return new if new is not None else out.past_key_values

@@ -1,0 +1,184 @@
+"""Packed rows, pure (no model): targets grouped by prefix into segments, segments packed into rows and rows into
+batches within a token budget, the batch's layout (left-padded ids, positions, the owner of every column), and which
+column may see which. ``mecpe.engine`` says why rows are packed this way."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+
+ROW_TOKENS = 2048  # rows are filled with several conversations up to this many tokens (longer ones: own row)
+
+
+@dataclass
+class Block:
+    """One target in a packed row: its question ids and, for scoring, the answers' common start and one
+    continuation per label; ``room``: positions reserved for decoding after the question."""
+
+    key: tuple[int, int]
+    question: list[int]
+    common: list[int] = field(default_factory=list)
+    conts: list[list[int]] = field(default_factory=list)
+    room: int = 0
+    data: Any = None
+
+    @property
+    def width(self) -> int:  # tokens present at the first forward
+        return len(self.question) + len(self.common) + sum(map(len, self.conts))
+
+
+Segment = tuple[tuple[int, ...], list[Block]]  # a prefix and the blocks that share it
+
+
+def _row_shape(segs: Sequence[Segment]) -> tuple[int, int, int]:
+    """(prefill tokens, blocks, largest decoding room) of a row made of ``segs``."""
+    return (sum(len(p) + sum(b.width for b in bl) for p, bl in segs), sum(len(bl) for _, bl in segs),
+            max((b.room for _, bl in segs for b in bl), default=0))
+
+
+def _cost(tokens: int, blocks: int, room: int) -> int:
+    """Padded columns of a row: prefill tokens + decoding room (every block of the row adds one column a step)."""
+    return tokens + blocks * room
+
+
+def row_cost(segs: Sequence[Segment]) -> int:
+    return _cost(*_row_shape(segs))
+
+
+def segments(items: Iterable[tuple[tuple[int, ...], Block]], reuse_prefix: bool, budget: int) -> list[Segment]:
+    """Blocks grouped by identical prefix ids (each block alone without reuse), split so a segment stays within
+    ``budget`` (at least one block per segment)."""
+    groups: dict[Any, Segment] = {}
+    for prefix, b in items:
+        groups.setdefault(prefix if reuse_prefix else b.key, (prefix, []))[1].append(b)
+    out: list[Segment] = []
+    for prefix, blocks in groups.values():
+        cur: list[Block] = []
+        for b in blocks:
+            if cur and row_cost([(prefix, cur + [b])]) > budget:
+                out.append((prefix, cur))
+                cur = []
+            cur.append(b)
+        out.append((prefix, cur))
+    return out
+
+
+def batches(segs: list[Segment], budget: int) -> list[list[list[Segment]]]:
+    """Segments packed into rows (first-fit decreasing, up to ``ROW_TOKENS`` or the longest segment: little
+    padding), rows sorted by size and cut into batches of at most ``budget`` padded tokens."""
+    stats = sorted(((_row_shape([s]), s) for s in segs), key=lambda x: -_cost(*x[0]))
+    cap = max([min(budget, ROW_TOKENS)] + [_cost(*st) for st, _ in stats])
+    rows: list[list[Segment]] = []
+    acc: list[tuple[int, int, int]] = []  # running _stats of each row
+    for (t, nb, rm), s in stats:
+        for k, (rt, rb, rr) in enumerate(acc):
+            new = (rt + t, rb + nb, max(rr, rm))
+            if _cost(*new) <= cap:
+                rows[k].append(s)
+                acc[k] = new
+                break
+        else:
+            rows.append([s])
+            acc.append((t, nb, rm))
+    rows.sort(key=row_cost)
+    out: list[list[list[Segment]]] = []
+    for row in rows:
+        if out and (len(out[-1]) + 1) * row_cost(row) > budget:
+            out.append([])
+        if not out:
+            out.append([])
+        out[-1].append(row)
+    return out
+
+
+@dataclass
+class Layout:
+    """Left-padded ids and positions of a batch of packed rows, the owner of every column (segment, block,
+    continuation) from which the attention mask follows, each block's (row, last question column), and for
+    scoring the (row, predicting column, token, block, label or -1) targets."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    seg: torch.Tensor  # -1 padding, else segment number (unique in the batch)
+    blk: torch.Tensor  # -1 prefix, else block number (unique in the batch)
+    alt: torch.Tensor  # 0 shared, j + 1 label continuation j
+    blocks: list[Block]
+    ends: list[tuple[int, int]]
+    block_seg: list[int]  # segment of each block
+    next_pos: list[int]  # position of each block's first answer token
+    targets: list[tuple[int, int, int, int, int]]
+
+
+def layout(batch: list[list[Segment]], pad: int, dev) -> Layout:
+    widths = [sum(len(p) + sum(b.width for b in bl) for p, bl in row) for row in batch]
+    n, width = len(batch), max(widths)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    seg = torch.full((n, width), -1, dtype=torch.long)
+    blk = torch.full((n, width), -1, dtype=torch.long)
+    alt = torch.zeros((n, width), dtype=torch.long)
+    pos = torch.zeros((n, width), dtype=torch.long)
+    blocks, ends, block_seg, next_pos, targets = [], [], [], [], []
+    nseg = 0
+    for i, row in enumerate(batch):
+        c = width - widths[i]
+        toks: list[int] = []
+        for prefix, bl in row:
+            plen = len(prefix)
+            toks += prefix
+            seg[i, c:c + plen] = nseg
+            pos[i, c:c + plen] = torch.arange(plen)
+            c += plen
+            for b in bl:
+                g = len(blocks)
+                blocks.append(b)
+                qlen, shared = len(b.question), len(b.question) + len(b.common)
+                toks += b.question + b.common
+                seg[i, c:c + shared], blk[i, c:c + shared] = nseg, g
+                pos[i, c:c + shared] = torch.arange(shared) + plen
+                ends.append((i, c + qlen - 1))
+                block_seg.append(nseg)
+                next_pos.append(plen + qlen)
+                targets += [(i, c + qlen + k - 1, tok, g, -1) for k, tok in enumerate(b.common)]
+                d = c + shared
+                for j, cont in enumerate(b.conts):
+                    toks += cont
+                    seg[i, d:d + len(cont)], blk[i, d:d + len(cont)], alt[i, d:d + len(cont)] = nseg, g, j + 1
+                    pos[i, d:d + len(cont)] = torch.arange(len(cont)) + plen + shared
+                    targets += [(i, (c + shared - 1) if k == 0 else (d + k - 1), tok, g, j)
+                                for k, tok in enumerate(cont)]
+                    d += len(cont)
+                c = d
+            nseg += 1
+        ids[i, width - widths[i]:] = torch.tensor(toks, dtype=torch.long)
+    return Layout(ids.to(dev), pos.to(dev), seg.to(dev), blk.to(dev), alt.to(dev), blocks, ends, block_seg, next_pos,
+                   targets)
+
+
+def visible(seg_q, blk_q, alt_q, seg_k, blk_k, alt_k) -> torch.Tensor:
+    """(n, Q, K) may-attend: same segment, and the key is prefix or the query's own block (its shared tokens or
+    the query's own continuation). Causality comes separately."""
+    sk, bk, ak = seg_k[:, None, :], blk_k[:, None, :], alt_k[:, None, :]
+    return (sk == seg_q[:, :, None]) & (sk >= 0) & (
+        (bk == -1) | ((bk == blk_q[:, :, None]) & ((ak == 0) | (ak == alt_q[:, :, None]))))
+
+
+def prefill_visible(lay: Layout) -> torch.Tensor:
+    """(n, 1, W, W) may-attend of a whole batch's first pass: ``visible`` and causal; padding queries see
+    themselves only."""
+    width = lay.ids.shape[1]
+    allowed = visible(lay.seg, lay.blk, lay.alt, lay.seg, lay.blk, lay.alt)
+    allowed &= torch.ones((width, width), dtype=torch.bool, device=allowed.device).tril()
+    allowed |= torch.eye(width, dtype=torch.bool, device=allowed.device)  # padding queries: themselves only
+    return allowed[:, None]
+
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    out = []
+    for toks in zip(*seqs):
+        if any(t != toks[0] for t in toks):
+            break
+        out.append(toks[0])
+    return out

@@ -1,0 +1,61 @@
+"""Label scoring: the total log-probability of every candidate answer of every block, one forward without KV cache
+per batch of packed rows (each block's shared answer tokens and its candidates' continuations side by side)."""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Sequence
+
+import torch
+
+from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments
+from mecpe.engine.runtime import attention_mask, forward, inference, pad_id, synced
+from mecpe.engine.stats import StageStats
+
+
+def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev) -> dict[Hashable, list[float]]:
+    """One forward without cache over packed rows; total answer log-probability of every candidate of every block
+    (shared tokens + the candidate's continuation, EOS included). Only the needed positions go through lm_head."""
+    lay = layout(batch, pad, dev)
+    t = torch.tensor(lay.targets, dtype=torch.long, device=dev)
+    cols, where = torch.unique(t[:, 1], return_inverse=True)
+    logits, _ = forward(model, lay.ids, attention_mask(model, prefill_visible(lay)), lay.pos, None, cols,
+                        use_cache=False)
+    picked = logits[t[:, 0], where].float()
+    lp = picked.gather(-1, t[:, 2:3]).squeeze(-1) - picked.logsumexp(-1)
+    scores = torch.zeros((len(lay.blocks), len(lay.blocks[0].conts) + 1), dtype=torch.float64, device=dev)
+    scores.index_put_((t[:, 3], t[:, 4] + 1), lp.double(), accumulate=True)  # column 0: the shared tokens
+    return dict(zip((b.key for b in lay.blocks), (scores[:, 1:] + scores[:, :1]).tolist()))
+
+
+def score_blocks(model: Any, tokenizer: Any, items: Sequence[tuple[tuple[int, ...], Block]], *, reuse_prefix: bool,
+                 max_batch_tokens: int, stats: StageStats) -> dict[Hashable, list[float]]:
+    """Each block's candidates' total log-probabilities by block key (``items``: (prefix ids, block with ``common``
+    and ``conts``)); adds the forward passes, device time and tokens run to ``stats``."""
+    pad = pad_id(tokenizer)
+    got: dict[Hashable, list[float]] = {}
+    with inference(model) as dev:
+        for batch in batches(segments(items, reuse_prefix, max_batch_tokens), max_batch_tokens):
+            t0 = synced(dev)
+            got.update(_score_batch(model, batch, pad, dev))
+            stats.prefill_s += synced(dev) - t0
+            stats.forward_passes += 1
+            stats.computed_tokens += sum(len(p) + sum(len(b.question) for b in bl) for row in batch for p, bl in row)
+            stats.generated_tokens += sum(b.width - len(b.question) for row in batch for _, bl in row for b in bl)
+    return got
+
+
+def prefix_shared_logits(model: Any, tokenizer: Any, items: Sequence[tuple[tuple[int, ...], Block]], *,
+                         reuse_prefix: bool, max_batch_tokens: int) -> dict[Hashable, torch.Tensor]:
+    """Next-token logits (fp32, vocab, on the CPU) after each block's question, by block key, computed by the
+    packed prefill that decoding uses: for exactness tests and diagnostics."""
+    pad, out = pad_id(tokenizer), {}
+    with inference(model) as dev:
+        for batch in batches(segments(items, reuse_prefix, max_batch_tokens), max_batch_tokens):
+            lay = layout(batch, pad, dev)
+            cols = torch.tensor(sorted({c for _, c in lay.ends}), device=dev)
+            logits, _ = forward(model, lay.ids, attention_mask(model, prefill_visible(lay)), lay.pos, None, cols,
+                                use_cache=False)
+            colidx = {c: k for k, c in enumerate(cols.tolist())}
+            for b, (i, c) in zip(lay.blocks, lay.ends):
+                out[b.key] = logits[i, colidx[c]].float().cpu()
+    return out
