@@ -195,9 +195,7 @@ def cause_answer_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     eos = tokenizer.eos_token_id
     if constrained:
         forced = forced_cause_start(builder)
-        decoder: decoding.Decoder = decoding.ListDecoder(eos, decoding.token_pieces(tokenizer),
-                                                         cause_literal(tokenizer, builder, forced),
-                                                         set(tokenizer.all_special_ids))
+        decoder: decoding.Decoder = decoding.list_decoder(tokenizer, cause_literal(tokenizer, builder, forced))
     else:
         forced, decoder = [], decoding.Decoder(eos, decoding.newline_ids(tokenizer))
     prefix_key = _PrefixKeys()

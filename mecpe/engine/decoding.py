@@ -141,6 +141,14 @@ def token_pieces(tokenizer: Any) -> list[str]:
     return [s[len(base):] if s.startswith(base) else s for s in texts]
 
 
+@functools.lru_cache(maxsize=8)
+def list_decoder(tokenizer: Any, literal: str) -> ListDecoder:
+    """The cause ``ListDecoder`` of a tokenizer and answer literal, built once: its candidate pieces come from a scan
+    of the whole vocabulary and its state table fills as it is used, so every stage call reusing it saves both
+    (states are immutable and the table a pure memo, so sharing it changes no answer)."""
+    return ListDecoder(tokenizer.eos_token_id, token_pieces(tokenizer), literal, set(tokenizer.all_special_ids))
+
+
 def newline_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(i for i, p in enumerate(token_pieces(tokenizer)) if "\n" in p)
 
