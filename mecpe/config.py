@@ -202,6 +202,14 @@ class InferenceConfig(_Strict):
     reuse_prefix: bool = Field(True, description="compute each conversation's prompt prefix once and share its KV "
                                                  "cache")
     lines_per_block: int = Field(256, description="JSON Lines rows per Ray Data block when reading")
+    merge_adapters: bool | Literal["auto"] = Field(
+        "auto", description="give each stage its own copy of the base with its LoRA adapter merged into the weights "
+                            "(no LoRA matmuls at inference: fewer FLOPs and kernels); auto = when quantization.mode is "
+                            "none (a small bf16/fp32 base such as SmolLM2), never for NF4 (a merged 13B would be "
+                            "bf16, twice); merging in bf16 rounds the merged weights, so scores move in the last bits")
+    gpu_memory_gib: float | None = Field(
+        None, description="cap each predictor actor's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. "
+                          "15 to run fractional actors on one large GPU as T4-sized ones; null = no cap")
 
     @field_validator("emotion_bias")
     @classmethod

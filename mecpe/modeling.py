@@ -12,6 +12,9 @@ Why these choices:
   processes build the same base. Adapters never store the embeddings (``save_adapter``).
 * The 4-bit compute dtype is chosen here, once, from the device: bf16 where the GPU has it, fp16 on older GPUs
   (T4), fp32 on CPU (bitsandbytes' CPU backend). The reference misspelt this option and silently computed in fp32.
+* Inference may merge a LoRA adapter into a plain (non-quantized) base (``load_merged``): no LoRA matmuls, one
+  kernel per linear layer. A stage then owns its copy of the base (SmolLM2-135M: cheap); 4-bit bases keep their
+  adapters unmerged (merging would dequantize a 13B model into bf16).
 * 4-bit on CPU: bitsandbytes has a CPU backend; ``device_map={"": "cpu"}`` loads NF4 ``Linear4bit`` layers. Its CPU
   matmul needs every quantized layer's ``in_features`` to be a multiple of the quantization block size (64), hence
   the tiny model's sizes (``mecpe.tiny``).
@@ -207,3 +210,40 @@ def load(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, device
         model.set_adapter(next(iter(adapters)))
         model.eval()
     return model, tokenizer
+
+
+def merges_adapters(setting: bool | str, quant_cfg: QuantizationConfig | None) -> bool:
+    """``inference.merge_adapters``: true/false as given; auto = only when the base is not quantized."""
+    if setting == "auto":
+        return quant_cfg is None or quant_cfg.mode == "none"
+    if not isinstance(setting, bool):
+        raise ValueError(f"merge_adapters: true, false or auto, not {setting!r}")
+    if setting and quant_cfg is not None and quant_cfg.mode != "none":
+        raise ValueError("merge_adapters=true needs quantization.mode none (a 4-bit base keeps its adapters unmerged)")
+    return setting
+
+
+def load_merged(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, device: str = "cpu",
+                adapter: str | None = None, name: str = "default"):
+    """(model, tokenizer) for inference: the base with ``adapter`` (a LoRA adapter URI, or None for the plain base)
+    merged into its weights, a plain transformers model without peft layers."""
+    model, tokenizer = load(model_cfg, quant_cfg, device=device, adapters={name: adapter} if adapter else None)
+    if adapter:
+        model = model.merge_and_unload()
+        model.eval()
+    return model, tokenizer
+
+
+def cap_gpu_memory(device: str, gib: float | None) -> float | None:
+    """``inference.gpu_memory_gib``: limit this process's CUDA caching allocator on ``device`` to ``gib`` GiB
+    (``torch.cuda.set_per_process_memory_fraction``; an allocation beyond it raises out-of-memory, as on a GPU of
+    that size). Returns the fraction set, None when there is no cap or no CUDA device."""
+    if gib is None or not str(device).startswith("cuda"):
+        return None
+    if gib <= 0:
+        raise ValueError(f"gpu_memory_gib must be positive, not {gib}")
+    dev = torch.device(device)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    fraction = min(1.0, gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    return fraction

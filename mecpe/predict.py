@@ -64,6 +64,20 @@ class StageOutput(Generic[T]):
 Key = tuple[int, int]  # (conversation index in the call, utterance id)
 
 
+class _PrefixKeys:
+    """``tuple(prefix)`` (the engine groups blocks by it) once per distinct prefix list of one call: the builder hands
+    all targets of a conversation the same list, so a conversation costs one tuple, not one per utterance."""
+
+    def __init__(self):
+        self._seen: dict[int, tuple[list[int], tuple[int, ...]]] = {}
+
+    def __call__(self, prefix: list[int]) -> tuple[int, ...]:
+        hit = self._seen.get(id(prefix))
+        if hit is None or hit[0] is not prefix:
+            hit = self._seen[id(prefix)] = (prefix, tuple(prefix))  # holding the list keeps its id unique
+        return hit[1]
+
+
 def pick_label(scores: Sequence[float], bias: Sequence[float] | None = None) -> str:
     """The label whose answer log-probability plus its bias (``inference.emotion_bias``; none: 0) is highest; ties go to
     the first in ``EMOTIONS`` order."""
@@ -81,15 +95,20 @@ def score_emotion_labels(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     stats = StageStats()
     start = time.perf_counter()
     items, dropped = [], {}
+    prefix_key = _PrefixKeys()
+    parts: dict[int, tuple[list[int], list[list[int]]]] = {}  # utterance id -> (common answer start, continuations)
     for ci, conv in enumerate(conversations):
         for u in conv.utterances:
             p = builder.emotion_prompt(conv, u.id)
-            answers = [list(builder.emotion_answer(u.id, lab)) for lab in labels]
-            common = common_prefix(answers)
-            conts = [a[len(common):] for a in answers]
-            if any(not c for c in conts):
-                raise ValueError(f"answers of utterance {u.id} are not distinct after their common part")
-            items.append((tuple(p.prefix), Block((ci, u.id), list(p.question), common, conts)))
+            if u.id not in parts:  # the answers depend on the utterance id only (``utterance_N :: label``)
+                answers = [list(builder.emotion_answer(u.id, lab)) for lab in labels]
+                common = common_prefix(answers)
+                conts = [a[len(common):] for a in answers]
+                if any(not c for c in conts):
+                    raise ValueError(f"answers of utterance {u.id} are not distinct after their common part")
+                parts[u.id] = (common, conts)
+            common, conts = parts[u.id]
+            items.append((prefix_key(p.prefix), Block((ci, u.id), list(p.question), common, conts)))
             dropped[(ci, u.id)] = p.dropped_utterances
             stats.prompts += 1
             stats.prompt_tokens += len(p)
@@ -131,7 +150,8 @@ def predict_emotions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         decoder = decoding.TrieDecoder(eos)
         answers = {k: [list(builder.emotion_answer(k[1], lab)) for lab in EMOTIONS] for k, _ in prompts}
         steps = max(len(a) for v in answers.values() for a in v)
-    items = [(tuple(p.prefix), Block(k, list(p.question), room=steps, data=answers.get(k))) for k, p in prompts]
+    prefix_key = _PrefixKeys()
+    items = [(prefix_key(p.prefix), Block(k, list(p.question), room=steps, data=answers.get(k))) for k, p in prompts]
     gen = decoding.generate(model, tokenizer, items, reuse_prefix=reuse_prefix, max_batch_tokens=max_batch_tokens,
                             max_new_tokens=steps, decoder=decoder, stats=stats)
     out: list[dict[int, EmotionResult]] = [{} for _ in conversations]
@@ -175,12 +195,11 @@ def cause_answer_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     eos = tokenizer.eos_token_id
     if constrained:
         forced = forced_cause_start(builder)
-        decoder: decoding.Decoder = decoding.ListDecoder(eos, decoding.token_pieces(tokenizer),
-                                                         cause_literal(tokenizer, builder, forced),
-                                                         set(tokenizer.all_special_ids))
+        decoder: decoding.Decoder = decoding.list_decoder(tokenizer, cause_literal(tokenizer, builder, forced))
     else:
         forced, decoder = [], decoding.Decoder(eos, decoding.newline_ids(tokenizer))
-    items = [(tuple(p.prefix), Block(k, list(p.question) + forced, room=max_new_tokens,
+    prefix_key = _PrefixKeys()
+    items = [(prefix_key(p.prefix), Block(k, list(p.question) + forced, room=max_new_tokens,
                                      data=len(conversations[k[0]].utterances))) for k, p in prompts]
     gen = decoding.generate(model, tokenizer, items, reuse_prefix=reuse_prefix, max_batch_tokens=max_batch_tokens,
                             max_new_tokens=max_new_tokens, decoder=decoder, stats=stats)

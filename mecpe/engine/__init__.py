@@ -28,7 +28,13 @@ its own full prompt, so each prefix is computed and held once, never copied per 
   canonical lists (`` [``, strictly increasing ids in 1..N, commas, ``]``) and EOS only after ``]``.
 
 Memory: a forward holds at most ``max_batch_tokens`` padded columns (rows x (prefill tokens + decoding room)) of
-activations / KV cache, plus a rows x columns^2 boolean mask.
+activations / KV cache, plus a rows x columns^2 boolean mask; lm_head runs only at the (row, column) positions whose
+next token is read (``runtime.forward_at``), not at whole columns of every row.
+
+Host cost (issue #29: the GPU engine was bound by Python and kernel launches, not FLOPs): prompt pieces are
+tokenized once per conversation / utterance id (``mecpe.prompts``), a batch's layout goes to the device as one
+tensor, and a decoding step syncs once (the chosen tokens, which the state machines read) with a constant number of
+tensor operations whatever the number of live blocks.
 
 Exactness: in fp32 the packed computation equals running every full prompt alone up to float reassociation
 (tests: 1e-4). Padding keys are always masked; padding queries attend to themselves only, so no fully-masked

@@ -15,8 +15,8 @@ from typing import Any, Hashable, Sequence
 import torch
 
 from mecpe.engine.cache import room_cache, select_rows
-from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments, visible
-from mecpe.engine.runtime import attention_mask, forward, inference, pad_id, synced
+from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments, to_device, visible
+from mecpe.engine.runtime import attention_mask, forward, forward_at, inference, pad_id, synced
 from mecpe.engine.stats import StageStats
 
 FINISHED = -3  # the segment and block of a slot that is empty or whose block finished
@@ -38,6 +38,12 @@ class Decoder:
 
     def advance(self, state: Any, tok: int) -> tuple[Any, bool]:
         return state, tok == self.eos or tok in self.stop
+
+    def mask_key(self, state: Any) -> tuple[int, ...] | None:
+        """The allowed token ids as a sorted tuple (the decoding loop keeps one device mask row per distinct
+        key), None for all; decoders with a state table override it to skip rebuilding the tuple every step."""
+        allowed = self.allowed(state)
+        return None if allowed is None else tuple(sorted(allowed))
 
 
 class TrieDecoder(Decoder):
@@ -71,6 +77,7 @@ class ListDecoder(Decoder):
         self.literal = literal
         self.cands = [(t, p) for t, p in enumerate(pieces) if p and t not in specials and set(p) <= chars]
         self.table: dict[Any, dict[int, Any]] = {self.CLOSED: {eos: self.CLOSED}}
+        self.keys: dict[Any, tuple[int, ...]] = {}  # state -> sorted allowed ids (``mask_key``)
 
     def _char(self, state: Any, ch: str) -> Any:
         if state == self.CLOSED:
@@ -114,6 +121,12 @@ class ListDecoder(Decoder):
     def advance(self, state: Any, tok: int) -> tuple[Any, bool]:
         return self._next(state).get(tok, self.CLOSED), tok == self.eos
 
+    def mask_key(self, state: Any) -> tuple[int, ...]:
+        key = self.keys.get(state)
+        if key is None:
+            key = self.keys[state] = tuple(sorted(self._next(state)))
+        return key
+
 
 # ---------------------------------------------------------------- token text
 
@@ -128,6 +141,14 @@ def token_pieces(tokenizer: Any) -> list[str]:
     return [s[len(base):] if s.startswith(base) else s for s in texts]
 
 
+@functools.lru_cache(maxsize=8)
+def list_decoder(tokenizer: Any, literal: str) -> ListDecoder:
+    """The cause ``ListDecoder`` of a tokenizer and answer literal, built once: its candidate pieces come from a scan
+    of the whole vocabulary and its state table fills as it is used, so every stage call reusing it saves both
+    (states are immutable and the table a pure memo, so sharing it changes no answer)."""
+    return ListDecoder(tokenizer.eos_token_id, token_pieces(tokenizer), literal, set(tokenizer.all_special_ids))
+
+
 def newline_ids(tokenizer: Any) -> frozenset[int]:
     return frozenset(i for i, p in enumerate(token_pieces(tokenizer)) if "\n" in p)
 
@@ -140,73 +161,95 @@ def answer_text(tokenizer: Any, ids: Sequence[int]) -> str:
 
 # ---------------------------------------------------------------- decoding
 
+class _MaskTable:
+    """Allowed-token masks as rows of one device table (row 0: everything allowed), one row per distinct
+    ``Decoder.mask_key``: a step selects every live slot's row in one ``index_select``, instead of stacking a mask
+    tensor per slot."""
+
+    def __init__(self, vocab: int, dev):
+        self.vocab, self.dev = vocab, dev
+        self.rows: dict[tuple[int, ...] | None, int] = {None: 0}
+        self.blocked = torch.zeros((1, vocab), dtype=torch.bool, device=dev)  # True: not allowed
+
+    def row(self, key: tuple[int, ...] | None) -> int:
+        hit = self.rows.get(key)
+        if hit is None:
+            new = torch.ones((1, self.vocab), dtype=torch.bool)
+            new[0, list(key)] = False
+            self.blocked = torch.cat([self.blocked, to_device(new, self.dev)])
+            hit = self.rows[key] = len(self.rows)
+        return hit
+
+
 def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new_tokens: int, decoder: Decoder,
                   stats: StageStats) -> dict[Hashable, list[int]]:
-    """Greedy decoding of every block of a batch of packed rows at once (the module's docstring says how)."""
+    """Greedy decoding of every block of a batch of packed rows at once (the module's docstring says how). Per step
+    the host does one dict lookup or two per live slot and a constant number of tensor operations, and syncs once
+    (reading the chosen tokens, which the decoders' state machines need)."""
     lay = layout(batch, pad, dev)
     n_rows = len(batch)
     row_blocks: list[list[int]] = [[] for _ in range(n_rows)]  # the blocks of each row, in slot order
     for block, (i, _) in enumerate(lay.ends):
         row_blocks[i].append(block)
     n_slots = max(map(len, row_blocks))
-    cols = torch.tensor(sorted({c for _, c in lay.ends}), device=dev)
+    at = sorted(lay.ends)  # one (row, column) per block, distinct
+    index = {p: k for k, p in enumerate(at)}
     cache = room_cache(model, n_slots * max_new_tokens)
     t0 = synced(dev)
-    logits, cache = forward(model, lay.ids, attention_mask(model, prefill_visible(lay)), lay.pos, cache, cols)
+    logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay)), lay.pos, cache, at)
     stats.forward_passes += 1
     t1 = synced(dev)
     stats.prefill_s += t1 - t0
-    colidx = {c: k for k, c in enumerate(cols.tolist())}
-    first = {block: logits[i, colidx[c]] for block, (i, c) in enumerate(lay.ends)}
     # what each slot (rows x slots) feeds next: its segment, its block (FINISHED when empty or done), its position
-    slot_segment = torch.full((n_rows, n_slots), FINISHED, dtype=torch.long)
-    slot_block = torch.full((n_rows, n_slots), FINISHED, dtype=torch.long)
-    slot_position = torch.zeros((n_rows, n_slots), dtype=torch.long)
+    slots = [[FINISHED] * n_slots for _ in range(n_rows)]
+    slot_segs = [[FINISHED] * n_slots for _ in range(n_rows)]
+    slot_pos = [[0] * n_slots for _ in range(n_rows)]
     for i, blocks in enumerate(row_blocks):
         for j, block in enumerate(blocks):
-            slot_segment[i, j] = lay.block_seg[block]
-            slot_block[i, j] = block
-            slot_position[i, j] = lay.next_pos[block]
-    slot_segment, slot_block, slot_position = slot_segment.to(dev), slot_block.to(dev), slot_position.to(dev)
+            slots[i][j], slot_segs[i][j], slot_pos[i][j] = block, lay.block_seg[block], lay.next_pos[block]
+    slot_block, slot_segment, slot_position = to_device(torch.tensor([slots, slot_segs, slot_pos]), dev).unbind(0)
     col_segment, col_block, col_alt = lay.seg, lay.blk, lay.alt  # the owners of the cached columns
-    states = {block: decoder.start(b) for block, b in enumerate(lay.blocks)}
-    generated: dict[int, list[int]] = {block: [] for block in range(len(lay.blocks))}
-    vocab = logits.shape[-1]
-    masks: dict[tuple[int, ...] | None, torch.Tensor] = {}  # allowed-token rows, built once per distinct set
-
-    def vocab_mask(allowed_ids: Sequence[int] | None) -> torch.Tensor:
-        key = None if allowed_ids is None else tuple(allowed_ids)
-        if key not in masks:
-            mk = torch.zeros(vocab, dtype=torch.bool) if key is not None else torch.ones(vocab, dtype=torch.bool)
-            if key is not None:
-                mk[list(key)] = True
-            masks[key] = mk.to(dev)
-        return masks[key]
-
-    live = [(i, j, block) for i, blocks in enumerate(row_blocks) for j, block in enumerate(blocks)]
-    last = torch.stack([first[block] for _, _, block in live]).float()  # next-token logits of each live slot
+    states = [decoder.start(b) for b in lay.blocks]
+    generated: list[list[int]] = [[] for _ in lay.blocks]
+    masks = _MaskTable(logits.shape[-1], dev)
+    own = torch.arange(n_slots, device=dev)
+    # the live slots as parallel lists: row, slot, block
+    live_i = [i for i, blocks in enumerate(row_blocks) for _ in blocks]
+    live_j = [j for blocks in row_blocks for j in range(len(blocks))]
+    live_b = [block for blocks in row_blocks for block in blocks]
+    # next-token logits of each live slot
+    last = logits[to_device(torch.tensor([index[lay.ends[b]] for b in live_b]), dev)].float()
+    eos_only = (decoder.eos,)
     for step in range(max_new_tokens):
-        allowed = [decoder.allowed(states[block]) for _, _, block in live]
-        if any(a is not None for a in allowed):
-            last = last.masked_fill(~torch.stack([vocab_mask(a) for a in allowed]), float("-inf"))
-        toks = last.argmax(-1).tolist()
-        stats.generated_tokens += len(live)
-        continuing, finished = [], []
-        for (i, j, block), tok in zip(live, toks):
-            generated[block].append(tok)
+        rows = [masks.row(decoder.mask_key(states[b])) for b in live_b]
+        if any(rows):
+            last = last.masked_fill(masks.blocked[to_device(torch.tensor(rows), dev)], float("-inf"))
+        toks = last.argmax(-1).tolist()  # the step's one host sync
+        stats.generated_tokens += len(live_b)
+        cont: list[int] = []  # indices into the live lists
+        done_flat: list[int] = []  # row * n_slots + slot of the slots that finished
+        for k, (block, tok) in enumerate(zip(live_b, toks)):
+            gen = generated[block]
+            gen.append(tok)
             states[block], fin = decoder.advance(states[block], tok)
-            if (not fin and len(generated[block]) < max_new_tokens
-                    and list(decoder.allowed(states[block]) or ()) == [decoder.eos]):
-                generated[block].append(decoder.eos)  # EOS is the only way on (after "]", a label): no forward needed
+            if not fin and len(gen) < max_new_tokens and decoder.mask_key(states[block]) == eos_only:
+                gen.append(decoder.eos)  # EOS is the only way on (after "]", a label): no forward needed
                 fin = True
-            (finished if fin else continuing).append((i, j, block, tok))
-        if not continuing or step == max_new_tokens - 1:
+            if fin:
+                done_flat.append(live_i[k] * n_slots + live_j[k])
+            else:
+                cont.append(k)
+        if not cont or step == max_new_tokens - 1:
             break
-        for i, j, _, _ in finished:
-            slot_segment[i, j] = slot_block[i, j] = FINISHED
-        keep_rows = sorted({i for i, _, _, _ in continuing})
+        if done_flat:
+            idx = to_device(torch.tensor(done_flat), dev)
+            slot_segment.view(-1).index_fill_(0, idx, FINISHED)
+            slot_block.view(-1).index_fill_(0, idx, FINISHED)
+        live_i, live_j, live_b = [live_i[k] for k in cont], [live_j[k] for k in cont], [live_b[k] for k in cont]
+        toks = [toks[k] for k in cont]
+        keep_rows = sorted(set(live_i))
         if len(keep_rows) < slot_segment.shape[0]:  # drop rows with nothing left to decode
-            sel = torch.tensor(keep_rows, device=dev)
+            sel = to_device(torch.tensor(keep_rows), dev)
             cache = select_rows(cache, sel)
             col_segment, col_block, col_alt = (col_segment.index_select(0, sel), col_block.index_select(0, sel),
                                                col_alt.index_select(0, sel))
@@ -214,27 +257,27 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
                                                        slot_block.index_select(0, sel),
                                                        slot_position.index_select(0, sel))
             new_row = {old: new for new, old in enumerate(keep_rows)}
-            continuing = [(new_row[i], j, block, tok) for i, j, block, tok in continuing]
-        feed = torch.full(slot_segment.shape, pad, dtype=torch.long)
-        for i, j, _, tok in continuing:
-            feed[i, j] = tok
+            live_i = [new_row[i] for i in live_i]
+        feed = [[pad] * n_slots for _ in range(len(keep_rows))]
+        for i, j, tok in zip(live_i, live_j, toks):
+            feed[i][j] = tok
         active = slot_segment >= 0
-        col_segment = torch.cat([col_segment, torch.where(active, slot_segment, torch.full_like(slot_segment, -1))], 1)
-        col_block = torch.cat([col_block, torch.where(active, slot_block, torch.full_like(slot_block, -1))], 1)
+        col_segment = torch.cat([col_segment, torch.where(active, slot_segment, -1)], 1)
+        col_block = torch.cat([col_block, torch.where(active, slot_block, -1)], 1)
         col_alt = torch.cat([col_alt, torch.zeros_like(slot_block)], 1)
         may_see = visible(slot_segment, slot_block, torch.zeros_like(slot_block), col_segment, col_block, col_alt)
         width = col_segment.shape[1]
         # each slot sees its own new column (a finished slot only that, so its softmax row is never empty)
-        may_see[:, torch.arange(n_slots), width - n_slots + torch.arange(n_slots)] = True
-        logits, cache = forward(model, feed.to(dev), attention_mask(model, may_see[:, None]), slot_position, cache,
-                                n_slots)
+        may_see[:, own, width - n_slots + own] = True
+        logits, cache = forward(model, to_device(torch.tensor(feed), dev), attention_mask(model, may_see[:, None]),
+                                slot_position, cache, n_slots)
         stats.forward_passes += 1
         stats.decode_steps += 1
         slot_position = slot_position + 1
-        live = [(i, j, block) for i, j, block, _ in continuing]
-        last = logits[[i for i, _, _ in live], [j for _, j, _ in live]].float()
+        last = logits.reshape(-1, logits.shape[-1])[
+            to_device(torch.tensor([i * n_slots + j for i, j in zip(live_i, live_j)]), dev)].float()
     stats.decode_s += synced(dev) - t1
-    return {lay.blocks[block].key: toks for block, toks in generated.items()}
+    return {lay.blocks[block].key: toks for block, toks in enumerate(generated)}
 
 
 def generate(model: Any, tokenizer: Any, items: Sequence[tuple[tuple[int, ...], Block]], *, reuse_prefix: bool,

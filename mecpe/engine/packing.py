@@ -56,11 +56,14 @@ def segments(items: Iterable[tuple[tuple[int, ...], Block]], reuse_prefix: bool,
     out: list[Segment] = []
     for prefix, blocks in groups.values():
         cur: list[Block] = []
+        tokens, room = len(prefix), 0  # the row shape of (prefix, cur), kept as it grows (not re-summed per block)
         for b in blocks:
-            if cur and row_cost([(prefix, cur + [b])]) > budget:
+            grown = (tokens + b.width, max(room, b.room))
+            if cur and _cost(grown[0], len(cur) + 1, grown[1]) > budget:
                 out.append((prefix, cur))
-                cur = []
+                cur, grown = [], (len(prefix) + b.width, b.room)
             cur.append(b)
+            tokens, room = grown
         out.append((prefix, cur))
     return out
 
@@ -112,48 +115,62 @@ class Layout:
 
 
 def layout(batch: list[list[Segment]], pad: int, dev) -> Layout:
+    """The batch's ``Layout``, built as Python lists and moved to the device as one tensor (slicing tensors per
+    block cost ~1 ms a batch of host time: issue #29)."""
     widths = [sum(len(p) + sum(b.width for b in bl) for p, bl in row) for row in batch]
-    n, width = len(batch), max(widths)
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    seg = torch.full((n, width), -1, dtype=torch.long)
-    blk = torch.full((n, width), -1, dtype=torch.long)
-    alt = torch.zeros((n, width), dtype=torch.long)
-    pos = torch.zeros((n, width), dtype=torch.long)
+    width = max(widths)
+    ids, pos, seg, blk, alt = [], [], [], [], []
     blocks, ends, block_seg, next_pos, targets = [], [], [], [], []
     nseg = 0
     for i, row in enumerate(batch):
         c = width - widths[i]
-        toks: list[int] = []
+        r_ids, r_pos, r_seg, r_blk, r_alt = [pad] * c, [0] * c, [-1] * c, [-1] * c, [0] * c
         for prefix, bl in row:
             plen = len(prefix)
-            toks += prefix
-            seg[i, c:c + plen] = nseg
-            pos[i, c:c + plen] = torch.arange(plen)
+            r_ids += prefix
+            r_seg += [nseg] * plen
+            r_blk += [-1] * plen
+            r_alt += [0] * plen
+            r_pos += range(plen)
             c += plen
             for b in bl:
                 g = len(blocks)
                 blocks.append(b)
                 qlen, shared = len(b.question), len(b.question) + len(b.common)
-                toks += b.question + b.common
-                seg[i, c:c + shared], blk[i, c:c + shared] = nseg, g
-                pos[i, c:c + shared] = torch.arange(shared) + plen
+                r_ids += b.question
+                r_ids += b.common
+                r_seg += [nseg] * shared
+                r_blk += [g] * shared
+                r_alt += [0] * shared
+                r_pos += range(plen, plen + shared)
                 ends.append((i, c + qlen - 1))
                 block_seg.append(nseg)
                 next_pos.append(plen + qlen)
                 targets += [(i, c + qlen + k - 1, tok, g, -1) for k, tok in enumerate(b.common)]
                 d = c + shared
                 for j, cont in enumerate(b.conts):
-                    toks += cont
-                    seg[i, d:d + len(cont)], blk[i, d:d + len(cont)], alt[i, d:d + len(cont)] = nseg, g, j + 1
-                    pos[i, d:d + len(cont)] = torch.arange(len(cont)) + plen + shared
+                    n = len(cont)
+                    r_ids += cont
+                    r_seg += [nseg] * n
+                    r_blk += [g] * n
+                    r_alt += [j + 1] * n
+                    r_pos += range(plen + shared, plen + shared + n)
                     targets += [(i, (c + shared - 1) if k == 0 else (d + k - 1), tok, g, j)
                                 for k, tok in enumerate(cont)]
-                    d += len(cont)
+                    d += n
                 c = d
             nseg += 1
-        ids[i, width - widths[i]:] = torch.tensor(toks, dtype=torch.long)
-    return Layout(ids.to(dev), pos.to(dev), seg.to(dev), blk.to(dev), alt.to(dev), blocks, ends, block_seg, next_pos,
-                   targets)
+        for full, part in ((ids, r_ids), (pos, r_pos), (seg, r_seg), (blk, r_blk), (alt, r_alt)):
+            full.append(part)
+    packed = to_device(torch.tensor([ids, pos, seg, blk, alt], dtype=torch.long), dev)
+    return Layout(*packed.unbind(0), blocks, ends, block_seg, next_pos, targets)
+
+
+def to_device(t: torch.Tensor, dev) -> torch.Tensor:
+    """A host tensor on ``dev``: through pinned memory without a host sync on CUDA, as-is on the CPU."""
+    if torch.device(dev).type != "cuda":
+        return t
+    return t.pin_memory().to(dev, non_blocking=True)
 
 
 def visible(seg_q, blk_q, alt_q, seg_k, blk_k, alt_k) -> torch.Tensor:

@@ -4,12 +4,16 @@ implementation takes, and one forward pass."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from mecpe.engine.cache import cache_argument, returned_cache
+from mecpe.engine.packing import to_device
 
 
 def device_of(model: Any) -> torch.device:
@@ -66,6 +70,36 @@ def forward(model: Any, ids, mask, pos, cache, keep: int | torch.Tensor, use_cac
     kw = {} if cache is None else {cache_argument(type(base)): cache}
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache, logits_to_keep=keep, **kw)
     return (out.logits, returned_cache(out)) if use_cache else (out.logits, None)
+
+
+@functools.lru_cache(maxsize=None)
+def keeps_positions(cls: type) -> bool:
+    """Whether ``cls.forward`` takes a 2D boolean ``logits_to_keep`` (transformers' ``slice_logits_to_keep`` with
+    mask support, newer than 5.17): the logits of chosen (row, column) positions only, flattened."""
+    fn = getattr(sys.modules.get(cls.__module__), "slice_logits_to_keep", None)
+    try:
+        return fn is not None and "torch.bool" in inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+
+
+def forward_at(model: Any, ids, mask, pos, cache, at: Sequence[tuple[int, int]], use_cache: bool = True):
+    """One forward; the logits of the (row, column) positions ``at`` (sorted, distinct) only, as (len(at), vocab).
+
+    A packed batch needs a few positions of each row, at different columns: keeping whole columns (the union over
+    rows) ran lm_head at rows x union positions, most of a batch (issue #29: up to ~30x the positions needed, and a
+    rows x union x vocab logits tensor). With a 2D boolean ``logits_to_keep`` only ``at`` goes through lm_head;
+    otherwise the union of columns is kept and picked from. Returns (logits, the cache or None)."""
+    rows = [i for i, _ in at]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if keeps_positions(type(base)):
+        keep = torch.zeros(tuple(ids.shape), dtype=torch.bool)
+        keep[rows, [c for _, c in at]] = True
+        return forward(model, ids, mask, pos, cache, to_device(keep, ids.device), use_cache)
+    cols = sorted({c for _, c in at})
+    where = {c: k for k, c in enumerate(cols)}
+    logits, cache = forward(model, ids, mask, pos, cache, to_device(torch.tensor(cols), ids.device), use_cache)
+    return logits[rows, [where[c] for _, c in at]], cache
 
 
 def pad_id(tokenizer: Any) -> int:

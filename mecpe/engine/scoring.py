@@ -7,23 +7,25 @@ from typing import Any, Hashable, Sequence
 
 import torch
 
-from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments
-from mecpe.engine.runtime import attention_mask, forward, inference, pad_id, synced
+from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments, to_device
+from mecpe.engine.runtime import attention_mask, forward, forward_at, inference, pad_id, synced
 from mecpe.engine.stats import StageStats
 
 
 def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev) -> dict[Hashable, list[float]]:
     """One forward without cache over packed rows; total answer log-probability of every candidate of every block
-    (shared tokens + the candidate's continuation, EOS included). Only the needed positions go through lm_head."""
+    (shared tokens + the candidate's continuation, EOS included). Only the predicting positions go through lm_head,
+    and each one's log-normalizer is computed once (a position predicts the first token of all seven labels)."""
     lay = layout(batch, pad, dev)
-    t = torch.tensor(lay.targets, dtype=torch.long, device=dev)
-    cols, where = torch.unique(t[:, 1], return_inverse=True)
-    logits, _ = forward(model, lay.ids, attention_mask(model, prefill_visible(lay)), lay.pos, None, cols,
-                        use_cache=False)
-    picked = logits[t[:, 0], where].float()
-    lp = picked.gather(-1, t[:, 2:3]).squeeze(-1) - picked.logsumexp(-1)
+    at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
+    index = {p: k for k, p in enumerate(at)}
+    logits, _ = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay)), lay.pos, None, at,
+                           use_cache=False)
+    t = to_device(torch.tensor([(index[(i, c)], tok, g, j + 1) for i, c, tok, g, j in lay.targets]), dev)
+    logits = logits.float()
+    lp = logits[t[:, 0], t[:, 1]] - logits.logsumexp(-1)[t[:, 0]]
     scores = torch.zeros((len(lay.blocks), len(lay.blocks[0].conts) + 1), dtype=torch.float64, device=dev)
-    scores.index_put_((t[:, 3], t[:, 4] + 1), lp.double(), accumulate=True)  # column 0: the shared tokens
+    scores.index_put_((t[:, 2], t[:, 3]), lp.double(), accumulate=True)  # column 0: the shared tokens
     return dict(zip((b.key for b in lay.blocks), (scores[:, 1:] + scores[:, :1]).tolist()))
 
 

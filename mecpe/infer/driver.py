@@ -63,7 +63,8 @@ def predictor_spec(cfg: Config, settings: storage.S3Settings) -> PredictorSpec:
                          max_prompt_tokens=cfg.prompt.max_prompt_tokens, emotion_method=inf.emotion_method,
                          emotion_bias=tuple(bias) if bias is not None else None, cause_input=inf.cause_input,
                          max_new_tokens=inf.max_new_tokens, max_batch_tokens=inf.max_batch_tokens,
-                         reuse_prefix=inf.reuse_prefix, storage_settings=settings.as_dict())
+                         reuse_prefix=inf.reuse_prefix, storage_settings=settings.as_dict(),
+                         merge_adapters=inf.merge_adapters, gpu_memory_gib=inf.gpu_memory_gib)
 
 
 def _fit_cpu_actors(res: StageResources, pools: int) -> StageResources:

@@ -132,10 +132,13 @@ class PredictorSpec:
     max_batch_tokens: int
     reuse_prefix: bool
     storage_settings: dict
+    merge_adapters: bool | str = "auto"  # inference.merge_adapters: each stage its own base, adapter merged
+    gpu_memory_gib: float | None = None  # inference.gpu_memory_gib: this actor's CUDA memory cap
 
 
 class _Predictor:
-    """Loads the base model (4-bit per the spec) with the adapters of ``stages`` once, in the actor."""
+    """Loads the base model (4-bit per the spec) with the adapters of ``stages`` once, in the actor: one base with
+    the adapters switched per stage, or (``merge_adapters``) one base per stage with its adapter merged in."""
 
     stages: tuple[str, ...] = ()
 
@@ -149,8 +152,17 @@ class _Predictor:
         self.spec = spec
         self.adapters = {s: spec.adapters[s] for s in self.stages if spec.adapters.get(s)}
         self.device = modeling.pick_device()
-        self.model, self.tokenizer = modeling.load(spec.model, spec.quantization, device=self.device,
-                                                   adapters=self.adapters)
+        self.memory_fraction = modeling.cap_gpu_memory(self.device, spec.gpu_memory_gib)
+        self.merged = bool(self.adapters) and modeling.merges_adapters(spec.merge_adapters, spec.quantization)
+        if self.merged:
+            self.models = {}
+            for stage in self.stages:
+                self.models[stage], self.tokenizer = modeling.load_merged(
+                    spec.model, spec.quantization, device=self.device, adapter=self.adapters.get(stage), name=stage)
+        else:
+            model, self.tokenizer = modeling.load(spec.model, spec.quantization, device=self.device,
+                                                  adapters=self.adapters)
+            self.models = dict.fromkeys(self.stages, model)
         self.builder = PromptBuilder(self.tokenizer, spec.max_prompt_tokens, cut_target=True)
         self._load_s: float | None = round(time.perf_counter() - t0, 2)  # reported once, with the first batch
 
@@ -163,25 +175,29 @@ class _Predictor:
 
     @contextlib.contextmanager
     def _adapter(self, stage: str):
-        if stage in self.adapters:
-            self.model.set_adapter(stage)
-            yield
-        elif self.adapters and hasattr(self.model, "disable_adapter"):
-            with self.model.disable_adapter():  # this stage runs on the plain base
-                yield
+        """The stage's model: its own merged copy, or the shared base with the stage's adapter switched on."""
+        model = self.models[stage]
+        if self.merged:
+            yield model
+        elif stage in self.adapters:
+            model.set_adapter(stage)
+            yield model
+        elif self.adapters and hasattr(model, "disable_adapter"):
+            with model.disable_adapter():  # this stage runs on the plain base
+                yield model
         else:
-            yield
+            yield model
 
     def _predict(self, stage: str, convs: list[data.Conversation], shown: list) -> StageOutput:
         from mecpe.predict import predict_causes, predict_emotions  # torch: in the actors only
 
         spec = self.spec
-        with self._adapter(stage):
+        with self._adapter(stage) as model:
             if stage == "emotion":
-                return predict_emotions(self.model, self.tokenizer, self.builder, convs, method=spec.emotion_method,
+                return predict_emotions(model, self.tokenizer, self.builder, convs, method=spec.emotion_method,
                                         max_batch_tokens=spec.max_batch_tokens, reuse_prefix=spec.reuse_prefix,
                                         bias=list(spec.emotion_bias) if spec.emotion_bias else None)
-            return predict_causes(self.model, self.tokenizer, self.builder, convs, shown,
+            return predict_causes(model, self.tokenizer, self.builder, convs, shown,
                                   max_new_tokens=spec.max_new_tokens, max_batch_tokens=spec.max_batch_tokens,
                                   reuse_prefix=spec.reuse_prefix)
 

@@ -1,0 +1,173 @@
+"""The inference engine's speed work (issue #29) changes no answer: merged adapters predict what unmerged ones do,
+the position-only lm_head equals the full logits, the prompt memos equal fresh tokenization, and the new inference
+keys reach the actors (and, on a GPU, torch). Tiny model, CPU, fp32; the exactness of the packed computation itself
+is tests/test_predict.py's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import _tiny
+from mecpe.labels import EMOTIONS
+
+TEST_FILE = _tiny.DATA_DIR / "NUSTM_SemEval-2024_ECAC" / "data" / "Subtask_2_test.json"
+
+
+@pytest.fixture(scope="module")
+def convs():
+    recs = json.loads(TEST_FILE.read_text(encoding="utf-8"))
+    return [_tiny.make_conversation(r, str(TEST_FILE)) for r in recs[:5]]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two LoRA adapters (r8, all-linear) on the tiny base with large random B: they change the answers."""
+    from peft import get_peft_model
+
+    from mecpe import modeling
+    from mecpe.config import LoraSettings, ModelConfig, QuantizationConfig
+
+    out = {}
+    for k, stage in enumerate(("emotion", "cause")):
+        base, _ = modeling.load(ModelConfig(base=_tiny.tiny_model_dir()), QuantizationConfig(mode="none"))
+        peft = get_peft_model(base, modeling.get_peft_config(LoraSettings(r=8, alpha=16, target_modules="all-linear")))
+        g = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for name, p in peft.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        path = tmp_path_factory.mktemp("adapters") / stage
+        peft.save_pretrained(str(path))
+        out[stage] = str(path)
+    return out
+
+
+def _spec(adapters, merge, quant="none"):
+    from mecpe import storage
+    from mecpe.config import ModelConfig, QuantizationConfig
+    from mecpe.infer.stages import PredictorSpec
+
+    return PredictorSpec(model=ModelConfig(base=_tiny.tiny_model_dir()), quantization=QuantizationConfig(mode=quant),
+                         adapters=adapters, max_prompt_tokens=1024, emotion_method="score", emotion_bias=None,
+                         cause_input="predicted", max_new_tokens=24, max_batch_tokens=4096, reuse_prefix=True,
+                         storage_settings=storage.S3Settings().as_dict(), merge_adapters=merge)
+
+
+def _both_stages(actor, convs):
+    emo = actor._predict("emotion", convs, [None] * len(convs)).results
+    shown = [{u.id: u.emotion or "neutral" for u in c.utterances} for c in convs]  # gold: many cause prompts
+    return emo, actor._predict("cause", convs, shown).results
+
+
+def test_merged_adapters_predict_what_unmerged_do(adapters, convs):
+    """inference.merge_adapters: each stage's own base with its adapter merged gives the labels and causes of the
+    shared base with switched adapters (scores equal up to float reassociation), and the adapters matter (the plain
+    base answers otherwise), so the comparison could fail."""
+    from mecpe.infer.stages import EmotionCausePredictor
+
+    merged = EmotionCausePredictor(_spec(adapters, True))
+    shared = EmotionCausePredictor(_spec(adapters, False))
+    assert merged.merged and not shared.merged
+    assert merged.models["emotion"] is not merged.models["cause"]
+    assert not any("lora" in n for n, _ in merged.models["emotion"].named_parameters())
+    assert shared.models["emotion"] is shared.models["cause"]
+    emo_m, cause_m = _both_stages(merged, convs)
+    emo_s, cause_s = _both_stages(shared, convs)
+    assert [{u: r.label for u, r in c.items()} for c in emo_m] == [{u: r.label for u, r in c.items()} for c in emo_s]
+    for cm, cs in zip(emo_m, emo_s):
+        for u in cm:
+            assert cm[u].scores == pytest.approx(cs[u].scores, abs=1e-4)
+    assert cause_m == cause_s and sum(len(c) for c in cause_m) > 5
+    plain = EmotionCausePredictor(_spec({}, True))
+    emo_p, cause_p = _both_stages(plain, convs)
+    assert not plain.merged
+    assert emo_p != emo_s and cause_p != cause_s
+
+
+def test_merge_setting():
+    from mecpe.config import QuantizationConfig
+    from mecpe.modeling import merges_adapters
+
+    none, nf4 = QuantizationConfig(mode="none"), QuantizationConfig(mode="nf4")
+    assert merges_adapters("auto", none) and not merges_adapters("auto", nf4)
+    assert not merges_adapters(False, none) and merges_adapters(True, none)
+    with pytest.raises(ValueError, match="mode none"):
+        merges_adapters(True, nf4)
+
+
+def test_new_inference_keys_reach_the_actor_spec():
+    from mecpe import storage
+    from mecpe.config import load_config
+    from mecpe.infer.driver import predictor_spec
+
+    cfg = load_config(None, ["inference.gpu_memory_gib=15", "inference.merge_adapters=false"])
+    spec = predictor_spec(cfg, storage.S3Settings())
+    assert spec.gpu_memory_gib == 15 and spec.merge_adapters is False
+    assert predictor_spec(load_config(None, []), storage.S3Settings()).merge_adapters == "auto"
+
+
+def test_memory_cap_reaches_torch():
+    """On CUDA the cap is the allocator's per-process fraction; without CUDA (or without a cap) nothing is set."""
+    from mecpe.modeling import cap_gpu_memory
+
+    assert cap_gpu_memory("cpu", 15) is None and cap_gpu_memory("cuda:0", None) is None
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the cap itself is checked on a GPU")
+    total = torch.cuda.get_device_properties(0).total_memory
+    got = cap_gpu_memory("cuda:0", 2.0)
+    try:
+        assert got == pytest.approx(2 * 2**30 / total)
+        assert torch.cuda.get_per_process_memory_fraction(0) == pytest.approx(got)
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.empty(3 * 2**30, dtype=torch.uint8, device="cuda:0")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+
+
+def test_position_logits_equal_full_logits(convs):
+    """``forward_at`` runs lm_head at the chosen (row, column) positions only; the logits equal those of the full
+    forward there (the installed transformers takes a 2D boolean logits_to_keep)."""
+    from transformers import AutoModelForCausalLM
+
+    from mecpe.engine.runtime import forward, forward_at, keeps_positions
+
+    model = AutoModelForCausalLM.from_pretrained(_tiny.tiny_model_dir(), dtype=torch.float32).eval()
+    assert keeps_positions(type(model))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 200, (3, 17), generator=g)
+    allowed = torch.ones((17, 17), dtype=torch.bool).tril()[None, None].expand(3, 1, 17, 17)
+    pos = torch.arange(17).expand(3, 17)
+    at = [(0, 3), (0, 16), (1, 0), (2, 5), (2, 9)]
+    with torch.inference_mode():
+        full, _ = forward(model, ids, allowed, pos, None, 0, use_cache=False)
+        got, _ = forward_at(model, ids, allowed, pos, None, at, use_cache=False)
+    assert got.shape == (len(at), full.shape[-1])
+    torch.testing.assert_close(got, full[[i for i, _ in at], [c for _, c in at]], atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_memos_equal_fresh_tokenization(convs):
+    """The builder's memos (questions, answers, one prefix per conversation) give the ids a fresh builder gives, for
+    every target of several conversations built in turn, and all targets of a conversation share one prefix."""
+    from mecpe import modeling
+    from mecpe.prompts import PromptBuilder
+
+    tok = modeling.load_tokenizer(_tiny.tiny_model_dir(), for_inference=True)
+    memo = PromptBuilder(tok, max_prompt_tokens=1024)
+    for conv in convs + convs[:2]:
+        shown = {u.id: u.emotion or "neutral" for u in conv.utterances}
+        prompts = [memo.emotion_prompt(conv, u.id) for u in conv.utterances]
+        assert all(p.prefix is prompts[0].prefix for p in prompts)
+        for u, p in zip(conv.utterances, prompts):
+            fresh = PromptBuilder(tok, max_prompt_tokens=1024)
+            assert p == fresh.emotion_prompt(conv, u.id)
+            assert memo.cause_prompt(conv, u.id, shown) == fresh.cause_prompt(conv, u.id, shown)
+            assert [memo.emotion_answer(u.id, e) for e in EMOTIONS] == [fresh.emotion_answer(u.id, e)
+                                                                        for e in EMOTIONS]
+    short = PromptBuilder(tok, max_prompt_tokens=60)  # shortened prompts keep their own prefixes
+    conv = max(convs, key=lambda c: len(c.utterances))
+    got = [short.emotion_prompt(conv, u.id) for u in conv.utterances]
+    assert len({tuple(p.prefix) for p in got}) > 1
+    assert got == [PromptBuilder(tok, max_prompt_tokens=60).emotion_prompt(conv, u.id) for u in conv.utterances]
