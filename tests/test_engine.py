@@ -45,6 +45,18 @@ def adapters(tmp_path_factory):
     return out
 
 
+@pytest.fixture(autouse=True)
+def _keep_storage_settings():
+    """The predictor built in this process configures its S3 settings, as in an actor; later tests must not inherit
+    them (the S3 tests of the same session then missed their endpoint)."""
+    from mecpe import storage
+
+    previous = storage.configure(None)
+    storage.configure(previous)
+    yield
+    storage.configure(previous)
+
+
 def _spec(adapters, merge, quant="none"):
     from mecpe import storage
     from mecpe.config import ModelConfig, QuantizationConfig
