@@ -15,11 +15,13 @@ from typing import Any
 
 from mecpe import metric
 from mecpe.calibrate import Calibration
+from mecpe.labels import EMOTIONS
 
 BASELINES = MappingProxyType({  # the rule baselines beside the system in the pipeline's report: name -> emotions
     "majority emotion + self/previous causes": "majority",
     "gold emotions + self/previous causes (oracle)": "gold",
 })
+ONE_CLASS_SHARE = 0.9  # Metrics.one_class_warning: more than this share of one predicted emotion is a collapse
 UTTERANCE_FIELDS = ("emotion_accuracy", "emotion_weighted_f1", "emotion_confusion", "num_utterances_scored",
                     "emotion_unknown_labels", "emotion_per_class")  # None where the prediction has no emotions
 
@@ -79,6 +81,22 @@ class Metrics(Official):
     @property
     def has_emotions(self) -> bool:
         return self.emotion_accuracy is not None
+
+    def one_class_warning(self, share: float = ONE_CLASS_SHARE) -> str | None:
+        """A warning when the predictions give one emotion to more than ``share`` of the utterances scored: the
+        symptom of an emotion model collapsed to its prior (Gemma-3-270m on ECF called every validation utterance
+        neutral), which the official figures alone hide behind a low score. None otherwise, or without emotions."""
+        if not self.emotion_confusion:
+            return None
+        predicted = [sum(col) for col in zip(*self.emotion_confusion)]
+        gold = [sum(row) for row in self.emotion_confusion]
+        total = sum(predicted)
+        top = max(range(len(predicted)), key=predicted.__getitem__)
+        if not total or predicted[top] / total <= share:
+            return None
+        return (f"{EMOTIONS[top]} predicted for {predicted[top] / total:.1%} of {total:,} utterances (gold: "
+                f"{gold[top] / max(sum(gold), 1):.1%}): the emotion model answers one class; check the recipe "
+                "(learning rate, epochs) and the prompt format before trusting any figure of this run")
 
     def as_json(self) -> dict[str, Any]:
         """The figures as ``metrics.json`` holds them (official first; no utterance fields where there are none);

@@ -220,7 +220,9 @@ def step_validate(cfg: Config) -> tuple[Config, Validation | None]:
         raw_cfg.inference.emotion_bias = None
         raw = run.validation_raw
         run_inference(raw_cfg, val_uri, raw.root)
-        before = ValidationScores.of(score_output(raw, "mecpe on the validation split"))
+        raw_metrics = score_output(raw, "mecpe on the validation split")
+        _warn_one_class(raw_metrics)
+        before = ValidationScores.of(raw_metrics)
         fitted = calibrate.fit(calibrate.utterances_from_records(iter_shard_lines(raw.records)))
         storage.write_json(run.calibration, asdict(fitted), indent=2)
         log.info("emotion bias fitted on %d validation utterances: %s (objective %.4f -> %.4f; 2-fold %.4f -> %.4f): "
@@ -233,12 +235,22 @@ def step_validate(cfg: Config) -> tuple[Config, Validation | None]:
         scores = before  # the uncalibrated run is the system
     else:
         run_inference(cfg, val_uri, run.validation_inference.root)
-        scores = ValidationScores.of(score_output(run.validation_inference, "mecpe on the validation split"))
+        metrics = score_output(run.validation_inference, "mecpe on the validation split")
+        if before is None:  # no bias: this run is the uncalibrated one
+            _warn_one_class(metrics)
+        scores = ValidationScores.of(metrics)
     result = Validation(conversations, note, scores, before, fitted)
     storage.write_json(run.validation_metrics, result.as_json(), indent=2)
     log.info("validation split (%d conversations): weighted_f1 %.4f%s", conversations, scores.weighted_f1,
              f" (uncalibrated {before.weighted_f1:.4f})" if before is not None else "")
     return cfg, result
+
+
+def _warn_one_class(metrics: Metrics) -> None:
+    """The sanity gate on the uncalibrated validation run: loud, since a calibrated bias can hide the collapse."""
+    warning = metrics.one_class_warning()
+    if warning:
+        log.warning("WARNING: validation split: %s", warning)
 
 
 def step_evaluate(cfg: Config, pred_uri: str | None = None, gold_uri: str | None = None,

@@ -498,3 +498,21 @@ def test_cli_evaluate(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "Joy" in err and "bad_pred.json" in err
+
+
+def test_one_class_predictions_are_flagged(gold_test):
+    """The sanity gate of the validation step (issue #30): every utterance called neutral -> a warning naming the
+    class, its share and gold's; the gold emotions themselves (no class above 90%) and a prediction without
+    emotions -> none."""
+    collapsed = copy.deepcopy(gold_test)
+    for c in collapsed:
+        c["emotion-cause_pairs"] = []
+        for u in c["conversation"]:
+            u["emotion"] = "neutral"
+    warning = score(collapsed, gold_test).one_class_warning()
+    assert warning is not None and warning.startswith("neutral predicted for 100.0% of 3,101 utterances (gold: 41.3%")
+    assert score(gold_test, gold_test).one_class_warning() is None
+    assert score(collapsed, gold_test).one_class_warning(share=1.0) is None  # the threshold is the one applied
+    no_emotions = [{k: v for k, v in c.items() if k != "conversation"} | {"conversation": [
+        {k: v for k, v in u.items() if k != "emotion"} for u in c["conversation"]]} for c in gold_test]
+    assert score(no_emotions, gold_test).one_class_warning() is None

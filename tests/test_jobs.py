@@ -168,6 +168,10 @@ def test_pipeline_smoke_end_to_end(tmp_path, tiny_model_dir, ray_local, capsys):
     assert val["conversations"] == 8 and cal["utterances"] == len([u for c in json.loads(
         (out / "data" / "val-first-8.json").read_text()) for u in c["conversation"]])
     assert (out / "validation" / "inference").exists() == cal["applied"]
+    # the sanity gate: the uncalibrated run's one-class share decides the warning (issue #30)
+    raw = json.loads((out / "validation" / "raw" / "metrics.json").read_text())
+    predicted = [sum(col) for col in zip(*raw["emotion_confusion"])]
+    assert ("WARNING: validation split: " in printed) == (max(predicted) / sum(predicted) > 0.9), predicted
     pipe = json.loads((out / "pipeline.json").read_text())
     assert pipe["emotion_bias"] == (cal["bias"] if cal["applied"] else None)
     assert "## Validation split" in (out / "report.md").read_text()
