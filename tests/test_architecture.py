@@ -73,7 +73,7 @@ def test_the_layers_point_one_way():
         "mecpe.prompts": {"mecpe.labels"},
         "mecpe.calibrate": {"mecpe.labels", "mecpe.errors"},
         "mecpe.metric": {"mecpe.errors", "mecpe.labels", "mecpe.storage"},
-        "mecpe.evaluate": {"mecpe.metric", "mecpe.calibrate"},
+        "mecpe.evaluate": {"mecpe.metric", "mecpe.calibrate", "mecpe.labels"},
         "mecpe.sources": {"mecpe.storage", "mecpe.special_tokens", "mecpe.errors"},
         "mecpe.modeling": {"mecpe.sources", "mecpe.special_tokens", "mecpe.config"},
     }
