@@ -145,7 +145,7 @@ def static_cluster(tmp_path_factory, s3_server, driver_dir, data_dir):
 
 @pytest.fixture(scope="module")
 def mirror(static_cluster, s3_server) -> str:
-    """The tiny base model staged in S3, as the cluster recipe stages Llama-2 (README: "Staging the base weights"):
+    """The tiny base model staged in S3, as the cluster recipe stages Llama-2 (docs/cluster.md: "Staging the base weights"):
     each node fetches it once into its own cache."""
     uri = f"s3://{s3_server['bucket']}/models/tiny-{time.time_ns()}"
     storage.upload_dir(tiny_model_dir(), uri)
