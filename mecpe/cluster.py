@@ -167,6 +167,16 @@ def _autoscaler_v1() -> bool:
     return any(node_type != f"node_{node_id}" for node_id, node_type in mapping.items())
 
 
+def _same(bundle: Mapping[str, float], need: dict[str, float]) -> bool:
+    return bundle.keys() == need.keys() and all(abs(bundle[k] - need[k]) < 1e-6 for k in need)
+
+
+def _ours(constraints, need: dict[str, float]) -> bool:
+    """Our request is the cluster's resource constraint. There is one per cluster and the last writer wins: Ray Data's
+    detached ``AutoscalingCoordinator`` actor, left by any earlier Ray Data job, rewrites it every 20 s."""
+    return any(_same(dict(req.request.resources_bundle), need) for c in constraints for req in c.resource_requests)
+
+
 def _ask_autoscaler(need: dict[str, float], what: str, count: int, timeout_s: float) -> None:
     import ray
     from ray.autoscaler.v2.sdk import request_cluster_resources
@@ -174,30 +184,41 @@ def _ask_autoscaler(need: dict[str, float], what: str, count: int, timeout_s: fl
     # The v2 call itself: ray.autoscaler.sdk.request_resources picks v1 or v2 once per process and caches it, so a
     # process that met a cluster without autoscaler v2 before would write its request where v2 never reads it.
     gcs = ray.get_runtime_context().gcs_address
-    request_cluster_resources(gcs, [{"resources": need}] * count)
+    end = time.monotonic() + timeout_s
     try:
-        # Every read of the cluster state (ours and the autoscaler's) takes the next version number, so an
-        # autoscaler report on a version above this read's comes from a read made after the request was stored.
-        # (A version read before the request lets a report that never saw it pass as "feasible".)
-        first = _status()
-        seen = first.cluster_resource_state.cluster_resource_state_version if first is not None else 0
-        end = time.monotonic() + timeout_s
         while time.monotonic() < end:
-            st = _status()
-            if st is None:  # the GCS did not answer in time; ask again
-                continue
-            for constraint in st.autoscaling_state.infeasible_cluster_resource_constraints:
-                for req in constraint.resource_requests:
-                    got = dict(req.request.resources_bundle)
-                    if got.keys() == need.keys() and all(abs(got[k] - need[k]) < 1e-6 for k in need):
-                        raise UnschedulableError(
-                            f"{what} needs {count} x {need}, and the cluster's autoscaler reports that its node types "
-                            f"can never hold that: check {_names(need)} (offered by no node type, or by too few "
-                            f"nodes within max_workers). Fix the config (accelerator_type, resources, number of "
-                            f"workers or actors) or the node types (cluster.yaml, available_node_types).")
-            if st.autoscaling_state.last_seen_cluster_resource_state_version > seen:
-                return  # the autoscaler considered the request and found node types for it
-            time.sleep(0.5)
+            request_cluster_resources(gcs, [{"resources": need}] * count)
+            if _autoscaler_verdict(need, what, count, end):
+                return
+            log.info("the request for %s was replaced before the autoscaler read it; asking again", what)
         log.warning("the autoscaler did not consider the request for %s within %.0f s; going on", what, timeout_s)
     finally:
         request_cluster_resources(gcs, [])
+
+
+def _autoscaler_verdict(need: dict[str, float], what: str, count: int, end: float) -> bool:
+    """Wait for the autoscaler to consider the request just stored: raise ``UnschedulableError`` when it reports it
+    infeasible, True when it found node types for it, False when another writer replaced the request first (or time
+    ran out)."""
+    # Every read of the cluster state (ours and the autoscaler's) takes the next version number, so an autoscaler
+    # report on a version above this read's comes from a read made after the request was stored. (A version read
+    # before the request lets a report that never saw it pass as "feasible".)
+    first = _status()
+    seen = first.cluster_resource_state.cluster_resource_state_version if first is not None else 0
+    while time.monotonic() < end:
+        st = _status()
+        if st is None:  # the GCS did not answer in time; ask again
+            continue
+        if _ours(st.autoscaling_state.infeasible_cluster_resource_constraints, need):
+            raise UnschedulableError(
+                f"{what} needs {count} x {need}, and the cluster's autoscaler reports that its node types "
+                f"can never hold that: check {_names(need)} (offered by no node type, or by too few "
+                f"nodes within max_workers). Fix the config (accelerator_type, resources, number of "
+                f"workers or actors) or the node types (cluster.yaml, available_node_types).")
+        if not _ours(st.cluster_resource_state.cluster_resource_constraints, need):
+            return False  # replaced: a report from now on may be about the other writer's request
+        if st.autoscaling_state.last_seen_cluster_resource_state_version > seen:
+            # Still ours at a read after the autoscaler's, so ours at the autoscaler's too: it found node types.
+            return True
+        time.sleep(0.5)
+    return False

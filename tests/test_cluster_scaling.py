@@ -157,3 +157,36 @@ def test_unschedulable_accelerator_fails_fast(autoscaling_head, mirror, s3_root,
     err = capsys.readouterr().err
     assert "accelerator_type:H100" in err and "training" in err, err
     assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.reliability(
+    fault="Another writer replaces the step's request to the autoscaler before the autoscaler reads it (Ray Data's "
+          "detached AutoscalingCoordinator, left by any earlier Ray Data job, rewrites the cluster's one resource "
+          "constraint every 20 s)",
+    behaviour="The check sees its request gone, asks again, and still fails the step on the infeasible accelerator "
+              "instead of taking the autoscaler's verdict on the other request as its own")
+def test_unschedulable_check_survives_a_replaced_request(autoscaling_head):
+    from ray.autoscaler.v2.sdk import request_cluster_resources
+
+    from mecpe import cluster
+    from mecpe.errors import UnschedulableError
+
+    need = {"CPU": 0.25, "GPU": 1.0, "accelerator_type:H100": 0.001}
+    replaced = threading.Event()
+
+    def replace_once():  # as the coordinator's tick would, the moment the check's request is stored
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            st = cluster._status()
+            if st is not None and cluster._ours(st.cluster_resource_state.cluster_resource_constraints, need):
+                request_cluster_resources(autoscaling_head["gcs"], [])
+                replaced.set()
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=replace_once, daemon=True)
+    thread.start()
+    with pytest.raises(UnschedulableError, match="accelerator_type:H100"):
+        cluster.check_schedulable(need, "inference", count=2, timeout_s=60)
+    thread.join()
+    assert replaced.is_set()
