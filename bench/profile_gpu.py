@@ -1,0 +1,235 @@
+"""Where one predictor actor's time goes on a GPU (issue #29): the real actor (``EmotionCausePredictor``, share_base)
+called in this process on Ray Data-sized batches of ECF test conversations, as each actor of ``mecpe infer`` is
+called, without Ray. Not a test: it prints tables (and writes them with ``--out``).
+
+    MECPE_DATA=/tmp/ecf python bench/profile_gpu.py --copies 3 --variant base \\
+        --variant rows1024:row_tokens=1024 --variant mbt16k:max_batch_tokens=16384 --torch-profile --out FILE
+
+Each variant runs the same batches (``--batch-size`` conversations, as ``inference.batch_size``; copies get new
+conversation ids, so no two copies share a batch or a prefix) and reports per stage: utterances, wall seconds
+(synced), utt/s, forward passes, decoding steps, the engine's prefill and decode seconds. A variant sets PredictorSpec
+fields (``max_batch_tokens=16384``) or ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``). The base model is
+SmolLM2-135M-Instruct without adapters (a merged adapter costs what the base costs); the cause stage reads the gold
+emotions (``inference.cause_input=gold``), so its share of utterances is gold's non-neutral share.
+
+``--torch-profile``: the first variant once more under ``torch.profiler``: the top CUDA kernels by total time, the
+top host operators by self time, and the GPU-busy share (sum of kernel time / wall). ``--forward-check``: one forward
+of a synthetic (rows x 2048) batch with a causal mask (``is_causal``), a dense boolean mask as the engine builds,
+and tokens/s of each: what the model alone can do, and what the dense mask costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    return name, {k: _value(v) for k, _, v in (kv.partition("=") for kv in rest.split(",") if kv)}
+
+
+def batches_of(convs, copies: int, batch_size: int):
+    """Ray Data-sized input tables of the actor: ``copies`` of the conversations under new ids, in order."""
+    from mecpe.infer.rows import ROW_SCHEMA, conversation_row, rows_table
+    from mecpe.infer.stages import ParseStage
+
+    rows = []
+    for k in range(copies):
+        for c in convs:
+            conv = dataclasses.replace(c, id=f"{c.id}-{k}") if k else c
+            rows.append(ParseStage._row("bench", 0, len(rows), f"item {len(rows)}", conv_id=conv.id,
+                                        conversation=conversation_row(conv)))
+    return [rows_table(rows[i:i + batch_size], ROW_SCHEMA) for i in range(0, len(rows), batch_size)]
+
+
+def sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def run_variant(actor, tables, dev) -> dict:
+    """Every table through the actor; per-stage figures summed from the engine stats the actor reports."""
+    from mecpe.infer.rows import merge_engine
+
+    engine: dict = {}
+    utt = {"emotion": 0, "cause": 0}
+    sync(dev)
+    t0 = time.perf_counter()
+    for table in tables:
+        out = actor(table).to_pylist()
+        for r in out:
+            utt["emotion"] += len(r["emotions"] or [])
+            utt["cause"] += len(r["causes"] or [])
+        engine = merge_engine(engine, out[0]["engine"])
+    sync(dev)
+    wall = time.perf_counter() - t0
+    stages = {}
+    for stage in ("emotion", "cause"):
+        e = engine.get(stage, {})
+        stages[stage] = {"utterances": utt[stage], "seconds": round(e.get("seconds", 0.0), 3),
+                         "prefill_s": round(e.get("prefill_s", 0.0), 3), "decode_s": round(e.get("decode_s", 0.0), 3),
+                         "forward_passes": e.get("forward_passes"), "decode_steps": e.get("decode_steps"),
+                         "computed_tokens": e.get("computed_tokens"), "generated_tokens": e.get("generated_tokens")}
+    return {"wall_s": round(wall, 3), "utterances": utt["emotion"], "utt_per_s": round(utt["emotion"] / wall, 1),
+            "stages": stages}
+
+
+def torch_profile(actor, tables, dev, top: int) -> tuple[str, dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(dev)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for table in tables:
+            actor(table)
+        sync(dev)
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    text = "\n".join([
+        f"torch.profiler over {len(tables)} batches: wall {wall:.2f} s (profiler overhead included), GPU kernel time "
+        f"{kernel_us / 1e6:.2f} s = {kernel_us / 1e6 / wall:.1%} of wall, kernel launches {launches}",
+        "", "top CUDA kernels by total time",
+        events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70),
+        "", "top host operators by self CPU time",
+        events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70)])
+    return text, {"wall_s": round(wall, 3), "kernel_s": round(kernel_us / 1e6, 3), "launches": launches}
+
+
+def forward_check(model, dev, rows: int, width: int = 2048) -> dict:
+    """Tokens/s of one forward over (rows x width) random ids: causal (``is_causal``, no mask tensor) against the
+    dense boolean (rows, 1, width, width) mask of the engine's packed rows, and the mask's build time."""
+    from mecpe.engine.packing import visible
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (rows, width), device=dev)
+    pos = torch.arange(width, device=dev).repeat(rows, 1)
+    seg = (torch.arange(width, device=dev) // 512).repeat(rows, 1)  # four 512-token conversations a row
+    blk = torch.full_like(seg, -1)
+    out = {}
+
+    def timed(fn, n=5):
+        fn()
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync(dev)
+        return (time.perf_counter() - t0) / n
+
+    def build():
+        m = visible(seg, blk, blk, seg, blk, blk)
+        m &= torch.ones((width, width), dtype=torch.bool, device=dev).tril()
+        return m[:, None]
+
+    mask = build()
+    keep = torch.zeros((rows, width), dtype=torch.bool, device=dev)
+    keep[:, -1] = True
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        out["mask_build_s"] = timed(build)
+        out["causal_s"] = timed(lambda: model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1))
+        out["dense_mask_s"] = timed(lambda: model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                                  use_cache=False, logits_to_keep=1))
+    tokens = rows * width
+    return {"rows": rows, "width": width, **{k: round(v, 5) for k, v in out.items()},
+            "causal_tok_per_s": round(tokens / out["causal_s"]), "dense_tok_per_s": round(tokens / out["dense_mask_s"])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(REPO / "jobs/configs/ecf-smollm2.yaml"))
+    ap.add_argument("--set", action="append", default=[], help="config override key=value")
+    ap.add_argument("--conversations", type=int, default=0, help="the first N test conversations (0: all 341)")
+    ap.add_argument("--copies", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--variant", action="append", default=[], help="name:field=value,... (first: the base)")
+    ap.add_argument("--torch-profile", action="store_true")
+    ap.add_argument("--forward-check", type=int, default=0, help="rows of the synthetic forward check (0: none)")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    from mecpe import readers, storage
+    from mecpe.config import load_config
+    from mecpe.engine import packing
+    from mecpe.infer.driver import predictor_spec
+    from mecpe.infer.stages import EmotionCausePredictor
+
+    cfg = load_config(args.config, ["inference.cause_input=gold", *args.set])
+    test = Path(os.environ["MECPE_DATA"]) / "NUSTM_SemEval-2024_ECAC" / "data" / "Subtask_2_test.json"
+    convs = readers.read_conversations(str(test)).conversations[:args.conversations or None]
+    spec = dataclasses.replace(predictor_spec(cfg, storage.S3Settings()), adapters={})
+    t0 = time.perf_counter()
+    actor = EmotionCausePredictor(spec)
+    load_s = time.perf_counter() - t0
+    dev = torch.device(actor.device)
+    tables = batches_of(convs, args.copies, args.batch_size)
+    actor(tables[0])  # warm-up: vocabulary pieces, decoder tables, allocator, kernels
+    variants = [parse_variant(v) for v in (args.variant or ["base"])]
+    default_rows = packing.ROW_TOKENS
+    report = {"gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "load_s": round(load_s, 1),
+              "conversations": len(convs) * args.copies, "batch_size": args.batch_size, "variants": {}}
+    lines = [f"# profile_gpu: {report['gpu']}, torch {torch.__version__}, {platform.node()}, actor load {load_s:.1f} s",
+             f"# {len(convs)} x {args.copies} ECF test conversations in batches of {args.batch_size}; "
+             f"base max_batch_tokens {spec.max_batch_tokens}, ROW_TOKENS {default_rows}; overrides {args.set}", "",
+             f"{'variant':<14}{'stage':<9}{'utt':>8}{'wall s':>9}{'utt/s':>9}{'stage s':>9}{'prefill':>9}"
+             f"{'decode':>9}{'passes':>8}{'steps':>7}"]
+    for name, fields in variants:
+        packing.ROW_TOKENS = int(fields.pop("row_tokens", default_rows))
+        actor.spec = dataclasses.replace(spec, **fields)
+        got = run_variant(actor, tables, dev)
+        got["settings"] = {**fields, "row_tokens": packing.ROW_TOKENS}
+        report["variants"][name] = got
+        lines.append(f"{name:<14}{'all':<9}{got['utterances']:>8}{got['wall_s']:>9.2f}{got['utt_per_s']:>9.1f}")
+        for stage, s in got["stages"].items():
+            rate = s["utterances"] / s["seconds"] if s["seconds"] else 0.0
+            lines.append(f"{'':<14}{stage:<9}{s['utterances']:>8}{'':>9}{rate:>9.1f}{s['seconds']:>9.2f}"
+                         f"{s['prefill_s']:>9.2f}{s['decode_s']:>9.2f}{s['forward_passes'] or 0:>8}"
+                         f"{s['decode_steps'] or 0:>7}")
+        print("\n".join(lines[-3:]), flush=True)
+    packing.ROW_TOKENS = default_rows
+    actor.spec = spec
+    if args.forward_check:
+        model = next(iter(actor.models.values()))
+        fc = forward_check(model, dev, args.forward_check)
+        report["forward_check"] = fc
+        lines += ["", f"forward check {fc}"]
+        print(lines[-1], flush=True)
+    if args.torch_profile:
+        text, prof = torch_profile(actor, tables[:max(1, len(tables) // 3)], dev, args.top)
+        report["torch_profile"] = prof
+        lines += ["", text]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
