@@ -30,6 +30,7 @@ _SENTINEL = "\x00MECPE_CONTENT\x00"
 _INTRO = "Here is a conversation from the TV show Friends, one utterance per line:\n"
 _CAUSE_INTRO = "Here is a conversation from the TV show Friends, one utterance per line with its emotion:\n"
 _OMITTED = "...\n"
+_GEMMA_TURN = ("<start_of_turn>", "<end_of_turn>")  # Gemma's turn markers (the format of a template-less Gemma)
 _TEXT_MEMO = 65536  # memoized question / answer texts per builder (a few per distinct utterance id)
 
 
@@ -253,8 +254,10 @@ def chat_head_tail(tokenizer: Any) -> tuple[list[int], list[int]]:
     """Token ids before and after the user message in the tokenizer's chat template (generation prompt included).
 
     Rendered with a sentinel content and split around it; head and tail come from the template, so special-token
-    text in them (e.g. ``bos_token``) is parsed. Without a template: Llama-2 chat ``[INST] ... [/INST]`` with the
-    tokenizer's bos id."""
+    text in them (e.g. ``bos_token``) is parsed. Without a template (a base model, e.g. Gemma-3-270m's GGUF): the
+    family's own turn markers where the vocabulary has Gemma's (``<start_of_turn>user\\n ... <end_of_turn>\\n
+    <start_of_turn>model\\n``, as Gemma's template renders one user turn), else Llama-2 chat ``[INST] ... [/INST]``;
+    both after the tokenizer's bos id."""
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
                                              add_generation_prompt=True)
@@ -265,6 +268,10 @@ def chat_head_tail(tokenizer: Any) -> tuple[list[int], list[int]]:
         return enc(head), enc(tail)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     enc = lambda s: list(tokenizer(s, add_special_tokens=False, split_special_tokens=True)["input_ids"])  # noqa: E731
+    vocab = tokenizer.get_vocab()
+    if all(t in vocab for t in _GEMMA_TURN):
+        start, end = (vocab[t] for t in _GEMMA_TURN)
+        return bos + [start] + enc("user\n"), [end] + enc("\n") + [start] + enc("model\n")
     return bos + enc("[INST] "), enc(" [/INST]")
 
 

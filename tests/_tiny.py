@@ -127,3 +127,41 @@ def llama2_like_model(out: str, specials: tuple[str, ...] = ("<unk>", "<s>", "</
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+GEMMA3_WINDOW = 24  # sliding window of the tiny Gemma-3: far shorter than the prompts (~70 to ~1,000 tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_gemma3_dir(seed: int = 0) -> str:
+    """A small random ``Gemma3ForCausalLM`` (4 layers: sliding, full, sliding, sliding; window ``GEMMA3_WINDOW``) of
+    the tiny model's vocabulary, saved with that tokenizer under ``<repo>/.cache/tiny-gemma3/<key>`` (keyed by the
+    tiny model's folder and this builder's settings). Gemma-3-270m's architecture in miniature: the sliding layers are
+    what packed rows must window by position."""
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    src = tiny_model_dir()
+    layer_types = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+    key = hashlib.sha256(f"{Path(src).name}|{GEMMA3_WINDOW}|{layer_types}|{seed}".encode()).hexdigest()[:16]
+    out = REPO / ".cache" / "tiny-gemma3" / key
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        return str(out)
+    tok = AutoTokenizer.from_pretrained(src)
+    config = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, layer_types=layer_types,
+                              sliding_window=GEMMA3_WINDOW, max_position_embeddings=4096,
+                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Gemma3ForCausalLM(config)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)

@@ -4,7 +4,9 @@ The shortcuts: packed rows (each conversation prefix once, its questions as mask
 per row, left padding), the seven labels scored in one pass, "tree" decoding with a shared cache, constrained
 greedy decoding of causes. Each is checked against full prompts run one at a time. The tiny model's random weights
 make its next token depend mostly on the current token, so most tests use a "context-sensitive" copy (weights
-redrawn with a larger spread) whose answers vary with the prompt.
+redrawn with a larger spread) whose answers vary with the prompt. The exactness tests run on the tiny Llama and on a
+tiny Gemma-3 (``_tiny.tiny_gemma3_dir``) whose sliding-window layers see 24 positions back, far fewer than a prompt:
+a packed row must window them by position, not by column.
 """
 
 from __future__ import annotations
@@ -43,11 +45,16 @@ def tok():
     return modeling.load_tokenizer(_tiny.tiny_model_dir(), for_inference=True)
 
 
-def _load(attn: str = "sdpa"):
+ARCHS = ("llama", "gemma3")
+
+
+def _load(attn: str = "sdpa", arch: str = "llama"):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(_tiny.tiny_model_dir(), dtype=torch.float32,
-                                                attn_implementation=attn).eval()
+    path = _tiny.tiny_model_dir() if arch == "llama" else _tiny.tiny_gemma3_dir()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).eval()
+    assert arch == "llama" or model.config.sliding_window == _tiny.GEMMA3_WINDOW
+    return model
 
 
 def _sharpen(model, std: float = 0.1, seed: int = 2):
@@ -64,6 +71,19 @@ def _sharpen(model, std: float = 0.1, seed: int = 2):
 @pytest.fixture(scope="module")
 def model():
     return _sharpen(_load())
+
+
+@pytest.fixture(scope="module")
+def sharp(model):
+    """The context-sensitive SDPA model of an architecture (``ARCHS``), each built once."""
+    built = {"llama": model}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = _sharpen(_load("sdpa", arch))
+        return built[arch]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +125,12 @@ def _full_logprob(model, prompt_ids, answer):
 
 # ---------------------------------------------------------------- prefix sharing
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_prefix_shared_logits_equal_full_prompts(tok, builder, tight, convs, attn):
+def test_prefix_shared_logits_equal_full_prompts(tok, builder, tight, convs, attn, arch):
     from mecpe import predict
 
-    model = _sharpen(_load(attn))
+    model = _sharpen(_load(attn, arch))
     emos = _gold(convs)
     prompts = [bld.emotion_prompt(c, u.id) for bld in (builder, tight) for c in convs for u in c.utterances]
     prompts += [builder.cause_prompt(c, u.id, e) for c, e in zip(convs, emos) for u in c.utterances[:3]]
@@ -124,13 +145,39 @@ def test_prefix_shared_logits_equal_full_prompts(tok, builder, tight, convs, att
     assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-4
 
 
+def test_layer_masks_follow_the_config():
+    """Which mask each architecture gets: Llama (no window) and a window no row can exceed keep the one tensor;
+    Gemma-3 gets one mask per layer type, the sliding one cut at ``sliding_window`` positions (not columns); Mistral
+    (a window, no layer types: every layer slides) the windowed tensor; layers a 4D mask cannot express are refused,
+    naming the model type."""
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen3NextConfig
+
+    from mecpe.engine.runtime import layer_masks
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])  # two segments packed in a row: columns are not positions
+    allowed = torch.ones((1, 1, 8, 8), dtype=torch.bool).tril()
+    gemma = Gemma3TextConfig(num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=3)
+    assert layer_masks(LlamaConfig(), allowed, pos, pos) is allowed
+    assert layer_masks(Gemma3TextConfig(num_hidden_layers=2, sliding_window=8), allowed, pos, pos) is allowed
+    masks = layer_masks(gemma, allowed, pos, pos)
+    assert masks.keys() == {"sliding_attention", "full_attention"} and masks["full_attention"] is allowed
+    near = (pos[0, :, None] - pos[0, None, :]) < 3
+    assert torch.equal(masks["sliding_attention"][0, 0], allowed[0, 0] & near)
+    sliding = masks["sliding_attention"][0, 0]
+    assert not sliding[6, 3] and sliding[6, 2]  # 3 positions back: out; 4 columns back but 1 position: in
+    assert torch.equal(layer_masks(MistralConfig(sliding_window=3), allowed, pos, pos), masks["sliding_attention"])
+    with pytest.raises(ValueError, match="qwen3_next.*linear_attention"):
+        layer_masks(Qwen3NextConfig(num_hidden_layers=4), allowed, pos, pos)
+
+
 # ---------------------------------------------------------------- label scoring
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_label_scores_equal_brute_force(tok, builder, tight, convs, attn):
+def test_label_scores_equal_brute_force(tok, builder, tight, convs, attn, arch):
     from mecpe import predict
 
-    model = _sharpen(_load(attn))
+    model = _sharpen(_load(attn, arch))
     for bld in (builder, tight):
         sub = convs[2:] if bld is tight else convs[:4]
         ref = {(ci, u.id): [_full_logprob(model, bld.emotion_prompt(c, u.id).ids, bld.emotion_answer(u.id, lab))
@@ -221,13 +268,16 @@ def _brute_greedy(model, prompt_ids, steps, allowed_fn, advance_fn, state):
     return out
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("constrained", [True, False])
-def test_tree_decoding_equals_brute_force_greedy(tok, builder, model, convs, constrained):
-    """Packed rows + shared prefix cache + one token per question per step == full-prompt greedy decoding."""
+def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, constrained, arch):
+    """Packed rows + shared prefix cache + one token per question per step == full-prompt greedy decoding (on
+    Gemma-3, a step's sliding layers see the cached keys of the last 24 positions only)."""
     from mecpe import predict
     from mecpe.engine import decoding
     from mecpe.engine.packing import Block
 
+    model = sharp(arch)
     emos = _gold(convs)
     emos = [{u: ("anger" if i % 2 else "neutral") for i, u in enumerate(e)} for e in emos]
     steps = 12

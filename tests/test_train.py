@@ -20,7 +20,7 @@ from mecpe.train import checkpoints, examples, run_training
 from mecpe.train.driver import run_identity
 
 from _faults import train_with_worker_kill
-from _tiny import conversations, tiny_model_dir, train_records
+from _tiny import conversations, tiny_gemma3_dir, tiny_model_dir, train_records
 
 pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
 
@@ -172,18 +172,38 @@ def test_token_budget_batches(tok):
         examples.TokenBudgetBatchSampler(lengths, 0)
 
 
+def _answer_token_losses(logits, batch, rows) -> dict[tuple[str, int, int], float]:
+    """Loss of every answer token by (conversation, utterance, k-th answer token): rows of one example
+    (``utt_id``) or packed rows (``utt_ids`` by ``block_ids``), right-padded as the collators pad them."""
+    lp = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], ignore_index=-100,
+                                           reduction="none")
+    out: dict[tuple[str, int, int], float] = {}
+    for i, r in enumerate(rows):
+        seen: dict[int, int] = {}
+        for c, lab in enumerate(r["labels"]):
+            if lab != -100:
+                owner = r["utt_ids"][r["block_ids"][c]] if "block_ids" in r else r["utt_id"]
+                k = seen[owner] = seen.get(owner, -1) + 1
+                out[(r["conv_id"], owner, k)] = lp[i, c - 1].item()
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_rows_train_exactly_like_one_example_per_target(tiny, tok, attn):
-    """``training.reuse_prefix``: a conversation's targets behind one copy of its prefix give the same loss and the
-    same gradients as one example per target (fp32: 1e-5), from a fraction of the tokens; every target's answer is
-    learned once. Fails if a target sees another's block, or a position differs from its own prompt's."""
+def test_packed_rows_train_exactly_like_one_example_per_target(tiny, tok, attn, arch):
+    """``training.reuse_prefix``: a conversation's targets behind one copy of its prefix give the same loss on every
+    answer token and the same gradients as one example per target (fp32: 1e-5), from a fraction of the tokens; every
+    target's answer is learned once. Fails if a target sees another's block, or a position differs from its own
+    prompt's, or (the tiny Gemma-3: a 24-position window) a sliding layer sees past its window."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     from mecpe import modeling
     from mecpe.config import ModelConfig, QuantizationConfig
 
-    model = modeling.load_base(tiny, ModelConfig(base=tiny, attn_implementation=attn), QuantizationConfig(mode="none"),
+    path = tiny if arch == "llama" else tiny_gemma3_dir()
+    model = modeling.load_base(path, ModelConfig(base=path, attn_implementation=attn), QuantizationConfig(mode="none"),
                                revision=None, device="cpu", tokenizer=tok)
+    assert (examples.window_packed_masks(model) is None) == (arch == "llama")  # only sliding layers need it
     model.train()
     convs = conversations(4)
     builder = PromptBuilder(tok, 256)  # some prompts shortened: those have a prefix of their own
@@ -195,19 +215,52 @@ def test_packed_rows_train_exactly_like_one_example_per_target(tiny, tok, attn):
         assert sum(len(set(r["block_ids"]) - {-1}) for r in packed) == len(single)
         assert all(r["length"] <= 600 or len(set(r["block_ids"])) == 2 for r in packed)
 
-        def loss_and_grad(batch):
+        def loss_and_grad(batch, rows):
             model.zero_grad()
-            logits = model(**batch).logits[:, :-1].float()
-            labels = batch["labels"][:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                     ignore_index=-100, reduction="sum")
+            logits = model(**batch).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
+                                                     reduction="sum")
             loss.backward()
-            return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+            return (loss.item(), _answer_token_losses(logits.detach(), batch, rows),
+                    torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
 
-        a, ga = loss_and_grad(DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(single))
-        b, gb = loss_and_grad(examples.PackedCollator(tok.pad_token_id, attn)(packed))
+        a, ta, ga = loss_and_grad(DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id)(single), single)
+        b, tb, gb = loss_and_grad(examples.PackedCollator(tok.pad_token_id, attn)(packed), packed)
+        assert ta.keys() == tb.keys() and len(ta) == sum(x != -100 for r in single for x in r["labels"])
+        assert max(abs(ta[k] - tb[k]) for k in ta) < 1e-4, (task, max(abs(ta[k] - tb[k]) for k in ta))
         assert b == pytest.approx(a, rel=1e-5)
         assert (ga - gb).norm() <= 1e-5 * ga.norm()
+
+
+def test_packed_rows_through_trl_on_a_sliding_window_model(tok, tmp_path):
+    """As ``train_loop`` runs them: trl's ``SFTTrainer`` with LoRA and ``PackedCollator``, the windows hooked on by
+    ``window_packed_masks``. trl's fused loss on packed rows equals its loss on one example per target, and trl still
+    sums the batch's 4D mask tensor to count tokens (a dict there would break it)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from mecpe import modeling
+    from mecpe.config import LoraSettings, ModelConfig, QuantizationConfig
+
+    path = tiny_gemma3_dir()
+    model = modeling.load_base(path, ModelConfig(base=path), QuantizationConfig(mode="none"), revision=None,
+                               device="cpu", tokenizer=tok, for_training=True)
+    builder = PromptBuilder(tok, 256)
+    single, _ = examples.build_examples("emotion", conversations(4), builder)
+    packed, _ = examples.build_packed_rows("emotion", conversations(4), builder, row_tokens=600)
+    collator = examples.PackedCollator(tok.pad_token_id, model.config._attn_implementation)
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1),
+                         processing_class=tok, peft_config=modeling.get_peft_config(LoraSettings(r=4, alpha=8)),
+                         data_collator=collator, train_dataset=Dataset.from_list(packed))
+    assert examples.window_packed_masks(trainer.model) is not None
+    trainer.model.train()
+    batch = collator(packed)
+    want = trainer.compute_loss(trainer.model, dict(DataCollatorForLanguageModeling(tok.pad_token_id)(single)))
+    assert isinstance(batch["attention_mask"], torch.Tensor)  # trl sums it (in train mode) to count tokens
+    got = trainer.compute_loss(trainer.model, dict(batch))
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_run_identity(tiny, splits, tmp_path):

@@ -38,6 +38,9 @@ tensor operations whatever the number of live blocks.
 
 Exactness: in fp32 the packed computation equals running every full prompt alone up to float reassociation
 (tests: 1e-4). Padding keys are always masked; padding queries attend to themselves only, so no fully-masked
-softmax row makes NaNs that could leak. Deterministic: greedy argmax, dropout off (eval mode). Needs
-``attn_implementation`` "sdpa" (default) or "eager": flash-attention kernels take no arbitrary masks.
+softmax row makes NaNs that could leak. Sliding-window layers (Gemma-2/3, Mistral, Qwen2 with a window) get masks
+of their own, windowed by position (columns are not positions in a packed row), in prefill and decoding steps alike:
+transformers would apply one 4D mask to every layer (``runtime.layer_masks``). Deterministic: greedy argmax, dropout
+off (eval mode). Needs ``attn_implementation`` "sdpa" (default) or "eager": flash-attention kernels take no
+arbitrary masks.
 """

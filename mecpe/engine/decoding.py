@@ -196,7 +196,8 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     index = {p: k for k, p in enumerate(at)}
     cache = room_cache(model, n_slots * max_new_tokens)
     t0 = synced(dev)
-    logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay)), lay.pos, cache, at)
+    logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay), lay.pos, lay.pos),
+                               lay.pos, cache, at)
     stats.forward_passes += 1
     t1 = synced(dev)
     stats.prefill_s += t1 - t0
@@ -209,6 +210,7 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
             slots[i][j], slot_segs[i][j], slot_pos[i][j] = block, lay.block_seg[block], lay.next_pos[block]
     slot_block, slot_segment, slot_position = to_device(torch.tensor([slots, slot_segs, slot_pos]), dev).unbind(0)
     col_segment, col_block, col_alt = lay.seg, lay.blk, lay.alt  # the owners of the cached columns
+    col_pos = lay.pos  # and their positions (sliding-window layers: ``runtime.layer_masks``)
     states = [decoder.start(b) for b in lay.blocks]
     generated: list[list[int]] = [[] for _ in lay.blocks]
     masks = _MaskTable(logits.shape[-1], dev)
@@ -251,8 +253,9 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
         if len(keep_rows) < slot_segment.shape[0]:  # drop rows with nothing left to decode
             sel = to_device(torch.tensor(keep_rows), dev)
             cache = select_rows(cache, sel)
-            col_segment, col_block, col_alt = (col_segment.index_select(0, sel), col_block.index_select(0, sel),
-                                               col_alt.index_select(0, sel))
+            col_segment, col_block, col_alt, col_pos = (col_segment.index_select(0, sel),
+                                                        col_block.index_select(0, sel),
+                                                        col_alt.index_select(0, sel), col_pos.index_select(0, sel))
             slot_segment, slot_block, slot_position = (slot_segment.index_select(0, sel),
                                                        slot_block.index_select(0, sel),
                                                        slot_position.index_select(0, sel))
@@ -265,12 +268,13 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
         col_segment = torch.cat([col_segment, torch.where(active, slot_segment, -1)], 1)
         col_block = torch.cat([col_block, torch.where(active, slot_block, -1)], 1)
         col_alt = torch.cat([col_alt, torch.zeros_like(slot_block)], 1)
+        col_pos = torch.cat([col_pos, slot_position], 1)
         may_see = visible(slot_segment, slot_block, torch.zeros_like(slot_block), col_segment, col_block, col_alt)
         width = col_segment.shape[1]
         # each slot sees its own new column (a finished slot only that, so its softmax row is never empty)
         may_see[:, own, width - n_slots + own] = True
-        logits, cache = forward(model, to_device(torch.tensor(feed), dev), attention_mask(model, may_see[:, None]),
-                                slot_position, cache, n_slots)
+        mask = attention_mask(model, may_see[:, None], slot_position, col_pos)
+        logits, cache = forward(model, to_device(torch.tensor(feed), dev), mask, slot_position, cache, n_slots)
         stats.forward_passes += 1
         stats.decode_steps += 1
         slot_position = slot_position + 1

@@ -51,16 +51,64 @@ def _attn_impl(model: Any) -> str:
     return getattr(cfg, "_attn_implementation", None) or getattr(cfg, "attn_implementation", None) or "eager"
 
 
-def attention_mask(model: Any, allowed: torch.Tensor) -> torch.Tensor:
-    """A boolean (B, 1, Q, K) 'may attend' mask in the form the attention implementation expects as-is:
-    bool for SDPA, additive float for eager. Flash-attention kernels take no arbitrary masks."""
-    impl = _attn_impl(model)
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def sliding_window(config: Any) -> int | None:
+    """The window of the model's sliding-window layers (keys at most window - 1 positions back), None where no layer
+    slides. Refuses layer types other than full and sliding attention (chunked, linear, ...): a 4D mask of packed
+    rows cannot make them exact."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and set(types) - set(_LAYER_TYPES):
+        raise ValueError(f"packed rows: model type {getattr(cfg, 'model_type', '?')!r} has layer_types "
+                         f"{sorted(set(types) - set(_LAYER_TYPES))}, which a 4D mask cannot make exact; set "
+                         "training.reuse_prefix=false (inference has no unpacked engine for it)")
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return getattr(cfg, "sliding_window", None)
+
+
+def layer_masks(config: Any, allowed: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor):
+    """``allowed`` (B, 1, Q, K, bool) as the model's layers need it: the tensor itself, or a dict by layer type.
+
+    transformers applies a 4D mask as given to every layer, so sliding-window layers (Gemma-2/3, Qwen2 with
+    ``use_sliding_window``, Mistral) would attend past their window. Packed rows put several prompts in a row and
+    share prefixes, so columns are not positions: the window is measured by position ids (query position - key
+    position < ``sliding_window``, transformers' rule). Models listing ``layer_types`` get ``{type: mask}`` (they take
+    such a dict as it is); a model without them slides on every layer (Mistral) and gets the windowed tensor. No
+    window, or one no row can exceed (positions < K <= window), leaves ``allowed`` as it is."""
+    window = sliding_window(config)
+    if window is None or allowed.shape[-1] <= window:
+        return allowed
+    windowed = allowed & ((pos_q[:, None, :, None] - pos_k[:, None, None, :]) < window)
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        return windowed
+    return {t: windowed if t == "sliding_attention" else allowed for t in set(types)}
+
+
+def mask_form(allowed: torch.Tensor, impl: str) -> torch.Tensor:
+    """A boolean 'may attend' mask in the form ``impl`` takes as-is: bool for SDPA, additive float for eager.
+    Flash-attention kernels take no arbitrary masks."""
     if impl == "sdpa":
         return allowed
     if impl == "eager":
         return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(
             ~allowed, torch.finfo(torch.float32).min)
     raise ValueError(f"packed rows need attn_implementation 'sdpa' or 'eager' (arbitrary 4D masks), not {impl!r}")
+
+
+def attention_mask(model: Any, allowed: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor):
+    """The boolean (B, 1, Q, K) 'may attend' mask of queries at positions ``pos_q`` (B, Q) over keys at ``pos_k``
+    (B, K) as the model takes it: per layer type where it has sliding-window layers (``layer_masks``), each in the
+    attention implementation's form (``mask_form``)."""
+    impl = _attn_impl(model)
+    masks = layer_masks(model.config, allowed, pos_q, pos_k)
+    if isinstance(masks, dict):
+        return {t: mask_form(m, impl) for t, m in masks.items()}
+    return mask_form(masks, impl)
 
 
 def forward(model: Any, ids, mask, pos, cache, keep: int | torch.Tensor, use_cache: bool = True):

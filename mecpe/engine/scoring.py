@@ -19,8 +19,8 @@ def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev) -> dict[
     lay = layout(batch, pad, dev)
     at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
     index = {p: k for k, p in enumerate(at)}
-    logits, _ = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay)), lay.pos, None, at,
-                           use_cache=False)
+    mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos)
+    logits, _ = forward_at(model, lay.ids, mask, lay.pos, None, at, use_cache=False)
     t = to_device(torch.tensor([(index[(i, c)], tok, g, j + 1) for i, c, tok, g, j in lay.targets]), dev)
     logits = logits.float()
     lp = logits[t[:, 0], t[:, 1]] - logits.logsumexp(-1)[t[:, 0]]
@@ -55,8 +55,8 @@ def prefix_shared_logits(model: Any, tokenizer: Any, items: Sequence[tuple[tuple
         for batch in batches(segments(items, reuse_prefix, max_batch_tokens), max_batch_tokens):
             lay = layout(batch, pad, dev)
             cols = torch.tensor(sorted({c for _, c in lay.ends}), device=dev)
-            logits, _ = forward(model, lay.ids, attention_mask(model, prefill_visible(lay)), lay.pos, None, cols,
-                                use_cache=False)
+            mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos)
+            logits, _ = forward(model, lay.ids, mask, lay.pos, None, cols, use_cache=False)
             colidx = {c: k for k, c in enumerate(cols.tolist())}
             for b, (i, c) in zip(lay.blocks, lay.ends):
                 out[b.key] = logits[i, colidx[c]].float().cpu()

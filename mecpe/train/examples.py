@@ -159,8 +159,9 @@ class PackedCollator:
     """Pads packed rows (``build_packed_rows``) on the right and builds their attention mask: a column sees the
     columns before it that are its row's prefix or its own target block; padding sees only itself (no empty softmax
     row). The mask is 4D (rows, 1, columns, columns), boolean for SDPA and additive for eager attention, the form
-    transformers uses as given. Counts the tokens an unshared run would have fed (``example_tokens``) for the
-    throughput log."""
+    transformers uses as given; one tensor for every layer, since trl counts tokens by summing it (a model with
+    sliding-window layers gets its per-layer masks from ``window_packed_masks``). Counts the tokens an unshared run
+    would have fed (``example_tokens``) for the throughput log."""
 
     def __init__(self, pad_token_id: int, attn_implementation: str = "sdpa"):
         if attn_implementation not in ("sdpa", "eager"):
@@ -172,6 +173,8 @@ class PackedCollator:
     def __call__(self, rows: list[dict]) -> dict:
         import torch
 
+        from mecpe.engine.runtime import mask_form
+
         width = max(len(r["input_ids"]) for r in rows)
 
         def padded(key: str, value: int) -> "torch.Tensor":
@@ -182,12 +185,35 @@ class PackedCollator:
         ok, oq = owner[:, None, :], owner[:, :, None]
         allowed = causal & (ok != -2) & ((ok == -1) | (ok == oq))
         allowed |= torch.eye(width, dtype=torch.bool)
-        mask = allowed[:, None]
-        if self.attn == "eager":
-            mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, torch.finfo(torch.float32).min)
         self.example_tokens += sum(int(r["example_tokens"]) for r in rows)
         return {"input_ids": padded("input_ids", self.pad), "labels": padded("labels", -100),
-                "position_ids": padded("position_ids", 0), "attention_mask": mask}
+                "position_ids": padded("position_ids", 0), "attention_mask": mask_form(allowed[:, None], self.attn)}
+
+
+def window_packed_masks(model: Any) -> Any:
+    """Packed rows on a model with sliding-window layers (Gemma-2/3, Mistral, Qwen2 with a window): transformers
+    would apply ``PackedCollator``'s one mask to every layer, so sliding layers would see past their window. A
+    forward pre-hook on the decoder (which trl's fused head and PEFT both call) hands it per-layer-type masks instead,
+    windowed by ``position_ids`` (``mecpe.engine.runtime.attention_mask``); the batch keeps its tensor, which trl
+    sums to count tokens. Returns the hook's handle, or None where no layer slides."""
+    import torch
+
+    from mecpe.engine.runtime import attention_mask, sliding_window
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if sliding_window(base.config) is None:
+        return None
+
+    def per_layer(module, args, kwargs):
+        mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2] != mask.shape[-1]:
+            return None  # not a packed batch (a 2D padding mask: transformers windows it itself)
+        if pos is None:
+            raise ValueError("packed rows on a sliding-window model need position_ids (the window is by position)")
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        return args, {**kwargs, "attention_mask": attention_mask(module, allowed, pos, pos)}
+
+    return base.get_decoder().register_forward_pre_hook(per_layer, with_kwargs=True)
 
 
 def read_split(uri: str | None, limit: int | None) -> list:

@@ -24,8 +24,8 @@ from mecpe.errors import InputError
 from mecpe.layout import TrainRunLayout
 from mecpe.prompts import PromptBuilder
 from mecpe.train.examples import (
-    PackedCollator, TokenBudgetBatchSampler, build_examples, build_packed_rows, read_split,
-    shown_emotions,
+    PackedCollator, TokenBudgetBatchSampler, build_examples, build_packed_rows, read_split, shown_emotions,
+    window_packed_masks,
 )
 
 log = logging.getLogger("mecpe.train")
@@ -261,6 +261,8 @@ def _setup_trainer(w: Worker, tok, model, rows: dict, work: str, *, grad_ckpt: b
         train_dataset=Dataset.from_list(rows["train"]),
         eval_dataset=Dataset.from_list(rows["val"]) if rows["val"] else None, callbacks=callbacks)
     _adapter_to_fp32_unless_bf16(trainer.model, modeling.compute_dtype(w.spec.quantization, w.device))
+    if collator is not None:
+        window_packed_masks(trainer.model)  # sliding-window layers: their own masks (the batch keeps one for trl)
     throughput.attach(trainer.model, tok.pad_token_id, collator)
     # ours first: the throughput fields must be in the logs before TensorBoard and the log line see them
     handler = trainer.callback_handler
