@@ -54,11 +54,15 @@ def _attn_impl(model: Any) -> str:
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
+def _text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def sliding_window(config: Any) -> int | None:
     """The window of the model's sliding-window layers (keys at most window - 1 positions back), None where no layer
     slides. Refuses layer types other than full and sliding attention (chunked, linear, ...): a 4D mask of packed
     rows cannot make them exact."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cfg = _text_config(config)
     types = getattr(cfg, "layer_types", None)
     if types is not None and set(types) - set(_LAYER_TYPES):
         raise ValueError(f"packed rows: model type {getattr(cfg, 'model_type', '?')!r} has layer_types "
@@ -82,8 +86,7 @@ def layer_masks(config: Any, allowed: torch.Tensor, pos_q: torch.Tensor, pos_k: 
     if window is None or allowed.shape[-1] <= window:
         return allowed
     windowed = allowed & ((pos_q[:, None, :, None] - pos_k[:, None, None, :]) < window)
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    types = getattr(cfg, "layer_types", None)
+    types = getattr(_text_config(config), "layer_types", None)
     if types is None:
         return windowed
     return {t: windowed if t == "sliding_attention" else allowed for t in set(types)}
