@@ -75,6 +75,8 @@ def run_variant(actor, tables, dev) -> dict:
     engine: dict = {}
     utt = {"emotion": 0, "cause": 0}
     sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     for table in tables:
         out = actor(table).to_pylist()
@@ -91,8 +93,9 @@ def run_variant(actor, tables, dev) -> dict:
                          "prefill_s": round(e.get("prefill_s", 0.0), 3), "decode_s": round(e.get("decode_s", 0.0), 3),
                          "forward_passes": e.get("forward_passes"), "decode_steps": e.get("decode_steps"),
                          "computed_tokens": e.get("computed_tokens"), "generated_tokens": e.get("generated_tokens")}
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
     return {"wall_s": round(wall, 3), "utterances": utt["emotion"], "utt_per_s": round(utt["emotion"] / wall, 1),
-            "stages": stages}
+            "peak_gib": round(peak, 2), "stages": stages}
 
 
 def torch_profile(actor, tables, dev, top: int) -> tuple[str, dict]:
@@ -203,7 +206,8 @@ def main(argv=None) -> int:
         got = run_variant(actor, tables, dev)
         got["settings"] = {**fields, "row_tokens": packing.ROW_TOKENS}
         report["variants"][name] = got
-        lines.append(f"{name:<14}{'all':<9}{got['utterances']:>8}{got['wall_s']:>9.2f}{got['utt_per_s']:>9.1f}")
+        lines.append(f"{name:<14}{'all':<9}{got['utterances']:>8}{got['wall_s']:>9.2f}{got['utt_per_s']:>9.1f}"
+                     f"   peak {got['peak_gib']:.2f} GiB allocated")
         for stage, s in got["stages"].items():
             rate = s["utterances"] / s["seconds"] if s["seconds"] else 0.0
             lines.append(f"{'':<14}{stage:<9}{s['utterances']:>8}{'':>9}{rate:>9.1f}{s['seconds']:>9.2f}"
