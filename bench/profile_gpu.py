@@ -77,7 +77,7 @@ def run_variant(actor, tables, dev) -> dict:
     sync(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
+    t0, epoch0 = time.perf_counter(), time.time()
     for table in tables:
         out = actor(table).to_pylist()
         for r in out:
@@ -95,7 +95,8 @@ def run_variant(actor, tables, dev) -> dict:
                          "computed_tokens": e.get("computed_tokens"), "generated_tokens": e.get("generated_tokens")}
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
     return {"wall_s": round(wall, 3), "utterances": utt["emotion"], "utt_per_s": round(utt["emotion"] / wall, 1),
-            "peak_gib": round(peak, 2), "stages": stages}
+            "peak_gib": round(peak, 2), "stages": stages,
+            "epoch_start": round(epoch0, 3), "epoch_end": round(epoch0 + wall, 3)}
 
 
 def torch_profile(actor, tables, dev, top: int) -> tuple[str, dict]:

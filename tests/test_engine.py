@@ -139,25 +139,42 @@ def test_memory_cap_reaches_torch():
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
 
 
-def test_position_logits_equal_full_logits(convs):
+@pytest.mark.parametrize("path", ["2d-keep", "pre-hook"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_position_logits_equal_full_logits(convs, monkeypatch, arch, path):
     """``forward_at`` runs lm_head at the chosen (row, column) positions only; the logits equal those of the full
-    forward there (the installed transformers takes a 2D boolean logits_to_keep)."""
+    forward there, whether the installed transformers takes a 2D boolean logits_to_keep or (older releases, as on
+    the GPU image) the output layer's pre-hook picks the positions; and with the additive SDPA mask as with the
+    boolean one. Gemma-3 softcaps its logits after lm_head (set here), which the pre-hook path must keep."""
     from transformers import AutoModelForCausalLM
 
-    from mecpe.engine.runtime import forward, forward_at, keeps_positions
+    from mecpe.engine import runtime
+    from mecpe.engine.runtime import attention_mask, forward, forward_at
 
-    model = AutoModelForCausalLM.from_pretrained(_tiny.tiny_model_dir(), dtype=torch.float32).eval()
-    assert keeps_positions(type(model))
+    src = _tiny.tiny_model_dir() if arch == "llama" else _tiny.tiny_gemma3_dir()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    if arch == "gemma3":
+        model.config.final_logit_softcapping = 3.0
+    assert runtime.keeps_positions(type(model))
+    if path == "pre-hook":
+        monkeypatch.setattr(runtime, "keeps_positions", lambda cls: False)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 200, (3, 17), generator=g)
     allowed = torch.ones((17, 17), dtype=torch.bool).tril()[None, None].expand(3, 1, 17, 17)
     pos = torch.arange(17).expand(3, 17)
     at = [(0, 3), (0, 16), (1, 0), (2, 5), (2, 9)]
     with torch.inference_mode():
-        full, _ = forward(model, ids, allowed, pos, None, 0, use_cache=False)
-        got, _ = forward_at(model, ids, allowed, pos, None, at, use_cache=False)
+        full, _ = forward(model, ids, attention_mask(model, allowed, pos, pos), pos, None, 0, use_cache=False)
+        got, _ = forward_at(model, ids, attention_mask(model, allowed, pos, pos), pos, None, at, use_cache=False)
+        added, _ = forward_at(model, ids, attention_mask(model, allowed, pos, pos, torch.float32), pos, None, at,
+                              use_cache=False)
     assert got.shape == (len(at), full.shape[-1])
-    torch.testing.assert_close(got, full[[i for i, _ in at], [c for _, c in at]], atol=1e-5, rtol=1e-5)
+    if arch == "gemma3":
+        assert full.abs().max() <= 3.0
+    want = full[[i for i, _ in at], [c for _, c in at]]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(added, want, atol=1e-5, rtol=1e-5)
+    assert not model.lm_head._forward_pre_hooks  # the hook goes with the forward
 
 
 def test_prompt_memos_equal_fresh_tokenization(convs):

@@ -16,7 +16,7 @@ import torch
 
 from mecpe.engine.cache import room_cache, select_rows
 from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments, to_device, visible
-from mecpe.engine.runtime import attention_mask, forward, forward_at, inference, pad_id, synced
+from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
 from mecpe.engine.stats import StageStats
 
 FINISHED = -3  # the segment and block of a slot that is empty or whose block finished
@@ -195,8 +195,9 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     at = sorted(lay.ends)  # one (row, column) per block, distinct
     index = {p: k for k, p in enumerate(at)}
     cache = room_cache(model, n_slots * max_new_tokens)
+    additive = additive_dtype(model, dev)
     t0 = synced(dev)
-    logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay), lay.pos, lay.pos),
+    logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive),
                                lay.pos, cache, at)
     stats.forward_passes += 1
     t1 = synced(dev)
@@ -273,7 +274,7 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
         width = col_segment.shape[1]
         # each slot sees its own new column (a finished slot only that, so its softmax row is never empty)
         may_see[:, own, width - n_slots + own] = True
-        mask = attention_mask(model, may_see[:, None], slot_position, col_pos)
+        mask = attention_mask(model, may_see[:, None], slot_position, col_pos, additive)
         logits, cache = forward(model, to_device(torch.tensor(feed), dev), mask, slot_position, cache, n_slots)
         stats.forward_passes += 1
         stats.decode_steps += 1

@@ -92,26 +92,38 @@ def layer_masks(config: Any, allowed: torch.Tensor, pos_q: torch.Tensor, pos_k: 
     return {t: windowed if t == "sliding_attention" else allowed for t in set(types)}
 
 
-def mask_form(allowed: torch.Tensor, impl: str) -> torch.Tensor:
+def mask_form(allowed: torch.Tensor, impl: str, additive: torch.dtype | None = None) -> torch.Tensor:
     """A boolean 'may attend' mask in the form ``impl`` takes as-is: bool for SDPA, additive float for eager.
-    Flash-attention kernels take no arbitrary masks."""
-    if impl == "sdpa":
+    Flash-attention kernels take no arbitrary masks.
+
+    ``additive``: SDPA gets an additive mask of that dtype (the queries' dtype) instead of the bool one. SDPA turns a
+    bool mask into that very tensor in every layer's call; built once per forward, it is one tensor instead of one
+    per layer (issue #29 profile: the conversions were among the top host operators of every decoding step). The
+    minimum of the dtype, not -inf: the same softmax where a row may attend anywhere, no NaN where it may not."""
+    if impl == "sdpa" and additive is None:
         return allowed
-    if impl == "eager":
-        return torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(
-            ~allowed, torch.finfo(torch.float32).min)
+    if impl in ("sdpa", "eager"):
+        dt = additive if impl == "sdpa" else torch.float32
+        return torch.zeros(allowed.shape, dtype=dt, device=allowed.device).masked_fill_(~allowed, torch.finfo(dt).min)
     raise ValueError(f"packed rows need attn_implementation 'sdpa' or 'eager' (arbitrary 4D masks), not {impl!r}")
 
 
-def attention_mask(model: Any, allowed: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor):
+def additive_dtype(model: Any, dev: torch.device) -> torch.dtype | None:
+    """The dtype of the additive SDPA mask for ``inference``: the autocast dtype on CUDA; None (bool) elsewhere."""
+    dt = compute_dtype(model)
+    return dt if dev.type == "cuda" and dt in (torch.float16, torch.bfloat16) else None
+
+
+def attention_mask(model: Any, allowed: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
+                   additive: torch.dtype | None = None):
     """The boolean (B, 1, Q, K) 'may attend' mask of queries at positions ``pos_q`` (B, Q) over keys at ``pos_k``
     (B, K) as the model takes it: per layer type where it has sliding-window layers (``layer_masks``), each in the
-    attention implementation's form (``mask_form``)."""
+    attention implementation's form (``mask_form``; ``additive``: see there)."""
     impl = _attn_impl(model)
     masks = layer_masks(model.config, allowed, pos_q, pos_k)
     if isinstance(masks, dict):
-        return {t: mask_form(m, impl) for t, m in masks.items()}
-    return mask_form(masks, impl)
+        return {t: mask_form(m, impl, additive) for t, m in masks.items()}
+    return mask_form(masks, impl, additive)
 
 
 def forward(model: Any, ids, mask, pos, cache, keep: int | torch.Tensor, use_cache: bool = True):
@@ -139,8 +151,10 @@ def forward_at(model: Any, ids, mask, pos, cache, at: Sequence[tuple[int, int]],
 
     A packed batch needs a few positions of each row, at different columns: keeping whole columns (the union over
     rows) ran lm_head at rows x union positions, most of a batch (issue #29: up to ~30x the positions needed, and a
-    rows x union x vocab logits tensor). With a 2D boolean ``logits_to_keep`` only ``at`` goes through lm_head;
-    otherwise the union of columns is kept and picked from. Returns (logits, the cache or None)."""
+    rows x union x vocab logits tensor). With a 2D boolean ``logits_to_keep`` only ``at`` goes through lm_head.
+    Older transformers keep the union of columns, and a pre-hook on the output layer picks ``at`` out of those hidden
+    states before it runs (whatever the model does to the logits after, softcapping included, still applies).
+    Returns (logits, the cache or None)."""
     rows = [i for i, _ in at]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if keeps_positions(type(base)):
@@ -149,8 +163,17 @@ def forward_at(model: Any, ids, mask, pos, cache, at: Sequence[tuple[int, int]],
         return forward(model, ids, mask, pos, cache, to_device(keep, ids.device), use_cache)
     cols = sorted({c for _, c in at})
     where = {c: k for k, c in enumerate(cols)}
-    logits, cache = forward(model, ids, mask, pos, cache, to_device(torch.tensor(cols), ids.device), use_cache)
-    return logits[rows, [where[c] for _, c in at]], cache
+    pick = to_device(torch.tensor([rows, [where[c] for _, c in at]]), ids.device)
+
+    def gather(_module, args):
+        return (args[0][pick[0], pick[1]][None], *args[1:])
+
+    hook = base.get_output_embeddings().register_forward_pre_hook(gather)
+    try:
+        logits, cache = forward(model, ids, mask, pos, cache, to_device(torch.tensor(cols), ids.device), use_cache)
+    finally:
+        hook.remove()
+    return logits[0], cache
 
 
 def pad_id(tokenizer: Any) -> int:
