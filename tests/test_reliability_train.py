@@ -367,9 +367,9 @@ def test_s3_outage_during_worker_checkpoint_upload(ray_address, cloud, tiny, tmp
 
 
 @pytest.mark.reliability(
-    fault="S3 unavailable (server stopped, connections refused) for 8 s while Ray Train's controller records a "
-          "checkpoint (its checkpoint_manager_snapshot.json)",
-    behaviour="Ray Train stops the run with a ControllerError carrying the storage error (AWS NETWORK_CONNECTION); "
+    fault="S3 unavailable for 8 s (the write in flight answered 503, then connections refused) while Ray Train's "
+          "controller records a checkpoint (its checkpoint_manager_snapshot.json)",
+    behaviour="Ray Train stops the run with a ControllerError carrying the storage error (an AWS error); "
               "run_training recognises a storage error, waits and starts the run again, which resumes from the "
               "latest complete checkpoint and finishes in the same call, every step's loss equal to an "
               "uninterrupted run's")
@@ -379,10 +379,12 @@ def test_s3_outage_during_controller_snapshot(ray_address, cloud, tiny, tmp_path
     def during_snapshot(state, method, path):
         return path.endswith("/checkpoint_manager_snapshot.json") and len(state["folders"]) >= 2
 
-    res, error, _ = _run_with_outage(cloud, tiny, tmp_path, prefix, during_snapshot)
+    # the write in flight fails: if it completed, the outage could end before the controller's next write (seen in
+    # CI: the workers' upload retries outlasted it and the run was never stopped)
+    res, error, _ = _run_with_outage(cloud, tiny, tmp_path, prefix, during_snapshot, fail_in_flight=True)
     assert error is None, f"run_training raised instead of starting the run again: {error!r}"
     assert res.restarts and all(r.startswith("ControllerError") for r in res.restarts), res.restarts
-    assert "NETWORK_CONNECTION" in res.restarts[0] and "checkpoint_manager_snapshot.json" in res.restarts[0]
+    assert "AWS Error" in res.restarts[0] and "checkpoint_manager_snapshot.json" in res.restarts[0], res.restarts
     record_property("outcome", "run_training started the run again after the ControllerError; it finished")
     _check_outage_run(res, prefix, tmp_path, uninterrupted)
 
