@@ -42,3 +42,8 @@ class UnschedulableError(MecpeError, RuntimeError):
 
 class NodeLocalPathError(MecpeError, RuntimeError):
     """A step would hand a path on the driver's disk to workers on other machines."""
+
+
+class RunStoppedError(MecpeError, RuntimeError):
+    """A training worker stopped its run on an error every restart would repeat (out of GPU memory on the same
+    batch, a base model that cannot be loaded); the message says what to change."""

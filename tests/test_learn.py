@@ -6,6 +6,7 @@ cannot pass this file."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,11 @@ def learned(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("learn")
     overrides = [f"data.data_dir={tmp}/synth", f"model.base={tmp}/tiny", f"output_dir={tmp}/out",
                  f"storage.path={tmp}/out/runs"]
+    # as a user runs it: torch's threads per core, not the suite's one per process (conftest.py), since this run
+    # has the machine to itself (its prepare step pretrains the tiny model in one process)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.run([str(BIN / "mecpe"), "pipeline", "--config", str(REPO / "jobs/configs/learn.yaml"),
-                           *overrides], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from mecpe.config import load_config
 

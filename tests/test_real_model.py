@@ -23,7 +23,7 @@ CONFIG = REPO / "jobs" / "configs" / "ecf-smollm2.yaml"
 # training conversations, 2 steps per adapter, short prompts (so shortening runs too), 2 test conversations; no
 # validation step (minutes on CPU)
 CPU_SLICE = ["data.limit_train=2", "data.limit_val=0", "data.limit_test=2", "scaling.use_gpu=false",
-             "inference.num_gpus=0", "inference.num_cpus=1", "inference.batch_size=2", "training.max_steps=2",
+             "inference.num_gpus=0", "inference.num_cpus=1", "inference.batch_size=2", "training.max_steps=1",
              "training.max_batch_tokens=640", "training.use_liger_kernel=false", "prompt.max_prompt_tokens=128",
              "inference.max_batch_tokens=2048", "validation.score=false", "validation.fit_emotion_bias=false"]
 
@@ -33,7 +33,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
+        # one busy process at a time here (the training worker, then the predictor actor): the suite's one thread
+        # per process (conftest.py) would leave a core idle
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}})
     yield
     ray.shutdown()
 

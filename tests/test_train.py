@@ -338,6 +338,24 @@ def test_cause_run_nf4(ray_local, tiny, splits, tmp_path):
     _check_generates(cfg, res.adapter_uri)
 
 
+def test_unloadable_base_stops_the_run_without_restarts(ray_local, tiny, splits, tmp_path):
+    """A local base whose tokenizer cannot be read (tokenizer.json missing) fails every restart the same way: the
+    worker records the reason and the run stops with it (a RunStoppedError naming the base), not Ray Train's
+    WorkerGroupError after max_failures restarts (100 by default, ~5 s each)."""
+    import shutil
+
+    from mecpe.errors import RunStoppedError
+
+    base = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny, base)
+    (base / "tokenizer.json").unlink()
+    cfg = _cfg(str(base), str(tmp_path / "runs"), max_steps=2)
+    cfg.scaling.max_failures = 1  # without the worker's check the run would fail after one restart, otherwise
+    with pytest.raises(RunStoppedError, match="could not be loaded") as err:
+        run_training(cfg, "emotion", train_convs_uri=splits["train"])
+    assert str(base) in str(err.value)
+
+
 def test_killed_worker_resumes_and_matches_uninterrupted(ray_local, tiny, splits, tmp_path):
     """A worker SIGKILLed once Ray Train registered the step-2 checkpoint: Ray Train restarts it, HF resumes from the
     newest complete checkpoint, and every step's loss equals an uninterrupted run's (optimizer, scheduler, RNG and the

@@ -20,7 +20,7 @@ from typing import Mapping
 
 from mecpe import cluster, layout, runid, storage
 from mecpe.config import Config, dump_config
-from mecpe.errors import ConfigError
+from mecpe.errors import ConfigError, RunStoppedError
 from mecpe.train.examples import TASKS, normalize_predictions
 from mecpe.layout import TrainRunLayout
 from mecpe.train.recipe import TrainLoopSpec, train_loop
@@ -192,7 +192,7 @@ def _run(cfg: Config, task: str, train_uri: str | None, val_uri: str | None, pre
         time.sleep(wait)
     done = finished_result(run_dir)
     if done is None and storage.exists(error_uri):
-        raise RuntimeError(f"run {run_name}: {storage.read_state(error_uri)['message']}")
+        raise RunStoppedError(f"run {run_name}: {storage.read_state(error_uri)['message']}")
     if done is None:
         raise RuntimeError(f"run {run_name} ended without a complete adapter at {TrainRunLayout(run_dir).adapter}")
     done.restarts = restarts

@@ -313,6 +313,18 @@ def _out_of_memory(w: Worker, trainer, exc, stats: dict, grad_ckpt: bool) -> dic
     return {"error": msg}
 
 
+def _unloadable(w: Worker, exc: BaseException) -> dict:
+    """A base model that cannot be loaded from a local path (files missing, a tokenizer transformers cannot read)
+    fails the same way on every restart: the run ends here with the reason instead of Ray Train retrying it
+    max_failures times (100 by default, ~5 s each)."""
+    msg = (f"the base model {w.spec.model.base} could not be loaded on {w.device}: "
+           f"{type(exc).__name__}: {next((line for line in str(exc).splitlines() if line.strip()), '')}")
+    if w.rank == 0:
+        storage.write_json(TrainRunLayout(w.spec.run_uri).error, {"error": "model_load", "message": msg})
+    log.error(msg)
+    return {"error": msg}
+
+
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
@@ -350,7 +362,12 @@ def train_loop(config: dict) -> dict:
 
     w = _setup_worker(config)
     t_load = time.perf_counter()
-    model, tok = modeling.load(w.spec.model, w.spec.quantization, device=w.device, for_training=True)
+    try:
+        model, tok = modeling.load(w.spec.model, w.spec.quantization, device=w.device, for_training=True)
+    except (ValueError, OSError) as exc:
+        if isinstance(exc, OSError) and not os.path.isdir(w.spec.model.base):
+            raise  # object storage or a hub may be down for a while: Ray Train's restart tries again
+        return _unloadable(w, exc)
     load_s = round(time.perf_counter() - t_load, 1)
     rows, stats = _setup_examples(w, PromptBuilder(tok, w.spec.prompt.max_prompt_tokens))
     grad_ckpt = use_gradient_checkpointing(w.spec.training.gradient_checkpointing, w.device)
