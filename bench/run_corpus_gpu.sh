@@ -39,8 +39,8 @@ OUT=${OUT:-/tmp/mecpe-corpus-out}
 WORK=${WORK:-/tmp/mecpe-corpus}
 mkdir -p "$OUT" "$WORK"
 COMMON=(--work "$WORK" --json "$WORK/corpus.json" --config jobs/configs/ecf-smollm2.yaml --set model.cache_dir=/tmp/mecpe-models
-        --actors "${ACTORS:-1}" --num-gpus "${NUM_GPUS:-1}" --max-batch-tokens "${MAX_BATCH_TOKENS:-65536}"
-        --batch-size "${BATCH_SIZE:-64}" "--label=${LABEL:-}" --train)
+        --actors "${ACTORS:-1}" --num-gpus "${NUM_GPUS:-1}" --max-batch-tokens "${MAX_BATCH_TOKENS:-262144}"
+        --batch-size "${BATCH_SIZE:-256}" "--label=${LABEL:-}" --train)
 # shellcheck disable=SC2206
 EXTRA_ARGS=(${EXTRA:-})
 
