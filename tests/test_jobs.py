@@ -233,23 +233,28 @@ def _user_checkout(dest: Path) -> Path:
     return dest
 
 
-def test_ray_job_submit_pipeline_to_s3(ray_head, s3_server, tiny_model_dir, tmp_path):
-    """`ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/pipeline.py --config jobs/configs/smoke.yaml`
-    from a checkout with a virtualenv named other than `.venv` in it → S3 outputs; the job's working directory on
-    the cluster holds the code and configs, not the virtualenv (Ray reads .gitignore, which knows only `.venv`)."""
+def test_ray_job_submit_from_a_checkout_to_s3(ray_head, s3_server, tiny_model_dir, data_dir, tmp_path):
+    """`ray job submit --runtime-env jobs/runtime_env.yaml -- python jobs/infer.py ...` from a checkout with a
+    virtualenv named other than `.venv` in it: the job's working directory on the cluster holds the code and configs,
+    not the virtualenv (Ray reads .gitignore, which knows only `.venv`), and the job's Ray Data actors write the
+    predictions to S3. One step keeps it cheap: the whole pipeline submitted as a job, training included, with its
+    outputs in S3, is `tests/test_cluster_scaling.py::test_scale_from_zero_pipeline_job`."""
     import boto3
 
     checkout = _user_checkout(tmp_path / "checkout")
     bucket = s3_server["bucket"]
     prefix = f"jobs-{int(time.time())}"
+    gold = json.loads((Path(data_dir) / "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json").read_text())[:6]
+    given = tmp_path / "six.jsonl"
+    given.write_text("".join(json.dumps(c) + "\n" for c in gold))
     cmd = [str(BIN / "ray"), "job", "submit", "--address", ray_head["address"], "--runtime-env",
-           "jobs/runtime_env.yaml", "--", "python", "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml",
-           f"output_dir=s3://{bucket}/{prefix}", f"storage.path=s3://{bucket}/{prefix}/runs",
+           "jobs/runtime_env.yaml", "--", "python", "jobs/infer.py", "--config", "jobs/configs/smoke.yaml",
+           "--input", str(given), "--output", f"s3://{bucket}/{prefix}", f"output_dir=s3://{bucket}/{prefix}",
            f"model.base={tiny_model_dir}"]
     proc = subprocess.run(cmd, cwd=checkout, env=ray_head["env"], capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
-    assert "succeeded" in log.lower(), log[-3000:]
+    assert "succeeded" in log.lower() and "6 conversations predicted, 0 rejected" in log, log[-3000:]
     unpacked = ray_head["temp_dir"].glob("session_*/runtime_resources/working_dir_files/*/mecpe/cli.py")
     workdirs = {p.parent.parent for p in unpacked}  # the job's working directory as the head unpacked it
     assert workdirs, list(ray_head["temp_dir"].glob("session_*/runtime_resources/*/*"))
@@ -261,11 +266,6 @@ def test_ray_job_submit_pipeline_to_s3(ray_head, s3_server, tiny_model_dir, tmp_
     s3 = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1")
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
             for o in page.get("Contents", [])]
-    assert f"{prefix}/Subtask_2_pred.json" in keys
-    assert f"{prefix}/metrics.json" in keys and f"{prefix}/report.md" in keys
-    assert f"{prefix}/learning_curves.png" in keys and f"{prefix}/confusion_matrix.png" in keys
-    assert any(k.startswith(f"{prefix}/inference/records/") for k in keys), keys
-    adapters = [k for k in keys if k.endswith("adapter/adapter_config.json")]
-    assert len(adapters) == 2, keys  # emotion + cause
-    metrics = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/metrics.json")["Body"].read())
-    assert 0.0 <= metrics["weighted_f1"] <= 1.0 and metrics["num_conversations_scored"] == 12
+    assert any(k.startswith(f"{prefix}/records/") for k in keys), keys
+    pred = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/Subtask_2_pred.json")["Body"].read())
+    assert sorted(c["conversation_ID"] for c in pred) == sorted(c["conversation_ID"] for c in gold)
