@@ -133,7 +133,7 @@ def local_ray(dashboard: bool = False) -> Iterator[str]:
     import ray
 
     assert not ray.is_initialized(), "another test module left Ray running"
-    ray.init(address="local", num_cpus=2, include_dashboard=dashboard, log_to_driver=True)
+    ray.init(num_cpus=2, include_dashboard=dashboard, log_to_driver=True)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

@@ -59,8 +59,8 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_runtest_logreport(report):
-    # every test's outcome, not only the reliability rows': under pytest-xdist this runs in the controlling process,
-    # which collects nothing and learns the rows from the workers at their end (``pytest_testnodedown``)
+    if report.nodeid not in _items:
+        return
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         outcome = report.outcome
         if report.when == "setup" and outcome == "failed":
@@ -150,19 +150,7 @@ def _table_of(text: str) -> list[str]:
     return [line for line in lines[start:] if line.strip()]
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_testnodedown(node, error):
-    """pytest-xdist, controlling process: a worker's collected rows and files (each worker collects every file)."""
-    part = getattr(node, "workeroutput", {}).get("mecpe_reliability")
-    if part:
-        _items.update(part["items"])
-        _files_seen.update(part["files"])
-
-
 def pytest_sessionfinish(session, exitstatus):
-    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: the controlling process writes the table
-        session.config.workeroutput["mecpe_reliability"] = {"items": _items, "files": sorted(_files_seen)}
-        return
     if not _items or os.environ.get("MECPE_RELIABILITY_DOC") == "0":
         return
     expected = {p.name for pattern in _FILES for p in (REPO / "tests").glob(pattern)}
@@ -170,14 +158,16 @@ def pytest_sessionfinish(session, exitstatus):
         return  # some reliability files were not collected: a partial run
     if any(nodeid not in _results for nodeid, row in _items.items() if not row["heavy"]):
         return  # -k, -x or an interrupted run: keep the last complete table
+    if hasattr(session.config, "workerinput"):
+        return  # xdist worker
     committed = DOC.read_text(encoding="utf-8") if DOC.exists() else ""
     header, table = render(_items, _results, _heavy_results(committed))
     drift = _version_drift(committed)
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if _table_of(committed) == [line for line in table if line.strip()]:
-        if reporter is not None:  # the same rows: the file keeps the header of the run that wrote it
-            reporter.write_line(f"docs/reliability.md: this run produced its {len(_items)} rows"
-                                + (f", with other package versions ({drift}); left as it is." if drift else "."))
+        if drift and reporter is not None:  # the same rows: the file keeps the header of the run that wrote it
+            reporter.write_line(f"docs/reliability.md: the same rows with other package versions ({drift}); "
+                                "left as it is.")
         return
     ci, write = os.environ.get("MECPE_CI") == "1", os.environ.get("MECPE_RELIABILITY_DOC") == "write"
     if ci or write:

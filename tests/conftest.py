@@ -85,5 +85,5 @@ def s3_server():
 
 # docs/reliability.md is generated from the reliability suite's results (tests/_reliability_report.py).
 from _reliability_report import (  # noqa: E402,F401
-    pytest_collection_modifyitems, pytest_runtest_logreport, pytest_sessionfinish, pytest_testnodedown,
+    pytest_collection_modifyitems, pytest_runtest_logreport, pytest_sessionfinish,
 )

@@ -29,7 +29,7 @@ def ray_cluster(s3_server):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()

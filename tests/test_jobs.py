@@ -33,7 +33,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        ray.init(num_cpus=2, include_dashboard=False)
     yield
     ray.shutdown()
 

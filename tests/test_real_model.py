@@ -35,7 +35,7 @@ def ray_local():
     if not ray.is_initialized():
         # one busy process at a time here (the training worker, then the predictor actor): the suite's one thread
         # per process (conftest.py) would leave a core idle
-        ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}})
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}})
     yield
     ray.shutdown()
 

@@ -54,7 +54,7 @@ def ray_local(s3_server):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        ray.init(num_cpus=2, include_dashboard=False)
     yield
     if started:
         ray.shutdown()
