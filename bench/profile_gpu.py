@@ -8,7 +8,9 @@ called, without Ray. Not a test: it prints tables (and writes them with ``--out`
 Each variant runs the same batches (``--batch-size`` conversations, as ``inference.batch_size``; copies get new
 conversation ids, so no two copies share a batch or a prefix) and reports per stage: utterances, wall seconds
 (synced), utt/s, forward passes, decoding steps, the engine's prefill and decode seconds. A variant sets PredictorSpec
-fields (``max_batch_tokens=16384``) or ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``). The base model is
+fields (``max_batch_tokens=16384``), ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``) or ``grouped=0``
+(transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s grouped function) or
+``prefill_cudnn=1`` (cuDNN's SDPA for the prefills). The base model is
 SmolLM2-135M-Instruct without adapters (a merged adapter costs what the base costs); the cause stage reads the gold
 emotions (``inference.cause_input=gold``), so its share of utterances is gold's non-neutral share.
 
@@ -78,11 +80,14 @@ def run_variant(actor, tables, dev) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0, epoch0 = time.perf_counter(), time.time()
+    answers = {}
     for table in tables:
         out = actor(table).to_pylist()
         for r in out:
             utt["emotion"] += len(r["emotions"] or [])
             utt["cause"] += len(r["causes"] or [])
+            answers[r["uid"]] = ([(e["utterance"], e["label"]) for e in r["emotions"] or []],
+                                 [(c["utterance"], c["causes"]) for c in r["causes"] or []])
         engine = merge_engine(engine, out[0]["engine"])
     sync(dev)
     wall = time.perf_counter() - t0
@@ -92,10 +97,11 @@ def run_variant(actor, tables, dev) -> dict:
         stages[stage] = {"utterances": utt[stage], "seconds": round(e.get("seconds", 0.0), 3),
                          "prefill_s": round(e.get("prefill_s", 0.0), 3), "decode_s": round(e.get("decode_s", 0.0), 3),
                          "forward_passes": e.get("forward_passes"), "decode_steps": e.get("decode_steps"),
+                         **{k: round(e.get(k, 0.0), 3) for k in ("decode_wait_s", "decode_host_s", "decode_launch_s")},
                          "computed_tokens": e.get("computed_tokens"), "generated_tokens": e.get("generated_tokens")}
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
     return {"wall_s": round(wall, 3), "utterances": utt["emotion"], "utt_per_s": round(utt["emotion"] / wall, 1),
-            "peak_gib": round(peak, 2), "stages": stages,
+            "peak_gib": round(peak, 2), "stages": stages, "answers": answers,
             "epoch_start": round(epoch0, 3), "epoch_end": round(epoch0 + wall, 3)}
 
 
@@ -112,14 +118,21 @@ def torch_profile(actor, tables, dev, top: int) -> tuple[str, dict]:
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    ranges = sorted((e for e in events if e.key.startswith("mecpe.")), key=lambda e: e.key)
+    named = [f"{'range (mecpe.engine)':<24}{'calls':>7}{'host s':>9}{'GPU s':>9}  (GPU: kernels launched inside)"]
+    named += [f"{e.key:<24}{e.count:>7}{e.cpu_time_total / 1e6:>9.3f}{e.device_time_total / 1e6:>9.3f}"
+              for e in ranges]
     text = "\n".join([
         f"torch.profiler over {len(tables)} batches: wall {wall:.2f} s (profiler overhead included), GPU kernel time "
         f"{kernel_us / 1e6:.2f} s = {kernel_us / 1e6 / wall:.1%} of wall, kernel launches {launches}",
+        "", *named,
         "", "top CUDA kernels by total time",
         events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=70),
         "", "top host operators by self CPU time",
         events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=70)])
-    return text, {"wall_s": round(wall, 3), "kernel_s": round(kernel_us / 1e6, 3), "launches": launches}
+    return text, {"wall_s": round(wall, 3), "kernel_s": round(kernel_us / 1e6, 3), "launches": launches,
+                  "ranges": {e.key: {"calls": e.count, "host_s": round(e.cpu_time_total / 1e6, 3),
+                                     "gpu_s": round(e.device_time_total / 1e6, 3)} for e in ranges}}
 
 
 def forward_check(model, dev, rows: int, width: int = 2048) -> dict:
@@ -172,13 +185,14 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-profile", action="store_true")
     ap.add_argument("--forward-check", type=int, default=0, help="rows of the synthetic forward check (0: none)")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--trace", default=None, help="a Chrome trace (.json.gz) of the second batch of the first variant")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     from mecpe import readers, storage
     from mecpe.config import load_config
-    from mecpe.engine import packing
+    from mecpe.engine import attention, packing
     from mecpe.infer.driver import predictor_spec
     from mecpe.infer.stages import EmotionCausePredictor
 
@@ -201,21 +215,34 @@ def main(argv=None) -> int:
              f"base max_batch_tokens {spec.max_batch_tokens}, ROW_TOKENS {default_rows}; overrides {args.set}", "",
              f"{'variant':<14}{'stage':<9}{'utt':>8}{'wall s':>9}{'utt/s':>9}{'stage s':>9}{'prefill':>9}"
              f"{'decode':>9}{'passes':>8}{'steps':>7}"]
+    first: dict = {}
     for name, fields in variants:
         packing.ROW_TOKENS = int(fields.pop("row_tokens", default_rows))
+        attention.ENABLED = bool(fields.pop("grouped", True))
+        attention.PREFILL_CUDNN = bool(fields.pop("prefill_cudnn", False))
         actor.spec = dataclasses.replace(spec, **fields)
         got = run_variant(actor, tables, dev)
-        got["settings"] = {**fields, "row_tokens": packing.ROW_TOKENS}
+        got["settings"] = {**fields, "row_tokens": packing.ROW_TOKENS, "grouped": attention.ENABLED,
+                           "prefill_cudnn": attention.PREFILL_CUDNN}
+        answers = got.pop("answers")
+        first = first if report["variants"] else answers
+        same = [answers.get(k) == v for k, v in first.items()]
+        got["same_answers_as_first"] = round(sum(same) / len(same), 4)  # whole conversations: emotions and causes
         report["variants"][name] = got
         lines.append(f"{name:<14}{'all':<9}{got['utterances']:>8}{got['wall_s']:>9.2f}{got['utt_per_s']:>9.1f}"
-                     f"   peak {got['peak_gib']:.2f} GiB allocated")
+                     f"   peak {got['peak_gib']:.2f} GiB allocated; answers as the first variant's: "
+                     f"{got['same_answers_as_first']:.2%} of conversations")
         for stage, s in got["stages"].items():
             rate = s["utterances"] / s["seconds"] if s["seconds"] else 0.0
             lines.append(f"{'':<14}{stage:<9}{s['utterances']:>8}{'':>9}{rate:>9.1f}{s['seconds']:>9.2f}"
                          f"{s['prefill_s']:>9.2f}{s['decode_s']:>9.2f}{s['forward_passes'] or 0:>8}"
                          f"{s['decode_steps'] or 0:>7}")
-        print("\n".join(lines[-3:]), flush=True)
+        c = got["stages"]["cause"]
+        lines.append(f"{'':<14}decoding host time: waiting for tokens {c['decode_wait_s']:.2f} s, bookkeeping "
+                     f"{c['decode_host_s']:.2f} s, issuing forwards {c['decode_launch_s']:.2f} s")
+        print("\n".join(lines[-4:]), flush=True)
     packing.ROW_TOKENS = default_rows
+    attention.ENABLED, attention.PREFILL_CUDNN = True, False
     actor.spec = spec
     if args.forward_check:
         model = next(iter(actor.models.values()))
@@ -223,6 +250,19 @@ def main(argv=None) -> int:
         report["forward_check"] = fc
         lines += ["", f"forward check {fc}"]
         print(lines[-1], flush=True)
+    if args.trace:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            actor(tables[min(1, len(tables) - 1)])
+            sync(dev)
+        raw = str(Path(args.trace).with_suffix(""))
+        prof.export_chrome_trace(raw)
+        import gzip
+        import shutil
+        with open(raw, "rb") as src, gzip.open(args.trace, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(raw)
     if args.torch_profile:
         text, prof = torch_profile(actor, tables[:max(1, len(tables) // 3)], dev, args.top)
         report["torch_profile"] = prof

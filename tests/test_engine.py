@@ -200,3 +200,55 @@ def test_prompt_memos_equal_fresh_tokenization(convs):
     got = [short.emotion_prompt(conv, u.id) for u in conv.utterances]
     assert len({tuple(p.prefix) for p in got}) > 1
     assert got == [PromptBuilder(tok, max_prompt_tokens=60).emotion_prompt(conv, u.id) for u in conv.utterances]
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_grouped_sdpa_equals_transformers_sdpa(additive):
+    """The decoding steps' attention: grouped query heads stacked along the query axis over the cache as it is, against
+    transformers' SDPA function (which repeats the key/value heads); a mask shared by the heads, rows of it empty but
+    one key (a finished slot), and a prefill-sized call that keeps transformers' path."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from mecpe.engine.attention import grouped_sdpa
+    from mecpe.engine.runtime import mask_form
+
+    g = torch.Generator().manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    for q_len, keys in ((5, 37), (1, 37), (40, 40)):
+        query = torch.randn(2, 6, q_len, 8, generator=g)
+        key, value = torch.randn(2, 2, keys, 8, generator=g), torch.randn(2, 2, keys, 8, generator=g)
+        allowed = torch.rand(2, 1, q_len, keys, generator=g) < 0.4
+        allowed[..., 0] = True
+        mask = mask_form(allowed, "sdpa", torch.float32 if additive else None)
+        want, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.3)
+        got, _ = grouped_sdpa(module, query, key, value, mask, scaling=0.3)
+        assert got.shape == want.shape == (2, q_len, 6, 8)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the stacked mask is built once per mask object (one per forward, shared by its layers)
+    from mecpe.engine.attention import _stacked_mask
+
+    with torch.inference_mode():
+        mask = mask_form(torch.ones(2, 1, 5, 37, dtype=torch.bool), "sdpa", torch.float32 if additive else None)
+        first = _stacked_mask(mask, 3, 37)
+        assert _stacked_mask(mask, 3, 37) is first and first.shape == (2, 1, 15, 37) and first.stride(-2) % 16 == 0
+        assert _stacked_mask(mask, 3, 30) is not first
+
+
+def test_inference_switches_to_grouped_sdpa_and_back():
+    """The engine's inference block runs a model on SDPA through the grouped function, and leaves it on SDPA (a
+    training model scored by the validation callback); the additive SDPA mask's rows are 16-aligned (no pad copy)."""
+    from mecpe import modeling
+    from mecpe.config import ModelConfig, QuantizationConfig
+    from mecpe.engine.attention import NAME
+    from mecpe.engine.runtime import inference, mask_form
+
+    model, _ = modeling.load(ModelConfig(base=_tiny.tiny_model_dir()), QuantizationConfig(mode="none"))
+    assert model.config._attn_implementation == "sdpa"
+    with inference(model):
+        assert model.config._attn_implementation == NAME
+        assert all(layer.self_attn.config._attn_implementation == NAME for layer in model.model.layers)
+    assert model.config._attn_implementation == "sdpa"
+    m = mask_form(torch.ones(3, 1, 5, 37, dtype=torch.bool), "sdpa", torch.bfloat16)
+    assert m.shape == (3, 1, 5, 37) and m.stride(-2) % 16 == 0 and m.stride(0) % 16 == 0

@@ -10,10 +10,13 @@ when EOS is the only allowed token it is appended without a forward.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Hashable, Sequence
 
 import torch
+from torch.profiler import record_function
 
+from mecpe.engine.attention import prefill_kernels
 from mecpe.engine.cache import room_cache, select_rows
 from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments, to_device, visible
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
@@ -186,7 +189,8 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     """Greedy decoding of every block of a batch of packed rows at once (the module's docstring says how). Per step
     the host does one dict lookup or two per live slot and a constant number of tensor operations, and syncs once
     (reading the chosen tokens, which the decoders' state machines need)."""
-    lay = layout(batch, pad, dev)
+    with record_function("mecpe.decode.layout"):  # named ranges: bench/profile_gpu.py --torch-profile
+        lay = layout(batch, pad, dev)
     n_rows = len(batch)
     row_blocks: list[list[int]] = [[] for _ in range(n_rows)]  # the blocks of each row, in slot order
     for block, (i, _) in enumerate(lay.ends):
@@ -197,8 +201,9 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     cache = room_cache(model, n_slots * max_new_tokens)
     additive = additive_dtype(model, dev)
     t0 = synced(dev)
-    logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive),
-                               lay.pos, cache, at)
+    with record_function("mecpe.decode.prefill"), prefill_kernels(dev):
+        logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay), lay.pos, lay.pos,
+                                                                  additive), lay.pos, cache, at)
     stats.forward_passes += 1
     t1 = synced(dev)
     stats.prefill_s += t1 - t0
@@ -223,11 +228,16 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     # next-token logits of each live slot
     last = logits[to_device(torch.tensor([index[lay.ends[b]] for b in live_b]), dev)].float()
     eos_only = (decoder.eos,)
+    wait_s = host_s = launch_s = 0.0
     for step in range(max_new_tokens):
+        ta = time.perf_counter()
         rows = [masks.row(decoder.mask_key(states[b])) for b in live_b]
         if any(rows):
             last = last.masked_fill(masks.blocked[to_device(torch.tensor(rows), dev)], float("-inf"))
-        toks = last.argmax(-1).tolist()  # the step's one host sync
+        with record_function("mecpe.decode.pick"):
+            toks = last.argmax(-1).tolist()  # the step's one host sync
+        tb = time.perf_counter()
+        wait_s += tb - ta
         stats.generated_tokens += len(live_b)
         cont: list[int] = []  # indices into the live lists
         done_flat: list[int] = []  # row * n_slots + slot of the slots that finished
@@ -243,6 +253,7 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
             else:
                 cont.append(k)
         if not cont or step == max_new_tokens - 1:
+            host_s += time.perf_counter() - tb
             break
         if done_flat:
             idx = to_device(torch.tensor(done_flat), dev)
@@ -275,13 +286,19 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
         # each slot sees its own new column (a finished slot only that, so its softmax row is never empty)
         may_see[:, own, width - n_slots + own] = True
         mask = attention_mask(model, may_see[:, None], slot_position, col_pos, additive)
-        logits, cache = forward(model, to_device(torch.tensor(feed), dev), mask, slot_position, cache, n_slots)
+        tc = time.perf_counter()
+        host_s += tc - tb
+        with record_function("mecpe.decode.forward"):
+            logits, cache = forward(model, to_device(torch.tensor(feed), dev), mask, slot_position, cache, n_slots)
+        launch_s += time.perf_counter() - tc
         stats.forward_passes += 1
         stats.decode_steps += 1
         slot_position = slot_position + 1
         last = logits.reshape(-1, logits.shape[-1])[
             to_device(torch.tensor([i * n_slots + j for i, j in zip(live_i, live_j)]), dev)].float()
     stats.decode_s += synced(dev) - t1
+    stats.decode_wait_s, stats.decode_host_s = stats.decode_wait_s + wait_s, stats.decode_host_s + host_s
+    stats.decode_launch_s += launch_s
     return {lay.blocks[block].key: toks for block, toks in enumerate(generated)}
 
 

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from mecpe.engine.attention import NAME as GROUPED_SDPA, aligned_empty, grouped
 from mecpe.engine.cache import cache_argument, returned_cache
 from mecpe.engine.packing import to_device
 
@@ -32,14 +33,15 @@ def compute_dtype(model: Any) -> torch.dtype:
 
 @contextlib.contextmanager
 def inference(model: Any):
-    """inference_mode + eval (LoRA dropout off, restored after) + autocast to the compute dtype on CUDA."""
+    """inference_mode + eval (LoRA dropout off, restored after) + autocast to the compute dtype on CUDA + grouped-query
+    SDPA without KV copies (``mecpe.engine.attention``)."""
     was_training = model.training
     model.eval()
     dev, dt = device_of(model), compute_dtype(model)
     amp = (torch.autocast("cuda", dtype=dt) if dev.type == "cuda" and dt in (torch.float16, torch.bfloat16)
            else contextlib.nullcontext())
     try:
-        with torch.inference_mode(), amp:
+        with torch.inference_mode(), amp, grouped(model):
             yield dev
     finally:
         if was_training:
@@ -99,12 +101,18 @@ def mask_form(allowed: torch.Tensor, impl: str, additive: torch.dtype | None = N
     ``additive``: SDPA gets an additive mask of that dtype (the queries' dtype) instead of the bool one. SDPA turns a
     bool mask into that very tensor in every layer's call; built once per forward, it is one tensor instead of one
     per layer (issue #29 profile: the conversions were among the top host operators of every decoding step). The
-    minimum of the dtype, not -inf: the same softmax where a row may attend anywhere, no NaN where it may not."""
+    minimum of the dtype, not -inf: the same softmax where a row may attend anywhere, no NaN where it may not.
+    ``impl`` may be ``mecpe.engine.attention``'s grouped SDPA, which takes SDPA's masks."""
+    if impl == GROUPED_SDPA:
+        impl = "sdpa"
     if impl == "sdpa" and additive is None:
         return allowed
     if impl in ("sdpa", "eager"):
         dt = additive if impl == "sdpa" else torch.float32
-        return torch.zeros(allowed.shape, dtype=dt, device=allowed.device).masked_fill_(~allowed, torch.finfo(dt).min)
+        # rows padded to 16 columns: SDPA would otherwise pad a copy of the mask in every layer (issue #29 profile)
+        out = aligned_empty(tuple(allowed.shape), dt, allowed.device) if impl == "sdpa" else torch.empty(
+            allowed.shape, dtype=dt, device=allowed.device)
+        return out.fill_(0).masked_fill_(~allowed, torch.finfo(dt).min)
     raise ValueError(f"packed rows need attn_implementation 'sdpa' or 'eager' (arbitrary 4D masks), not {impl!r}")
 
 

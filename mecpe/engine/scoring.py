@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any, Hashable, Sequence
 
 import torch
+from torch.profiler import record_function
 
+from mecpe.engine.attention import prefill_kernels
 from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments, to_device
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
 from mecpe.engine.stats import StageStats
@@ -16,11 +18,13 @@ def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev) -> dict[
     """One forward without cache over packed rows; total answer log-probability of every candidate of every block
     (shared tokens + the candidate's continuation, EOS included). Only the predicting positions go through lm_head,
     and each one's log-normalizer is computed once (a position predicts the first token of all seven labels)."""
-    lay = layout(batch, pad, dev)
-    at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
-    index = {p: k for k, p in enumerate(at)}
-    mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive_dtype(model, dev))
-    logits, _ = forward_at(model, lay.ids, mask, lay.pos, None, at, use_cache=False)
+    with record_function("mecpe.score.layout"):  # named ranges: bench/profile_gpu.py --torch-profile
+        lay = layout(batch, pad, dev)
+        at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
+        index = {p: k for k, p in enumerate(at)}
+        mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive_dtype(model, dev))
+    with record_function("mecpe.score.forward"), prefill_kernels(dev):
+        logits, _ = forward_at(model, lay.ids, mask, lay.pos, None, at, use_cache=False)
     t = to_device(torch.tensor([(index[(i, c)], tok, g, j + 1) for i, c, tok, g, j in lay.targets]), dev)
     logits = logits.float()
     lp = logits[t[:, 0], t[:, 1]] - logits.logsumexp(-1)[t[:, 0]]

@@ -21,6 +21,11 @@ class StageStats:
     prefill_s: float = 0.0  # device time of the passes over whole prompts (scoring, decoding's first pass)
     decode_s: float = 0.0  # device time of the one-token-per-block decoding passes after it
     decode_steps: int = 0
+    # the decoding loop's host time by part (wall clock, no extra syncs): waiting for the step's tokens (the one sync:
+    # the device's queued work), the per-slot bookkeeping and mask building, and issuing the forward's kernels
+    decode_wait_s: float = 0.0
+    decode_host_s: float = 0.0
+    decode_launch_s: float = 0.0
 
     def add(self, other: "StageStats") -> "StageStats":
         """Add ``other``'s counters into these (an accumulator of several calls); returns self."""

@@ -1,0 +1,121 @@
+"""Grouped-query attention over the engine's masks without copying the KV cache per layer.
+
+transformers' SDPA path repeats every key/value head ``num_key_value_groups`` times (``repeat_kv``) whenever an
+attention mask is given and more than one query position is asked: on CUDA, SDPA's kernels that take a mask have
+no grouped-query mode. A decoding step of the engine feeds a few tokens per packed row (one per unfinished block)
+with a mask, so every layer of every step copied the whole cache to three times its size and the attention read the
+copy. Here the queries of the heads that share a key/value head are stacked along the query axis instead
+(``(B, H, Q, D)`` -> ``(B, H_kv, g*Q, D)``), and the mask rows with them: the same dot products and softmax rows,
+over the cache as it is. Used where few queries meet many keys (decoding); a prefill
+(queries as many as keys) would have to stack a mask as large as the keys squared, so it keeps transformers' path.
+SmolLM2-135M on an H100, 256 conversations a batch: a step's kernels 25.2 -> 9.6 ms, the same answers; the cause
+stage 715 -> 855 utt/s in one run, 797 -> 832 in another, since the host issuing a step (~30 ms) sets its pace
+(``bench/results/2026-12-06-decode-h100/how.txt``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+import torch
+
+NAME = "mecpe_grouped_sdpa"  # the attention implementation's name in transformers' registry
+FOLD_MAX_QUERIES = 4096  # fold when g * Q is at most this (decoding steps: tens to hundreds of queries a row)
+ENABLED = True  # bench/profile_gpu.py's A/B switch (variant key grouped=0)
+_ALIGN = 16  # SDPA's mem-efficient kernel wants the mask's row stride a multiple of this (else it pads a copy)
+
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` whose last dimension lives in a buffer padded to a multiple of 16, so
+    SDPA takes it as a mask without padding a copy of it in every layer (its mem-efficient kernel's rule)."""
+    last = shape[-1]
+    padded = -(-last // _ALIGN) * _ALIGN
+    return torch.empty((*shape[:-1], padded), dtype=dtype, device=device)[..., :last]
+
+
+def _stacked_mask(mask: torch.Tensor, g: int, keys: int) -> torch.Tensor:
+    """(B, 1, Q, K) -> (B, 1, g*Q, keys): row j*Q + s is query s's row, for each of the g stacked heads. Built once
+    per forward and kept on the mask itself (every layer of a forward gets the same mask object; it goes with it)."""
+    cached = getattr(mask, "_mecpe_stacked", None)
+    if cached is not None and cached[0] == (g, keys):
+        return cached[1]
+    b, _, q, _ = mask.shape
+    out = aligned_empty((b, 1, g * q, keys), mask.dtype, mask.device)
+    out.view(b, 1, g, q, keys).copy_(mask[:, :, None, :, :keys])
+    mask._mecpe_stacked = ((g, keys), out)
+    return out
+
+
+def grouped_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature. Stacks grouped query heads where a mask shared by all heads meets
+    few queries (decoding); anything else goes to transformers' own SDPA function unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = getattr(module, "num_key_value_groups", 1)
+    b, h, q, d = query.shape
+    plain = (g == 1 or q == 1 or attention_mask is None or not isinstance(attention_mask, torch.Tensor)
+             or attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or g * q > FOLD_MAX_QUERIES
+             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+             or kwargs.get("output_attentions"))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    kv = key.shape[1]
+    mask = _stacked_mask(attention_mask, g, key.shape[-2])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, kv, g * q, d), key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(b, h, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+PREFILL_CUDNN = False  # bench/profile_gpu.py's switch (variant key prefill_cudnn=1): cuDNN's SDPA for prefills
+
+
+@contextlib.contextmanager
+def prefill_kernels(dev):
+    """SDPA backends for one prefill forward. ``PREFILL_CUDNN``: cuDNN first (Hopper kernels that take a mask; a plan
+    per new shape, which a prefill of hundreds of milliseconds may afford and a decoding step may not:
+    ``mecpe.modeling.use_shape_agnostic_attention``), then the mem-efficient and math kernels."""
+    if not (PREFILL_CUDNN and dev.type == "cuda"):
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+                     set_priority=True):
+        yield
+
+
+@functools.lru_cache(maxsize=None)
+def register() -> str:
+    """Adds ``grouped_sdpa`` to transformers' attention registry (and SDPA's mask format under the same name, for
+    the masks transformers would build itself); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, grouped_sdpa)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+@contextlib.contextmanager
+def grouped(model: Any):
+    """Within the block, a model on transformers' SDPA attends through ``grouped_sdpa``; other implementations and
+    models whose attention cannot be switched are left as they are. Restored after (a training model scored by the
+    validation callback goes back to training on plain SDPA)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    switch = (ENABLED and getattr(cfg, "_attn_implementation", None) == "sdpa"
+              and hasattr(base, "set_attn_implementation")
+              and getattr(base, "_can_set_attn_implementation", lambda: False)())
+    if switch:
+        base.set_attn_implementation(register())
+    try:
+        yield
+    finally:
+        if switch:
+            base.set_attn_implementation("sdpa")
