@@ -134,6 +134,8 @@ def test_prefix_shared_logits_equal_full_prompts(tok, builder, tight, convs, att
     emos = _gold(convs)
     prompts = [bld.emotion_prompt(c, u.id) for bld in (builder, tight) for c in convs for u in c.utterances]
     prompts += [builder.cause_prompt(c, u.id, e) for c, e in zip(convs, emos) for u in c.utterances[:3]]
+    if attn == "eager":  # the eager mask form on every other prompt: its reference forwards were half the tier's time
+        prompts = prompts[::2]
     assert any(p.dropped_utterances for p in prompts), "the tight builder should shorten some prompts"
     with torch.inference_mode():
         ref = [model(torch.tensor([p.ids])).logits[0, -1].float() for p in prompts]
@@ -180,6 +182,7 @@ def test_label_scores_equal_brute_force(tok, builder, tight, convs, attn, arch):
     model = _sharpen(_load(attn, arch))
     for bld in (builder, tight):
         sub = convs[2:] if bld is tight else convs[:4]
+        sub = sub[-2:] if attn == "eager" else sub  # eager: the mask form on fewer brute-force references
         ref = {(ci, u.id): [_full_logprob(model, bld.emotion_prompt(c, u.id).ids, bld.emotion_answer(u.id, lab))
                             for lab in EMOTIONS]
                for ci, c in enumerate(sub) for u in c.utterances}
