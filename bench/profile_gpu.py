@@ -9,8 +9,7 @@ Each variant runs the same batches (``--batch-size`` conversations, as ``inferen
 conversation ids, so no two copies share a batch or a prefix) and reports per stage: utterances, wall seconds
 (synced), utt/s, forward passes, decoding steps, the engine's prefill and decode seconds. A variant sets PredictorSpec
 fields (``max_batch_tokens=16384``), ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``) or ``grouped=0``
-(transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s grouped function) or
-``prefill_cudnn=1`` (cuDNN's SDPA for the prefills). The base model is
+(transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s grouped function). The base model is
 SmolLM2-135M-Instruct without adapters (a merged adapter costs what the base costs); the cause stage reads the gold
 emotions (``inference.cause_input=gold``), so its share of utterances is gold's non-neutral share.
 
@@ -219,11 +218,9 @@ def main(argv=None) -> int:
     for name, fields in variants:
         packing.ROW_TOKENS = int(fields.pop("row_tokens", default_rows))
         attention.ENABLED = bool(fields.pop("grouped", True))
-        attention.PREFILL_CUDNN = bool(fields.pop("prefill_cudnn", False))
         actor.spec = dataclasses.replace(spec, **fields)
         got = run_variant(actor, tables, dev)
-        got["settings"] = {**fields, "row_tokens": packing.ROW_TOKENS, "grouped": attention.ENABLED,
-                           "prefill_cudnn": attention.PREFILL_CUDNN}
+        got["settings"] = {**fields, "row_tokens": packing.ROW_TOKENS, "grouped": attention.ENABLED}
         answers = got.pop("answers")
         first = first if report["variants"] else answers
         same = [answers.get(k) == v for k, v in first.items()]
@@ -242,7 +239,7 @@ def main(argv=None) -> int:
                      f"{c['decode_host_s']:.2f} s, issuing forwards {c['decode_launch_s']:.2f} s")
         print("\n".join(lines[-4:]), flush=True)
     packing.ROW_TOKENS = default_rows
-    attention.ENABLED, attention.PREFILL_CUDNN = True, False
+    attention.ENABLED = True
     actor.spec = spec
     if args.forward_check:
         model = next(iter(actor.models.values()))

@@ -72,24 +72,6 @@ def grouped_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     return out.reshape(b, h, q, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-PREFILL_CUDNN = False  # bench/profile_gpu.py's switch (variant key prefill_cudnn=1): cuDNN's SDPA for prefills
-
-
-@contextlib.contextmanager
-def prefill_kernels(dev):
-    """SDPA backends for one prefill forward. ``PREFILL_CUDNN``: cuDNN first (Hopper kernels that take a mask; a plan
-    per new shape, which a prefill of hundreds of milliseconds may afford and a decoding step may not:
-    ``mecpe.modeling.use_shape_agnostic_attention``), then the mem-efficient and math kernels."""
-    if not (PREFILL_CUDNN and dev.type == "cuda"):
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-                     set_priority=True):
-        yield
-
-
 @functools.lru_cache(maxsize=None)
 def register() -> str:
     """Adds ``grouped_sdpa`` to transformers' attention registry (and SDPA's mask format under the same name, for

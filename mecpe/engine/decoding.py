@@ -16,7 +16,6 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch.profiler import record_function
 
-from mecpe.engine.attention import prefill_kernels
 from mecpe.engine.cache import room_cache, select_rows
 from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments, to_device, visible
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
@@ -201,7 +200,7 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     cache = room_cache(model, n_slots * max_new_tokens)
     additive = additive_dtype(model, dev)
     t0 = synced(dev)
-    with record_function("mecpe.decode.prefill"), prefill_kernels(dev):
+    with record_function("mecpe.decode.prefill"):
         logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay), lay.pos, lay.pos,
                                                                   additive), lay.pos, cache, at)
     stats.forward_passes += 1

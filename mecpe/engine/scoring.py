@@ -8,7 +8,6 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch.profiler import record_function
 
-from mecpe.engine.attention import prefill_kernels
 from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments, to_device
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
 from mecpe.engine.stats import StageStats
@@ -23,7 +22,7 @@ def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev) -> dict[
         at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
         index = {p: k for k, p in enumerate(at)}
         mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive_dtype(model, dev))
-    with record_function("mecpe.score.forward"), prefill_kernels(dev):
+    with record_function("mecpe.score.forward"):
         logits, _ = forward_at(model, lay.ids, mask, lay.pos, None, at, use_cache=False)
     t = to_device(torch.tensor([(index[(i, c)], tok, g, j + 1) for i, c, tok, g, j in lay.targets]), dev)
     logits = logits.float()
