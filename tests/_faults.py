@@ -169,6 +169,34 @@ def sigkill(pid: int) -> None:
     os.kill(pid, signal.SIGKILL)
 
 
+def wait_job_gone(driver_pid: int, timeout: float = 60) -> None:
+    """After a driver's SIGKILL: wait until Ray has marked its job dead and every actor of the job is dead with its
+    process gone (the GCS tables of the Ray this process is connected to). Until then a writer actor of the killed
+    job may still finish the shard it had in flight, so what a test reads as "done before the rerun" could grow."""
+    import ray
+
+    def job_id():
+        return next((j["JobID"] for j in ray._private.state.jobs() if j.get("DriverPid") == driver_pid), None)
+
+    jid = wait_for(job_id, timeout, f"the job of driver pid {driver_pid} in the GCS job table")
+
+    def gone() -> bool:
+        if not next(j["IsDead"] for j in ray._private.state.jobs() if j["JobID"] == jid):
+            return False
+        actors = [a for a in ray._private.state.actors().values() if a.get("JobID") == jid]
+        return all(a.get("State") == "DEAD" and not _process_alive(a.get("Pid")) for a in actors)
+
+    wait_for(gone, timeout, f"job {jid}'s actors to be dead after its driver was killed", interval=0.1)
+
+
+def _process_alive(pid: int | None) -> bool:
+    """A process of this machine that has not exited (a zombie has)."""
+    try:
+        return bool(pid) and Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2,
               alive: Callable[[], bool] | None = None):
     """Poll until ``predicate()`` is truthy (returns it); fails after ``timeout`` s or when ``alive()`` turns False."""

@@ -32,7 +32,7 @@ from mecpe.config import load_config
 from mecpe.train import checkpoints
 
 from _cluster import StaticCluster, actor_nodes, drain, node_type_of
-from _faults import state_address, wait_for
+from _faults import state_address, wait_for, wait_job_gone
 from _tiny import REPO, tiny_model_dir, train_records
 
 pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
@@ -368,6 +368,7 @@ def test_all_t4_nodes_lost_then_resubmit(static_cluster, mirror, inputs, baselin
             static_cluster.preempt(node_id, deadline_s=1.0)
         proc.send_signal(signal.SIGKILL)
         proc.wait(60)
+        wait_job_gone(proc.pid)  # a shard the killed job's writer had in flight lands now or never
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -26,7 +26,7 @@ import pytest
 from mecpe import storage
 from mecpe.config import load_config
 
-from _faults import kill_busy_actor_task, local_ray, task_attempts, wait_for
+from _faults import kill_busy_actor_task, local_ray, task_attempts, wait_for, wait_job_gone
 from _tiny import REPO, tiny_model_dir
 
 pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
@@ -150,6 +150,7 @@ def test_job_sigkill_at_half_then_rerun(ray_address, tiny, input_file, gold, bas
                  "half of the records", interval=0.05, alive=lambda: proc.poll() is None)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(60) == -signal.SIGKILL
+        wait_job_gone(proc.pid)  # a shard the killed job's writer had in flight lands now or never
     finally:
         if proc.poll() is None:
             proc.kill()
