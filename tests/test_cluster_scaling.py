@@ -4,6 +4,7 @@ user submits it to the cloud cluster. Nodes are read from Ray (``ray.nodes()``, 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -86,6 +87,8 @@ def mirror(s3_root) -> str:
               "runs and the base model are in S3 (the job's config has no local path: it would be refused); the "
               "nodes are released after the idle timeout")
 def test_scale_from_zero_pipeline_job(autoscaling_head, mirror, s3_root):
+    """Also the suite's one run of ``jobs/configs/smoke.yaml``'s whole pipeline (every step, the validation step
+    with an emotion bias fitted), so it checks what that run must write: ``_check_smoke_outputs``."""
     import ray
 
     from mecpe import storage
@@ -97,7 +100,7 @@ def test_scale_from_zero_pipeline_job(autoscaling_head, mirror, s3_root):
     # folder, and a node starting up clears the runtime-env files that are the job workers' working directory.
     cmd = [str(BIN / "ray"), "job", "submit", "--address", autoscaling_head["head"].address, "--",
            sys.executable, str(REPO / "jobs" / "pipeline.py"), "--config", str(REPO / "jobs" / "configs" / "smoke.yaml"),
-           f"output_dir={out}", f"storage.path={out}/runs", *_cluster_overrides(mirror)]
+           f"output_dir={out}", f"storage.path={out}/runs", *_cluster_overrides(mirror), "validation.fit_emotion_bias=true"]
     seen: list[list[str]] = []
     types: dict[str, str] = {}  # node id -> type, read while the node is alive (a dead node reports no resources)
     done = threading.Event()
@@ -124,10 +127,55 @@ def test_scale_from_zero_pipeline_job(autoscaling_head, mirror, s3_root):
     predictors = set().union(*actor_nodes("EmotionCausePredictor").values())
     assert workers and {types[n] for n in workers} == {"a100"}, workers
     assert predictors and {types[n] for n in predictors} == {"t4"}, predictors
-    metrics = storage.read_json(f"{out}/metrics.json")
-    assert metrics["num_conversations_scored"] == 8
+    _check_smoke_outputs(out, log, limit_test=8)
     # released after the idle timeout
     wait_for(lambda: _alive_types() == ["head"], 120, "the worker nodes to be released")
+
+
+def _check_smoke_outputs(out: str, log: str, limit_test: int) -> None:
+    """What a run of the smoke config writes (local or S3 alike): every step, ``data.limit_test`` honoured (inference
+    and scoring on the first N test conversations, and the report says so); the validation step scored on the first 8
+    validation conversations with an emotion bias fitted there (applied or not by its 2-fold estimate), beside the
+    test figures; the sanity gate's warning exactly when one class takes over 90% of the uncalibrated predictions;
+    the report, its figures and the adapters' learning curves."""
+    from matplotlib.image import imread
+
+    from mecpe import storage
+
+    def read(rel: str) -> bytes:
+        return storage.read_bytes(f"{out}/{rel}")
+
+    assert "weighted_f1" in log and "cause stage:" in log and f"first {limit_test} of the 341" in log
+    assert "validation split (8 conversations" in log
+    val = storage.read_json(f"{out}/validation/metrics.json")
+    cal = storage.read_json(f"{out}/validation/calibration.json")
+    assert val["conversations"] == 8
+    assert cal["utterances"] == sum(len(c["conversation"]) for c in storage.read_json(f"{out}/data/val-first-8.json"))
+    assert storage.exists(f"{out}/validation/inference") == cal["applied"]
+    raw = storage.read_json(f"{out}/validation/raw/metrics.json")
+    predicted = [sum(col) for col in zip(*raw["emotion_confusion"])]
+    assert ("WARNING: validation split: " in log) == (max(predicted) / sum(predicted) > 0.9), predicted
+    assert storage.read_json(f"{out}/pipeline.json")["emotion_bias"] == (cal["bias"] if cal["applied"] else None)
+    report = read("report.md").decode()
+    assert "## Validation split" in report and f"first {limit_test} of the 341 test conversations" in report
+    pred = storage.read_json(f"{out}/Subtask_2_pred.json")
+    test_ids = [c["conversation_ID"] for c in storage.read_json(f"{out}/data/test.json")]
+    assert len(test_ids) == 341 and [c["conversation_ID"] for c in pred] == sorted(test_ids[:limit_test])
+    metrics = storage.read_json(f"{out}/metrics.json")
+    assert metrics["num_conversations_scored"] == limit_test and f"data.limit_test={limit_test}" in metrics["notes"][0]
+    assert storage.read_json(f"{out}/inference/summary.json")["conversations"] == limit_test
+    for key in ("precision_pair", "recall_pair", "f1_pair", "weighted_precision", "weighted_recall", "weighted_f1"):
+        assert isinstance(metrics[key], float)
+    assert all(emo in report for emo in ("anger", "disgust", "fear", "joy", "sadness", "surprise"))
+    assert "baseline" in report.lower() and len(metrics["emotion_confusion"]) == 7
+    png = read("confusion_matrix.png")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(io.BytesIO(png), format="png")
+    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
+    # the adapters' runs and their learning curves are in the report
+    assert set(metrics["adapters"]) == {"emotion", "cause"}
+    assert all(a["run_name"].startswith(t + "-") for t, a in metrics["adapters"].items())
+    assert read("learning_curves.png")[:4] == b"\x89PNG"
 
 
 @pytest.mark.reliability(

@@ -1,4 +1,6 @@
-"""The main job as users meet it: `mecpe pipeline`, `ray job submit` to a real Ray head, cluster.yaml, the report."""
+"""The main job as users meet it: `ray job submit` to a real Ray head, cluster.yaml, the configs and what they need.
+The smoke config's whole pipeline, with every output it writes, runs as a job on the autoscaling cluster
+(tests/test_cluster_scaling.py::test_scale_from_zero_pipeline_job)."""
 
 from __future__ import annotations
 
@@ -25,17 +27,6 @@ def tiny_model_dir():
     from _tiny import tiny_model_dir as build
 
     return build()
-
-
-@pytest.fixture()
-def ray_local():
-    """A local Ray instance for in-process pipeline runs, shut down so the job test's head has the cores."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_cluster_yaml_matches_ray_schema():
@@ -132,72 +123,6 @@ def test_liger_without_its_package_warns_once_and_trains_without_it(caplog):
     with caplog.at_level(logging.WARNING, logger="mecpe.train"):
         assert recipe._liger_installed() is False
     assert [r.getMessage() for r in caplog.records if ".[gpu]" in r.getMessage()], caplog.text
-
-
-def _check_report(out: Path):
-    from matplotlib.image import imread
-
-    metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("precision_pair", "recall_pair", "f1_pair", "weighted_precision", "weighted_recall", "weighted_f1"):
-        assert isinstance(metrics[key], float)
-    report = (out / "report.md").read_text()
-    for emo in ("anger", "disgust", "fear", "joy", "sadness", "surprise"):
-        assert emo in report
-    assert "baseline" in report.lower()
-    png = out / "confusion_matrix.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    img = imread(str(png))
-    assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200
-
-
-def test_pipeline_smoke_end_to_end(tmp_path, tiny_model_dir, ray_local, capsys):
-    """``mecpe pipeline`` with the smoke config: every step, and ``data.limit_test=12`` honoured: inference and
-    scoring on the first 12 test conversations only, and the report says so. With the validation step: the system
-    scored on the first 8 validation conversations and an emotion bias fitted there (applied or not by its 2-fold
-    estimate), in the report beside the test figures."""
-    from mecpe.cli import main
-
-    out = tmp_path / "smoke"
-    warnings: list[str] = []  # mecpe's handler writes to the stdout of the test that created it: read the records
-    catcher = logging.Handler(logging.WARNING)
-    catcher.emit = lambda record: warnings.append(record.getMessage())
-    logging.getLogger("mecpe").addHandler(catcher)
-    try:
-        rc = main(["pipeline", "--config", str(REPO / "jobs/configs/smoke.yaml"), f"output_dir={out}",
-                   f"storage.path={out}/runs", f"model.base={tiny_model_dir}", "validation.fit_emotion_bias=true"])
-    finally:
-        logging.getLogger("mecpe").removeHandler(catcher)
-    assert rc == 0
-    printed = capsys.readouterr().out
-    assert "weighted_f1" in printed and "cause stage:" in printed and "first 12 of the 341" in printed
-    assert "validation split (8 conversations" in printed
-    val = json.loads((out / "validation" / "metrics.json").read_text())
-    cal = json.loads((out / "validation" / "calibration.json").read_text())
-    assert val["conversations"] == 8 and cal["utterances"] == len([u for c in json.loads(
-        (out / "data" / "val-first-8.json").read_text()) for u in c["conversation"]])
-    assert (out / "validation" / "inference").exists() == cal["applied"]
-    # the sanity gate: the uncalibrated run's one-class share decides the warning (issue #30)
-    raw = json.loads((out / "validation" / "raw" / "metrics.json").read_text())
-    predicted = [sum(col) for col in zip(*raw["emotion_confusion"])]
-    flagged = any(w.startswith("WARNING: validation split: ") for w in warnings)
-    assert flagged == (max(predicted) / sum(predicted) > 0.9), (predicted, warnings)
-    pipe = json.loads((out / "pipeline.json").read_text())
-    assert pipe["emotion_bias"] == (cal["bias"] if cal["applied"] else None)
-    assert "## Validation split" in (out / "report.md").read_text()
-    pred = json.loads((out / "Subtask_2_pred.json").read_text())
-    test_ids = [c["conversation_ID"] for c in json.loads((out / "data" / "test.json").read_text())]
-    assert len(test_ids) == 341 and [c["conversation_ID"] for c in pred] == sorted(test_ids[:12])
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_conversations_scored"] == 12 and "data.limit_test=12" in metrics["notes"][0]
-    assert "first 12 of the 341 test conversations" in (out / "report.md").read_text()
-    summary = json.loads((out / "inference" / "summary.json").read_text())
-    assert summary["conversations"] == 12
-    _check_report(out)
-    assert len(metrics["emotion_confusion"]) == 7
-    # the adapters' runs and their learning curves are in the report
-    assert set(metrics["adapters"]) == {"emotion", "cause"}
-    assert all(a["run_name"].startswith(t + "-") for t, a in metrics["adapters"].items())
-    assert (out / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.fixture()

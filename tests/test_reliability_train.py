@@ -55,6 +55,7 @@ def _overrides(tiny: str, output_dir: str, storage_path: str, **extra) -> list[s
     values = {
         "output_dir": output_dir, "model.base": tiny, "quantization.mode": "nf4", "prompt.max_prompt_tokens": 512,
         "data.limit_val": 2, "training.max_steps": MAX_STEPS, "training.per_device_batch_size": 2,
+        "training.max_batch_tokens": 1536,  # seeded token-budget batches, as the recipes train: resumes skip the seen ones
         "training.grad_accum": 1, "training.learning_rate": 3e-3, "training.warmup_ratio": 0.0,
         "training.optim": "adamw_torch", "training.save_steps": SAVE_STEPS, "training.logging_steps": 1,
         "scaling.num_workers": 1, "scaling.resources_per_worker": "{CPU: 2}", "storage.path": storage_path, **extra}
@@ -178,6 +179,9 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_address, tiny, tmp_path
     assert resumed is not None and resumed >= kill_after * SAVE_STEPS and resumed % SAVE_STEPS == 0
     assert resumed < MAX_STEPS
     _check_finished(res, resumed, uninterrupted)
+    assert res.metrics["train_loss"] == pytest.approx(sum(_losses(res.metrics)) / MAX_STEPS)  # whole run, not this attempt
+    # the killed attempt's curves were synced at its checkpoint, beside the finishing attempt's
+    assert len(storage.list_files(storage.join(run_dir, "tensorboard"), suffixes=None)) >= 2
     # written once, after the kill, by the attempt that finished
     adapter = Path(res.adapter_uri)
     assert all(p.stat().st_mtime >= killed_at for p in adapter.iterdir())

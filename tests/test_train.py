@@ -356,29 +356,6 @@ def test_unloadable_base_stops_the_run_without_restarts(ray_local, tiny, splits,
     assert str(base) in str(err.value)
 
 
-def test_killed_worker_resumes_and_matches_uninterrupted(ray_local, tiny, splits, tmp_path):
-    """A worker SIGKILLed once Ray Train registered the step-2 checkpoint: Ray Train restarts it, HF resumes from the
-    newest complete checkpoint, and every step's loss equals an uninterrupted run's (optimizer, scheduler, RNG and the
-    seeded token-budget batch order restored, the batches already seen skipped, not redrawn)."""
-    runs = str(tmp_path / "runs")
-    cfg = _cfg(tiny, runs, max_steps=6, save_steps=2, max_batch_tokens=1536)
-    killed, kill = train_with_worker_kill(lambda: run_training(cfg, "emotion", train_convs_uri=splits["train"]),
-                                          _run_dir(cfg, "emotion", splits["train"]), after_step=2)
-    m = killed.metrics
-    assert 2 <= kill["registered_step"] <= m["resumed_from_step"] < 6 and m["first_logged_step"] > 2
-    assert killed.global_step == 6 == m["global_step"]
-    # the history restored from the checkpoint continues without a gap or a repeat
-    assert [s for s, _ in _losses(m)] == [1, 2, 3, 4, 5, 6]
-    assert m["train_loss"] == pytest.approx(sum(x for _, x in _losses(m)) / 6)  # whole run, not this attempt
-    _check_adapter(killed.adapter_uri)
-    events = storage.list_files(storage.join(killed.run_dir, "tensorboard"), suffixes=None)
-    assert len(events) >= 2  # the killed attempt's curves were synced at its checkpoint
-    whole = run_training(_cfg(tiny, runs + "-whole", max_steps=6, save_steps=2, max_batch_tokens=1536), "emotion",
-                         train_convs_uri=splits["train"])
-    assert whole.metrics["resumed_from_step"] is None and not whole.reused
-    assert [x for _, x in _losses(m)] == pytest.approx([x for _, x in _losses(whole.metrics)], rel=1e-4)
-
-
 def test_s3_storage_checkpoints_and_adapter(ray_local, s3_server, tiny, splits):
     """Checkpoints and the adapter land in S3 (moto on loopback); a worker killed after the step-2 checkpoint
     resumes from S3."""
