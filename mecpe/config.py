@@ -30,6 +30,8 @@ from mecpe.labels import EMOTIONS
 DEFAULT_DATA_DIR = "../shared/data/ecf"
 
 
+DecodeStep = Literal["dynamic", "static", "graph"]  # inference.decode_step (mecpe.engine.steps)
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -207,6 +209,12 @@ class InferenceConfig(_Strict):
                             "(no LoRA matmuls at inference: fewer FLOPs and kernels); auto = when quantization.mode is "
                             "none (a small bf16/fp32 base such as SmolLM2), never for NF4 (a merged 13B would be "
                             "bf16, twice); merging in bf16 rounds the merged weights, so scores move in the last bits")
+    decode_step: DecodeStep = Field(
+        "dynamic", description="how cause decoding steps run: dynamic (the mask and cache grow a column per slot and "
+                               "finished rows leave the batch), static (fixed shapes for a whole batch: the cache's "
+                               "preallocated room, one mask opened a column at a time), graph (static, each step one "
+                               "CUDA graph replay on a GPU: the host issues one launch instead of every operator); "
+                               "models with sliding-window layers always run dynamic")
     gpu_memory_gib: float | None = Field(
         None, description="cap each predictor actor's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. "
                           "15 to run fractional actors on one large GPU as T4-sized ones; null = no cap")

@@ -184,9 +184,10 @@ def cause_literal(tokenizer: PreTrainedTokenizerBase, builder: PromptSource, for
 def cause_answer_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, builder: PromptSource,
                      conversations: Sequence[Conversation], emotions: Sequence[Mapping[int, str]], *,
                      max_new_tokens: int = 24, max_batch_tokens: int = 16384, reuse_prefix: bool = True,
-                     constrained: bool = True) -> StageOutput[tuple[list[int], int]]:
+                     constrained: bool = True, decode_step: str = "dynamic") -> StageOutput[tuple[list[int], int]]:
     """Raw cause answers: per conversation ``{utt_id: (answer token ids, dropped)}`` for the non-neutral
-    utterances; the ids are the forced start + the generated tokens (EOS last when the answer finished)."""
+    utterances; the ids are the forced start + the generated tokens (EOS last when the answer finished).
+    ``decode_step``: how the decoding steps run (``mecpe.engine.steps``)."""
     stats = StageStats()
     t0 = time.perf_counter()
     prompts = [((ci, u.id), builder.cause_prompt(conv, u.id, emotions[ci]))
@@ -202,7 +203,7 @@ def cause_answer_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     items = [(prefix_key(p.prefix), Block(k, list(p.question) + forced, room=max_new_tokens,
                                      data=len(conversations[k[0]].utterances))) for k, p in prompts]
     gen = decoding.generate(model, tokenizer, items, reuse_prefix=reuse_prefix, max_batch_tokens=max_batch_tokens,
-                            max_new_tokens=max_new_tokens, decoder=decoder, stats=stats)
+                            max_new_tokens=max_new_tokens, decoder=decoder, stats=stats, step=decode_step)
     out: list[dict[int, tuple[list[int], int]]] = [{} for _ in conversations]
     for (ci, uid), p in prompts:
         out[ci][uid] = (list(forced) + gen[(ci, uid)], p.dropped_utterances)
@@ -215,11 +216,12 @@ def cause_answer_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 def predict_causes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, builder: PromptSource,
                    conversations: Sequence[Conversation], emotions: Sequence[Mapping[int, str]], *,
                    max_new_tokens: int = 24, max_batch_tokens: int = 16384, reuse_prefix: bool = True,
-                   constrained: bool = True) -> StageOutput[CauseResult]:
+                   constrained: bool = True, decode_step: str = "dynamic") -> StageOutput[CauseResult]:
     """Cause utterance ids of every non-neutral utterance (given ``emotions``, e.g. stage 1's predictions), per
     conversation ``{utt_id: CauseResult}``; neutral utterances get no entry. Parsed by ``parse_causes``."""
     answers = cause_answer_ids(model, tokenizer, builder, conversations, emotions, max_new_tokens=max_new_tokens,
-                               max_batch_tokens=max_batch_tokens, reuse_prefix=reuse_prefix, constrained=constrained)
+                               max_batch_tokens=max_batch_tokens, reuse_prefix=reuse_prefix, constrained=constrained,
+                               decode_step=decode_step)
     out = []
     for conv, got in zip(conversations, answers.results):
         res = {}

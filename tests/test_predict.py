@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import _tiny
+from mecpe.engine.steps import FixedStep
 from mecpe.labels import EMOTIONS
 
 TEST_FILE = _tiny.DATA_DIR / "NUSTM_SemEval-2024_ECAC" / "data" / "Subtask_2_test.json"
@@ -273,19 +274,25 @@ def _brute_greedy(model, prompt_ids, steps, allowed_fn, advance_fn, state):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("constrained", [True, False])
-def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, constrained, arch):
+@pytest.mark.parametrize("step", ["dynamic", "static", "graph"])
+def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, constrained, arch, step, monkeypatch):
     """Packed rows + shared prefix cache + one token per question per step == full-prompt greedy decoding (on
-    Gemma-3, a step's sliding layers see the cached keys of the last 24 positions only)."""
+    Gemma-3, a step's sliding layers see the cached keys of the last 24 positions only). ``static``: the steps at
+    fixed shapes (mecpe.engine.steps; what a CUDA graph replays; ``graph`` without CUDA runs them eagerly), which a
+    model with sliding layers declines."""
     from mecpe import predict
     from mecpe.engine import decoding
     from mecpe.engine.packing import Block
 
+    fixed = []
+    monkeypatch.setattr(decoding, "FixedStep", lambda *a, **k: fixed.append(1) or FixedStep(*a, **k))
     model = sharp(arch)
     emos = _gold(convs)
     emos = [{u: ("anger" if i % 2 else "neutral") for i, u in enumerate(e)} for e in emos]
     steps = 12
     got = predict.cause_answer_ids(model, tok, builder, convs, emos, constrained=constrained, max_new_tokens=steps,
-                                   max_batch_tokens=1200).results
+                                   max_batch_tokens=1200, decode_step=step).results
+    assert bool(fixed) == (step != "dynamic" and arch == "llama"), (len(fixed), step, arch)
     forced = predict.forced_cause_start(builder) if constrained else []
     if constrained:
         dec = decoding.ListDecoder(tok.eos_token_id, decoding.token_pieces(tok),

@@ -6,6 +6,8 @@ wraps that in actors). One module per concern:
     runtime.py    model plumbing: device, compute dtype, inference mode, masks in the attention's form, one forward
     scoring.py    emotion label scoring: one forward without cache per batch of packed rows
     decoding.py   greedy "tree" decoding on packed rows and the decoders (free, trie, cause list)
+    steps.py      decoding steps at fixed shapes (``inference.decode_step``: static, or one CUDA graph replay)
+    attention.py  grouped-query SDPA over the engine's masks (no per-layer copy of the KV cache)
     stats.py      ``StageStats``: the work counters each call returns
 
 Everything runs on *packed rows*: a row holds a conversation prefix (``PromptIds.prefix``: chat head +
@@ -37,7 +39,9 @@ tensor, and a decoding step syncs once (the chosen tokens, which the state machi
 tensor operations whatever the number of live blocks. Decoding steps attend through ``attention.grouped_sdpa``: the
 query heads sharing a key/value head stacked on the query axis, so no layer repeats the KV cache (transformers'
 SDPA does whenever a mask is given). A step is still bound by the host issuing its operators (~30 ms against ~10 ms
-of kernels on an H100: ``bench/results/2026-12-06-decode-h100``).
+of kernels on an H100: ``bench/results/2026-12-06-decode-h100``); ``inference.decode_step: graph`` runs the steps at
+fixed shapes (``steps.py``) and replays each as one CUDA graph (exact on CPU in its static form; not yet measured on
+a GPU).
 
 Exactness: in fp32 the packed computation equals running every full prompt alone up to float reassociation
 (tests: 1e-4). Padding keys are always masked; padding queries attend to themselves only, so no fully-masked

@@ -24,6 +24,11 @@ def _room_layer_class() -> type:
         reserve = 0
 
         def update(self, key_states, value_states, *args, **kwargs):
+            at = getattr(self, "_write_at", None)
+            if at is not None:  # fixed shapes (``fix_room``): write at the given columns, hand over the whole room
+                self._kb.index_copy_(2, at, key_states)
+                self._vb.index_copy_(2, at, value_states)
+                return self._kb, self._vb
             n = key_states.shape[-2]
             used = self.keys.shape[-2] if self.is_initialized and self.keys is not None and self.keys.dim() == 4 else 0
             kb = getattr(self, "_kb", None)
@@ -65,6 +70,22 @@ def room_cache(model: Any, reserve: int) -> Any:
     cache = DynamicCache()
     cache.layers = layers
     return cache
+
+
+def fix_room(cache: Any, write_at: torch.Tensor) -> int:
+    """Turn a prefilled ``room_cache`` into one of fixed shapes, for decoding steps that must not change shape (a
+    static step, a CUDA graph): each update writes its keys and values at the columns ``write_at`` (a device tensor
+    the caller advances in place) and every layer hands attention its whole room, written or not; the mask must hide
+    what is not written yet. The unwritten room is zeroed, since uninitialised memory may hold NaN, which a masked
+    score or a zero attention weight would still carry into the output. Returns the room's width."""
+    width = 0
+    for layer in cache.layers:
+        used = layer.keys.shape[-2]
+        layer._kb[:, :, used:].zero_()
+        layer._vb[:, :, used:].zero_()
+        layer.keys, layer.values, layer._write_at = layer._kb, layer._vb, write_at
+        width = layer._kb.shape[-2]
+    return width
 
 
 def select_rows(cache: Any, idx: torch.Tensor) -> Any:

@@ -20,6 +20,7 @@ from mecpe.engine.cache import room_cache, select_rows
 from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments, to_device, visible
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
 from mecpe.engine.stats import StageStats
+from mecpe.engine.steps import FixedStep, supports_fixed_shapes
 
 FINISHED = -3  # the segment and block of a slot that is empty or whose block finished
 
@@ -184,10 +185,12 @@ class _MaskTable:
 
 
 def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new_tokens: int, decoder: Decoder,
-                  stats: StageStats) -> dict[Hashable, list[int]]:
+                  stats: StageStats, step: str = "dynamic") -> dict[Hashable, list[int]]:
     """Greedy decoding of every block of a batch of packed rows at once (the module's docstring says how). Per step
     the host does one dict lookup or two per live slot and a constant number of tensor operations, and syncs once
-    (reading the chosen tokens, which the decoders' state machines need)."""
+    (reading the chosen tokens, which the decoders' state machines need). ``step``: ``dynamic`` grows the mask and
+    drops finished rows; ``static`` and ``graph`` run every step at the batch's fixed shapes
+    (``mecpe.engine.steps``), ``graph`` as one CUDA graph replayed per step on CUDA."""
     with record_function("mecpe.decode.layout"):  # named ranges: bench/profile_gpu.py --torch-profile
         lay = layout(batch, pad, dev)
     n_rows = len(batch)
@@ -227,8 +230,12 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     # next-token logits of each live slot
     last = logits[to_device(torch.tensor([index[lay.ends[b]] for b in live_b]), dev)].float()
     eos_only = (decoder.eos,)
+    fixed = None
+    if step != "dynamic" and supports_fixed_shapes(model):
+        allowed = visible(slot_segment, slot_block, torch.zeros_like(slot_block), lay.seg, lay.blk, lay.alt)
+        fixed = FixedStep(model, cache, allowed, slot_position, pad, additive, graph=step == "graph")
     wait_s = host_s = launch_s = 0.0
-    for step in range(max_new_tokens):
+    for n_step in range(max_new_tokens):
         ta = time.perf_counter()
         rows = [masks.row(decoder.mask_key(states[b])) for b in live_b]
         if any(rows):
@@ -251,9 +258,24 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
                 done_flat.append(live_i[k] * n_slots + live_j[k])
             else:
                 cont.append(k)
-        if not cont or step == max_new_tokens - 1:
+        if not cont or n_step == max_new_tokens - 1:
             host_s += time.perf_counter() - tb
             break
+        if fixed is not None:  # rows stay, finished slots feed padding only they see
+            live_i, live_j, live_b = [live_i[k] for k in cont], [live_j[k] for k in cont], [live_b[k] for k in cont]
+            feed = [[pad] * n_slots for _ in range(n_rows)]
+            for i, j, k in zip(live_i, live_j, cont):
+                feed[i][j] = toks[k]
+            tc = time.perf_counter()
+            host_s += tc - tb
+            with record_function("mecpe.decode.forward"):
+                logits = fixed(feed)
+            launch_s += time.perf_counter() - tc
+            stats.forward_passes += 1
+            stats.decode_steps += 1
+            last = logits.reshape(-1, logits.shape[-1])[
+                to_device(torch.tensor([i * n_slots + j for i, j in zip(live_i, live_j)]), dev)].float()
+            continue
         if done_flat:
             idx = to_device(torch.tensor(done_flat), dev)
             slot_segment.view(-1).index_fill_(0, idx, FINISHED)
@@ -302,14 +324,14 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
 
 
 def generate(model: Any, tokenizer: Any, items: Sequence[tuple[tuple[int, ...], Block]], *, reuse_prefix: bool,
-             max_batch_tokens: int, max_new_tokens: int, decoder: Decoder, stats: StageStats
+             max_batch_tokens: int, max_new_tokens: int, decoder: Decoder, stats: StageStats, step: str = "dynamic"
              ) -> dict[Hashable, list[int]]:
     """The greedy answer tokens of every block by its key (``items``: (prefix ids, block)); adds the work to
-    ``stats``."""
+    ``stats``. ``step``: how decoding steps run (``_decode_batch``; the values are ``inference.decode_step``'s)."""
     pad = pad_id(tokenizer)
     out: dict[Hashable, list[int]] = {}
     with inference(model) as dev:
         for batch in batches(segments(items, reuse_prefix, max_batch_tokens), max_batch_tokens):
             stats.computed_tokens += sum(len(p) + sum(len(b.question) for b in bl) for row in batch for p, bl in row)
-            out.update(_decode_batch(model, batch, pad, dev, max_new_tokens, decoder, stats))
+            out.update(_decode_batch(model, batch, pad, dev, max_new_tokens, decoder, stats, step))
     return out

@@ -134,6 +134,7 @@ class PredictorSpec:
     storage_settings: dict
     merge_adapters: bool | str = "auto"  # inference.merge_adapters: each stage its own base, adapter merged
     gpu_memory_gib: float | None = None  # inference.gpu_memory_gib: this actor's CUDA memory cap
+    decode_step: str = "dynamic"  # inference.decode_step: how decoding steps run (mecpe.engine.steps)
 
 
 class _Predictor:
@@ -199,7 +200,7 @@ class _Predictor:
                                         bias=list(spec.emotion_bias) if spec.emotion_bias else None)
             return predict_causes(model, self.tokenizer, self.builder, convs, shown,
                                   max_new_tokens=spec.max_new_tokens, max_batch_tokens=spec.max_batch_tokens,
-                                  reuse_prefix=spec.reuse_prefix)
+                                  reuse_prefix=spec.reuse_prefix, decode_step=spec.decode_step)
 
     def _cause_emotions(self, conv, row: dict) -> dict[int, str]:
         """The emotions the cause stage reads: stage 1's predictions (the method), or with
