@@ -146,6 +146,10 @@ class TrainingConfig(_Strict):
         "gold", description="emotions shown to the cause model in training: gold, predicted or noised")
     cause_noise_rate: float = Field(0.2, description="share of utterance emotions replaced at random when "
                                                      "cause_emotions=noised")
+    emotion_balance: float = Field(0.0, ge=0.0, le=1.0, description=(
+        "class balance of the emotion training targets: each target of label L is trained round((n_max / n_L) ** "
+        "emotion_balance) times (n: targets per label in the training split; as repeated answer blocks, so the "
+        "same as a loss weight); 0 = as they come, 0.5 = square-root balance, 1 = every label weighs the same"))
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod

@@ -120,6 +120,34 @@ def test_labels_mask_everything_but_answer_and_eos(tok):
         assert tok.pad_token_id != tok.eos_token_id
 
 
+def test_emotion_balance_repeats_each_label_by_its_weight(tok):
+    """``training.emotion_balance``: round((n_max / n_label) ** balance) copies of every emotion target, counted on
+    the training conversations; packed rows hold each copy as its own answer block (so a label's loss weighs that
+    many times); the cause task and balance 0 are untouched."""
+    from collections import Counter
+
+    convs = conversations(30)
+    counts = Counter(u.emotion for c in convs for u in c.utterances)
+    top = max(counts.values())
+    assert examples.emotion_repeats(convs, 0.0) == {e: 1 for e in EMOTIONS}
+    full = examples.emotion_repeats(convs, 1.0)
+    assert full == {e: max(1, round(top / counts[e])) if counts[e] else 1 for e in EMOTIONS}
+    assert len(set(full.values())) > 2 and full[counts.most_common(1)[0][0]] == 1
+    half = examples.emotion_repeats(convs, 0.5)
+    assert all(half[e] <= full[e] for e in EMOTIONS) and half != full
+    builder = PromptBuilder(tok, 512)
+    plain, _ = examples.build_packed_rows("emotion", convs, builder)
+    rows, stats = examples.build_packed_rows("emotion", convs, builder, repeats=full)
+    per_utt = Counter((r["conv_id"], u) for r in rows for u in r["utt_ids"])
+    label = {(str(c.id), u.id): u.emotion for c in convs for u in c.utterances}
+    assert per_utt == {k: full[label[k]] for k in label}
+    assert stats["examples"] == sum(full[e] for e in label.values())
+    # the copies are answer blocks behind their conversation's one prefix, not examples of their own
+    assert sum(r["length"] for r in plain) < sum(r["length"] for r in rows) < stats["example_tokens"] / 3
+    cause, _ = examples.build_packed_rows("cause", convs, builder, repeats=full)
+    assert cause == examples.build_packed_rows("cause", convs, builder)[0]
+
+
 def test_over_budget_examples_are_reported_not_cut(tok):
     convs = conversations(4)
     builder = PromptBuilder(tok, 60)  # smaller than any prompt's fixed part: nothing can fit

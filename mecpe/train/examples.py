@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections import Counter
 from typing import Any, Mapping, Sequence
 
 from mecpe import storage
@@ -86,21 +87,38 @@ def _stats(convs: Sequence[Any], targets: list[tuple[Any, int, Any, list[int]]],
             "example_tokens": sum(lengths)}
 
 
-def _all_targets(task: str, convs: Sequence[Any], builder: Any, emotions_of: Any):
+def emotion_repeats(convs: Sequence[Any], balance: float) -> dict[str, int]:
+    """How many times each emotion's training targets are trained (``training.emotion_balance``): round((n_max /
+    n_label) ** balance), at least once, n counted over ``convs``' utterances (labels absent from them: once)."""
+    counts = Counter(u.emotion for conv in convs for u in conv.utterances)
+    top = max(counts.values(), default=0)
+    return {label: max(1, round((top / counts[label]) ** balance)) if counts[label] else 1 for label in EMOTIONS}
+
+
+def _all_targets(task: str, convs: Sequence[Any], builder: Any, emotions_of: Any,
+                 repeats: Mapping[str, int] | None = None):
+    """Every target of ``convs`` as (conv, utterance id, prompt, answer); an emotion target ``repeats[label]`` times
+    in a row (a repeated answer block in a packed row: the same as weighting its loss)."""
     if task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
-    return [(conv, uid, prompt, answer) for conv in convs
-            for uid, prompt, answer in _targets(task, conv, builder, emotions_of)]
+    out = []
+    for conv in convs:
+        labels = {u.id: u.emotion for u in conv.utterances}
+        for uid, prompt, answer in _targets(task, conv, builder, emotions_of):
+            times = repeats.get(labels[uid], 1) if repeats and task == "emotion" else 1
+            out += [(conv, uid, prompt, answer)] * times
+    return out
 
 
 def build_examples(task: str, convs: Sequence[Any], builder: Any, *, max_answer_tokens: int = 64,
-                   emotions_of: Any = None) -> tuple[list[dict], dict]:
+                   emotions_of: Any = None, repeats: Mapping[str, int] | None = None) -> tuple[list[dict], dict]:
     """One pre-tokenized example per target (``input_ids``, ``labels`` = -100 on the prompt, ``length``, ids) and
     their stats.
 
     ``builder`` is a ``mecpe.prompts.PromptBuilder``; ``emotions_of(conv) -> {utt: label}`` gives the emotions
-    the cause model reads (default: gold). Over-budget examples are kept (never cut) and listed in the stats."""
-    targets = _all_targets(task, convs, builder, emotions_of)
+    the cause model reads (default: gold); ``repeats``: ``emotion_repeats``. Over-budget examples are kept (never
+    cut) and listed in the stats."""
+    targets = _all_targets(task, convs, builder, emotions_of, repeats)
     rows = [{"input_ids": p.ids + list(a), "labels": [-100] * len(p) + list(a), "length": len(p) + len(a),
              "conv_id": str(conv.id), "utt_id": int(uid)} for conv, uid, p, a in targets]
     stats = _stats(convs, targets, builder.max_prompt_tokens + max_answer_tokens)
@@ -112,7 +130,8 @@ ROW_TOKENS = 2048  # a packed row holds one prefix and as many of its targets as
 
 
 def build_packed_rows(task: str, convs: Sequence[Any], builder: Any, *, max_answer_tokens: int = 64,
-                      emotions_of: Any = None, row_tokens: int = ROW_TOKENS) -> tuple[list[dict], dict]:
+                      emotions_of: Any = None, row_tokens: int = ROW_TOKENS,
+                      repeats: Mapping[str, int] | None = None) -> tuple[list[dict], dict]:
     """The same examples as ``build_examples``, with each conversation's prompt prefix (chat head + conversation,
     identical for all its targets) computed once: a row is ``prefix, question_1 answer_1, question_2 answer_2, ...``.
 
@@ -121,7 +140,7 @@ def build_packed_rows(task: str, convs: Sequence[Any], builder: Any, *, max_answ
     answer token the logits of its own example: the same loss and gradients as one row per example, at a fraction
     of the tokens (a conversation of 10 utterances: ~750 tokens instead of ~4,000). Prompts shortened to fit the
     budget have a prefix of their own and start their own row."""
-    targets = _all_targets(task, convs, builder, emotions_of)
+    targets = _all_targets(task, convs, builder, emotions_of, repeats)
     rows: list[dict] = []
 
     def flush(conv, prefix, blocks) -> None:

@@ -24,8 +24,8 @@ from mecpe.errors import InputError
 from mecpe.layout import TrainRunLayout
 from mecpe.prompts import PromptBuilder
 from mecpe.train.examples import (
-    PackedCollator, TokenBudgetBatchSampler, build_examples, build_packed_rows, read_split, shown_emotions,
-    window_packed_masks,
+    PackedCollator, TokenBudgetBatchSampler, build_examples, build_packed_rows, emotion_repeats, read_split,
+    shown_emotions, window_packed_masks,
 )
 
 log = logging.getLogger("mecpe.train")
@@ -96,10 +96,16 @@ def _setup_examples(w: Worker, builder: PromptBuilder) -> tuple[dict, dict]:
     splits = {"train": read_split(spec.train_uri, spec.limit_train),
               "val": read_split(spec.val_uri, spec.limit_val)}
     build = build_packed_rows if tcfg.reuse_prefix else build_examples
+    repeats = (emotion_repeats(splits["train"], tcfg.emotion_balance)
+               if spec.task == "emotion" and tcfg.emotion_balance > 0 else None)
+    if repeats and w.rank == 0:
+        log.info("emotion/train: targets repeated per label (training.emotion_balance=%g): %s", tcfg.emotion_balance,
+                 repeats)
     rows, stats = {}, {}
     for name, convs in splits.items():
         rows[name], stats[name] = build(spec.task, convs, builder, emotions_of=emotions_of,
-                                        max_answer_tokens=spec.prompt.max_answer_tokens)
+                                        max_answer_tokens=spec.prompt.max_answer_tokens,
+                                        repeats=repeats if name == "train" else None)  # validation loss as it comes
         if w.rank == 0:
             s = stats[name]
             log.info("%s/%s: %d examples from %d conversations, %d prompts shortened (%d utterances dropped), %d "
