@@ -130,9 +130,24 @@ class StaticCluster:
         self.remove(node_id)
 
     def remove(self, node_id: str) -> None:
-        """The node is gone: all its processes killed at once, its object store with them."""
+        """The node is gone: all its processes killed at once, its object store with them. ``remove_node`` kills the
+        node's Ray daemons; its worker processes (the raylet's children) would live on until they notice, and could
+        still write to S3, which a reclaimed machine's cannot: they are killed with it."""
+        import psutil
+
         _, node = self.nodes.pop(node_id)
+        workers = []
+        for info in node.all_processes.get("raylet", []):
+            try:
+                workers += psutil.Process(info.process.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                pass
         self.cluster.remove_node(node, allow_graceful=False)
+        for proc in workers:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

@@ -186,7 +186,9 @@ def wait_job_gone(driver_pid: int, timeout: float = 60) -> None:
         actors = [a for a in ray._private.state.actors().values() if a.get("JobID") == jid]
         return all(a.get("State") == "DEAD" and not _process_alive(a.get("Pid")) for a in actors)
 
+    t0 = time.monotonic()
     wait_for(gone, timeout, f"job {jid}'s actors to be dead after its driver was killed", interval=0.1)
+    print(f"job {jid} of driver pid {driver_pid}: dead, its actors' processes gone, after {time.monotonic() - t0:.1f} s")
 
 
 def _process_alive(pid: int | None) -> bool:
