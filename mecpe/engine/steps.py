@@ -42,7 +42,7 @@ class FixedStep:
                  additive: torch.dtype | None, graph: bool = False):
         b, s, w = allowed.shape
         dev = allowed.device
-        self.model, self.cache, self.s, self.w = model, cache, s, w
+        self.model, self.cache, self.s = model, cache, s
         self.own = torch.arange(s, device=dev)
         self.write_at = w + self.own  # the columns this step's tokens go to, advanced in place
         width = fix_room(cache, self.write_at)

@@ -64,11 +64,15 @@ def normalize_predictions(obj: Any) -> dict[str, dict[int, str]]:
     return {str(cid): {int(uid): lab for uid, lab in utts.items()} for cid, utts in obj.items()}
 
 
-def _targets(task: str, conv: Any, builder: Any, emotions_of: Any) -> list[tuple[int, Any, list[int]]]:
-    """(utterance id, prompt ``PromptIds``, answer ids ending with EOS) of every training target of ``conv``."""
+def _targets(task: str, conv: Any, builder: Any, emotions_of: Any,
+             repeats: Mapping[str, int] | None = None) -> list[tuple[int, Any, list[int]]]:
+    """(utterance id, prompt ``PromptIds``, answer ids ending with EOS) of every training target of ``conv``; an
+    emotion target ``repeats[label]`` times in a row (a repeated answer block in a packed row: the same as
+    weighting its loss)."""
     if task == "emotion":
-        return [(u.id, builder.emotion_prompt(conv, u.id), builder.emotion_answer(u.id, u.emotion))
-                for u in conv.utterances]
+        return [target for u in conv.utterances
+                for target in [(u.id, builder.emotion_prompt(conv, u.id), builder.emotion_answer(u.id, u.emotion))]
+                * (repeats.get(u.emotion, 1) if repeats else 1)]
     shown = emotions_of(conv) if emotions_of else {u.id: u.emotion for u in conv.utterances}
     return [(u.id, builder.cause_prompt(conv, u.id, shown), builder.cause_answer(conv.causes_of(u.id)))
             for u in conv.utterances if shown[u.id] != "neutral"]
@@ -97,17 +101,10 @@ def emotion_repeats(convs: Sequence[Any], balance: float) -> dict[str, int]:
 
 def _all_targets(task: str, convs: Sequence[Any], builder: Any, emotions_of: Any,
                  repeats: Mapping[str, int] | None = None):
-    """Every target of ``convs`` as (conv, utterance id, prompt, answer); an emotion target ``repeats[label]`` times
-    in a row (a repeated answer block in a packed row: the same as weighting its loss)."""
     if task not in TASKS:
         raise ConfigError(f"task must be one of {TASKS}, got {task!r}")
-    out = []
-    for conv in convs:
-        labels = {u.id: u.emotion for u in conv.utterances}
-        for uid, prompt, answer in _targets(task, conv, builder, emotions_of):
-            times = repeats.get(labels[uid], 1) if repeats and task == "emotion" else 1
-            out += [(conv, uid, prompt, answer)] * times
-    return out
+    return [(conv, uid, prompt, answer) for conv in convs
+            for uid, prompt, answer in _targets(task, conv, builder, emotions_of, repeats)]
 
 
 def build_examples(task: str, convs: Sequence[Any], builder: Any, *, max_answer_tokens: int = 64,
