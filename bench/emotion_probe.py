@@ -11,7 +11,8 @@ training, then label scoring called every validation utterance neutral). Two que
    and per-emotion F1.
 
     python bench/emotion_probe.py --config jobs/configs/ecf-gemma3-270m.yaml --split OUT/data/val.json \\
-        [--adapter OUT/runs/emotion-.../adapter] [--liger] [--limit 40] --json $OUT/probe.json
+        [--adapter OUT/runs/emotion-.../adapter] [--liger [--liger-kernels rms_norm]] [--compare-budget 2048] \\
+        [--limit 40] --json $OUT/probe.json [quantization.compute_dtype=float32 ...]
 """
 
 from __future__ import annotations
@@ -29,6 +30,15 @@ def score(model, tok, builder, convs, budget: int) -> list[list[float]]:
 
     out = score_emotion_labels(model, tok, builder, convs, max_batch_tokens=budget)
     return [per[u.id][0] for conv, per in zip(convs, out.results) for u in conv.utterances]
+
+
+LIGER_KERNELS = ("rope", "rms_norm", "geglu", "swiglu", "fused_linear_cross_entropy", "cross_entropy")
+
+
+def deltas(a: list[list[float]], b: list[list[float]]) -> dict:
+    """How far two scorings of the same utterances lie apart (nats, over every label of every utterance)."""
+    d = [abs(x - y) for s, t in zip(a, b) for x, y in zip(s, t)]
+    return {"max_abs_delta": round(max(d), 4), "mean_abs_delta": round(sum(d) / len(d), 6)}
 
 
 def emotion_scores(convs, pred: list[str]) -> dict:
@@ -50,6 +60,12 @@ def main() -> None:
     ap.add_argument("--split", required=True, help="conversations JSON (e.g. <output_dir>/data/val.json)")
     ap.add_argument("--adapter", help="emotion adapter folder to score with")
     ap.add_argument("--liger", action="store_true", help="compare plain and Liger-patched scoring")
+    ap.add_argument("--liger-kernels", default=None,
+                    help="with --liger: only these of Liger's kernels, comma-separated (rope, rms_norm, geglu, swiglu, "
+                         "fused_linear_cross_entropy); default: what the Trainer applies")
+    ap.add_argument("--compare-budget", type=int, default=None,
+                    help="also score with this max_batch_tokens (other rows, other summation order) and print how "
+                         "far the plain model's scores move: the rounding floor the Liger deltas are read against")
     ap.add_argument("--limit", type=int, help="first N conversations")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("overrides", nargs="*")
@@ -79,15 +95,18 @@ def main() -> None:
                     "emotion_weighted_f1": round(scores["emotion_weighted_f1"], 4),
                     "predicted": dict(Counter(pred)), "gold": dict(Counter(gold)),
                     "per_emotion": scores["emotion_per_class"]}
+    if args.compare_budget:
+        result["budget"] = {"max_batch_tokens": [budget, args.compare_budget],
+                            **deltas(plain, score(model, tok, builder, convs, args.compare_budget))}
     if args.liger:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        _apply_liger_kernel_to_instance(model=base)
+        kernels = ({k: k in args.liger_kernels.split(",") for k in LIGER_KERNELS} if args.liger_kernels else {})
+        _apply_liger_kernel_to_instance(model=base, **kernels)
         liger = score(model, tok, builder, convs, budget)
         lpred = [pick_label(s) for s in liger]
-        deltas = [abs(a - b) for s, t in zip(plain, liger) for a, b in zip(s, t)]
-        result["liger"] = {"max_abs_delta": round(max(deltas), 4), "mean_abs_delta": round(sum(deltas) / len(deltas), 4),
+        result["liger"] = {"kernels": args.liger_kernels or "all", **deltas(plain, liger),
                            "label_agreement": round(sum(a == b for a, b in zip(pred, lpred)) / len(pred), 4),
                            "accuracy": round(emotion_scores(convs, lpred)["emotion_accuracy"], 4),
                            "predicted": dict(Counter(lpred))}
@@ -96,10 +115,15 @@ def main() -> None:
     print("| emotion | gold | predicted | P | R | F1 |\n|---|---|---|---|---|---|")
     for e, r in result["per_emotion"].items():
         print(f"| {e} | {r['support']} | {pred.count(e)} | {r['precision']:.4f} | {r['recall']:.4f} | {r['f1']:.4f} |")
+    if "budget" in result:
+        bd = result["budget"]
+        print(f"plain, max_batch_tokens {bd['max_batch_tokens'][0]} vs {bd['max_batch_tokens'][1]}: label log-prob "
+              f"|delta| max {bd['max_abs_delta']} mean {bd['mean_abs_delta']}")
     if "liger" in result:
         lg = result["liger"]
-        print(f"Liger-patched vs plain: label log-prob |delta| max {lg['max_abs_delta']} mean {lg['mean_abs_delta']}; "
-              f"same label {lg['label_agreement']:.2%}; accuracy {lg['accuracy']}; predicted {lg['predicted']}")
+        print(f"Liger-patched ({lg['kernels']}) vs plain: label log-prob |delta| max {lg['max_abs_delta']} "
+              f"mean {lg['mean_abs_delta']}; same label {lg['label_agreement']:.2%}; accuracy {lg['accuracy']}; "
+              f"predicted {lg['predicted']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -31,6 +31,13 @@ launch)
   done
   python3 bench/emotion_probe.py --config $CFG --split /tmp/gA/data/val.json --liger --limit 40 \
     --json "$OUT/probe-base-liger.json" "${COMMON[@]}" 2>&1 | tee "$OUT/probe-base-liger.log"
+  # the rounding floor: the plain model at two batch budgets, bf16 and fp32; Liger's RMSNorm alone
+  python3 bench/emotion_probe.py --config $CFG --split /tmp/gA/data/val.json --limit 40 --compare-budget 2048 \
+    --liger --liger-kernels rms_norm --json "$OUT/probe-base-floor.json" inference.max_batch_tokens=16384 \
+    "${COMMON[@]}" 2>&1 | tee "$OUT/probe-base-floor.log"
+  python3 bench/emotion_probe.py --config $CFG --split /tmp/gA/data/val.json --limit 40 --compare-budget 2048 \
+    --json "$OUT/probe-base-floor-fp32.json" inference.max_batch_tokens=16384 quantization.compute_dtype=float32 \
+    "${COMMON[@]}" 2>&1 | tee "$OUT/probe-base-floor-fp32.log"
   nvidia-smi; tail -3 /tmp/gA.log /tmp/gB.log ;;
 finish)
   end=$((SECONDS + ${2:-540}))
