@@ -8,8 +8,9 @@ called, without Ray. Not a test: it prints tables (and writes them with ``--out`
 Each variant runs the same batches (``--batch-size`` conversations, as ``inference.batch_size``; copies get new
 conversation ids, so no two copies share a batch or a prefix) and reports per stage: utterances, wall seconds
 (synced), utt/s, forward passes, decoding steps, the engine's prefill and decode seconds. A variant sets PredictorSpec
-fields (``max_batch_tokens=16384``), ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``) or ``grouped=0``
-(transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s grouped function). The base model is
+fields (``max_batch_tokens=16384``, ``prefill_attention=flex``), ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``)
+or ``grouped=0`` (decoding steps on transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s
+folded grouped heads). The base model is
 SmolLM2-135M-Instruct without adapters (a merged adapter costs what the base costs); the cause stage reads the gold
 emotions (``inference.cause_input=gold``), so its share of utterances is gold's non-neutral share.
 

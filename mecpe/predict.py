@@ -87,11 +87,12 @@ def pick_label(scores: Sequence[float], bias: Sequence[float] | None = None) -> 
 
 def score_emotion_labels(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, builder: PromptSource,
                          conversations: Sequence[Conversation], *, labels: Sequence[str] = EMOTIONS,
-                         max_batch_tokens: int = 16384, reuse_prefix: bool = True
+                         max_batch_tokens: int = 16384, reuse_prefix: bool = True, prefill_attention: str = "sdpa"
                          ) -> StageOutput[tuple[list[float], int]]:
     """Total log-probability of each label's whole answer (``builder.emotion_answer``, EOS included) for every
     utterance: per conversation ``{utt_id: ([logprob per label], dropped)}``. ``reuse_prefix=False``: every
-    utterance's full prompt on its own (for comparison)."""
+    utterance's full prompt on its own (for comparison). ``prefill_attention``: sdpa or flex
+    (``inference.prefill_attention``)."""
     stats = StageStats()
     start = time.perf_counter()
     items, dropped = [], {}
@@ -113,7 +114,7 @@ def score_emotion_labels(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             stats.prompts += 1
             stats.prompt_tokens += len(p)
     got = scoring.score_blocks(model, tokenizer, items, reuse_prefix=reuse_prefix, max_batch_tokens=max_batch_tokens,
-                               stats=stats)
+                               stats=stats, prefill=prefill_attention)
     stats.seconds += time.perf_counter() - start
     return StageOutput([{u.id: (got[(ci, u.id)], dropped[(ci, u.id)]) for u in conv.utterances}
                         for ci, conv in enumerate(conversations)], stats)
@@ -121,17 +122,18 @@ def score_emotion_labels(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 
 def predict_emotions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, builder: PromptSource,
                      conversations: Sequence[Conversation], *, method: str = "score", max_new_tokens: int = 8,
-                     max_batch_tokens: int = 16384, reuse_prefix: bool = True, bias: Sequence[float] | None = None
-                     ) -> StageOutput[EmotionResult]:
+                     max_batch_tokens: int = 16384, reuse_prefix: bool = True, bias: Sequence[float] | None = None,
+                     prefill_attention: str = "sdpa") -> StageOutput[EmotionResult]:
     """Emotion of every utterance, per conversation ``{utt_id: EmotionResult}``.
 
     ``score`` (default): best total answer log-probability over the seven labels, each plus its ``bias`` (EMOTIONS
     order; a calibration fitted on validation data, ``mecpe.calibrate``), status "scored", the raw scores kept.
     ``generate``: greedy decoding until EOS/newline, parsed by ``parse_emotion`` (unparseable -> "neutral",
-    "invalid"). ``constrained_generate``: greedy decoding restricted to the seven answers (a trie), status "ok"."""
+    "invalid"). ``constrained_generate``: greedy decoding restricted to the seven answers (a trie), status "ok".
+    ``prefill_attention``: sdpa or flex (``inference.prefill_attention``)."""
     if method == "score":
         scored = score_emotion_labels(model, tokenizer, builder, conversations, max_batch_tokens=max_batch_tokens,
-                                      reuse_prefix=reuse_prefix)
+                                      reuse_prefix=reuse_prefix, prefill_attention=prefill_attention)
         return StageOutput([{u: EmotionResult(pick_label(s, bias), "scored", d, list(s)) for u, (s, d) in conv.items()}
                             for conv in scored.results], scored.stats)
     if method not in ("generate", "constrained_generate"):
@@ -153,7 +155,7 @@ def predict_emotions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     prefix_key = _PrefixKeys()
     items = [(prefix_key(p.prefix), Block(k, list(p.question), room=steps, data=answers.get(k))) for k, p in prompts]
     gen = decoding.generate(model, tokenizer, items, reuse_prefix=reuse_prefix, max_batch_tokens=max_batch_tokens,
-                            max_new_tokens=steps, decoder=decoder, stats=stats)
+                            max_new_tokens=steps, decoder=decoder, stats=stats, prefill=prefill_attention)
     out: list[dict[int, EmotionResult]] = [{} for _ in conversations]
     for (ci, uid), p in prompts:
         g = gen[(ci, uid)]
@@ -184,10 +186,12 @@ def cause_literal(tokenizer: PreTrainedTokenizerBase, builder: PromptSource, for
 def cause_answer_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, builder: PromptSource,
                      conversations: Sequence[Conversation], emotions: Sequence[Mapping[int, str]], *,
                      max_new_tokens: int = 24, max_batch_tokens: int = 16384, reuse_prefix: bool = True,
-                     constrained: bool = True, decode_step: str = "dynamic") -> StageOutput[tuple[list[int], int]]:
+                     constrained: bool = True, decode_step: str = "dynamic", prefill_attention: str = "sdpa"
+                     ) -> StageOutput[tuple[list[int], int]]:
     """Raw cause answers: per conversation ``{utt_id: (answer token ids, dropped)}`` for the non-neutral
     utterances; the ids are the forced start + the generated tokens (EOS last when the answer finished).
-    ``decode_step``: how the decoding steps run (``mecpe.engine.steps``)."""
+    ``decode_step``: how the decoding steps run (``mecpe.engine.steps``); ``prefill_attention``: sdpa or flex
+    (``inference.prefill_attention``)."""
     stats = StageStats()
     t0 = time.perf_counter()
     prompts = [((ci, u.id), builder.cause_prompt(conv, u.id, emotions[ci]))
@@ -203,7 +207,8 @@ def cause_answer_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     items = [(prefix_key(p.prefix), Block(k, list(p.question) + forced, room=max_new_tokens,
                                      data=len(conversations[k[0]].utterances))) for k, p in prompts]
     gen = decoding.generate(model, tokenizer, items, reuse_prefix=reuse_prefix, max_batch_tokens=max_batch_tokens,
-                            max_new_tokens=max_new_tokens, decoder=decoder, stats=stats, step=decode_step)
+                            max_new_tokens=max_new_tokens, decoder=decoder, stats=stats, step=decode_step,
+                            prefill=prefill_attention)
     out: list[dict[int, tuple[list[int], int]]] = [{} for _ in conversations]
     for (ci, uid), p in prompts:
         out[ci][uid] = (list(forced) + gen[(ci, uid)], p.dropped_utterances)
@@ -216,12 +221,13 @@ def cause_answer_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
 def predict_causes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, builder: PromptSource,
                    conversations: Sequence[Conversation], emotions: Sequence[Mapping[int, str]], *,
                    max_new_tokens: int = 24, max_batch_tokens: int = 16384, reuse_prefix: bool = True,
-                   constrained: bool = True, decode_step: str = "dynamic") -> StageOutput[CauseResult]:
+                   constrained: bool = True, decode_step: str = "dynamic", prefill_attention: str = "sdpa"
+                   ) -> StageOutput[CauseResult]:
     """Cause utterance ids of every non-neutral utterance (given ``emotions``, e.g. stage 1's predictions), per
     conversation ``{utt_id: CauseResult}``; neutral utterances get no entry. Parsed by ``parse_causes``."""
     answers = cause_answer_ids(model, tokenizer, builder, conversations, emotions, max_new_tokens=max_new_tokens,
                                max_batch_tokens=max_batch_tokens, reuse_prefix=reuse_prefix, constrained=constrained,
-                               decode_step=decode_step)
+                               decode_step=decode_step, prefill_attention=prefill_attention)
     out = []
     for conv, got in zip(conversations, answers.results):
         res = {}

@@ -116,9 +116,10 @@ def test_new_inference_keys_reach_the_actor_spec():
     from mecpe.infer.driver import predictor_spec
 
     cfg = load_config(None, ["inference.gpu_memory_gib=15", "inference.merge_adapters=false",
-                             "inference.decode_step=graph"])
+                             "inference.decode_step=graph", "inference.prefill_attention=flex"])
     spec = predictor_spec(cfg, storage.S3Settings())
     assert spec.gpu_memory_gib == 15 and spec.merge_adapters is False and spec.decode_step == "graph"
+    assert spec.prefill_attention == "flex"
     assert predictor_spec(load_config(None, []), storage.S3Settings()).merge_adapters == "auto"
 
 

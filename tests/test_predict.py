@@ -6,7 +6,8 @@ greedy decoding of causes. Each is checked against full prompts run one at a tim
 make its next token depend mostly on the current token, so most tests use a "context-sensitive" copy (weights
 redrawn with a larger spread) whose answers vary with the prompt. The exactness tests run on the tiny Llama and on a
 tiny Gemma-3 (``_tiny.tiny_gemma3_dir``) whose sliding-window layers see 24 positions back, far fewer than a prompt:
-a packed row must window them by position, not by column.
+a packed row must window them by position, not by column. The FlexAttention prefill (``prefill_attention="flex"``)
+runs uncompiled on the CPU: the same block masks and dispatch as on a GPU, not the compiled kernel.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 import _tiny
+from mecpe.engine import attention
 from mecpe.engine.steps import FixedStep
 from mecpe.labels import EMOTIONS
 
@@ -117,6 +119,15 @@ def _gold(convs):
     return [{u.id: (u.emotion or "neutral") for u in c.utterances} for c in convs]
 
 
+def _flex_calls(monkeypatch) -> list[int]:
+    """Counts the layer calls that ran through FlexAttention (``attention.flex_prefill``), so a test of the flex
+    prefill cannot pass on the SDPA path."""
+    calls = []
+    real = attention.flex_prefill
+    monkeypatch.setattr(attention, "flex_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def _full_logprob(model, prompt_ids, answer):
     with torch.inference_mode():
         lp = model(torch.tensor([list(prompt_ids) + list(answer)])).logits[0].float().log_softmax(-1)
@@ -200,6 +211,34 @@ def test_label_scores_equal_brute_force(tok, builder, tight, convs, attn, arch):
     assert any(r.dropped for r in res[-1].values())
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_flex_prefill_scores_equal_sdpa(tok, builder, tight, sharp, convs, arch, monkeypatch):
+    """Label scores through FlexAttention's block masks equal the dense-mask SDPA path's (itself checked against
+    full prompts above), on one batch and on many rows and batches, with and without shared prefixes; every layer
+    of every forward ran through flex. On Gemma-3 the sliding layers get a block mask of their own."""
+    from mecpe import predict
+
+    model = sharp(arch)
+    layers = model.config.num_hidden_layers
+    calls = _flex_calls(monkeypatch)
+    # uncompiled on the CPU, flex materialises every row's scores: the larger runs only where they are cheap
+    for bld, sub, runs in ((builder, convs[:4], ((True, 16384), (True, 600), (False, 16384))),
+                           (tight, convs[2:], ((True, 600),))):
+        for reuse, budget in runs:
+            want = predict.score_emotion_labels(model, tok, bld, sub, reuse_prefix=reuse, max_batch_tokens=budget)
+            assert not calls
+            got = predict.score_emotion_labels(model, tok, bld, sub, reuse_prefix=reuse, max_batch_tokens=budget,
+                                               prefill_attention="flex")
+            assert len(calls) == layers * got.stats.forward_passes > 0
+            calls.clear()
+            diff = max(abs(a - b) for cw, cg in zip(want.results, got.results) for u in cw
+                       for a, b in zip(cw[u][0], cg[u][0]))
+            assert diff < 1e-4, (reuse, budget, diff)
+    if arch == "llama":  # eager attention cannot take a block mask: refused, not run on dense masks
+        with pytest.raises(ValueError, match="prefill_attention=flex needs a model on attn_implementation 'sdpa'"):
+            predict.score_emotion_labels(_load("eager"), tok, builder, convs[:1], prefill_attention="flex")
+
+
 def test_scoring_agrees_with_trie_constrained_greedy(tok, builder, model, convs):
     """With EOS made certain after a label (a large EOS bias), a label's answer log-probability is its label
     token's, so scoring must pick exactly the label that greedy decoding restricted to the seven answers picks."""
@@ -274,25 +313,32 @@ def _brute_greedy(model, prompt_ids, steps, allowed_fn, advance_fn, state):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("constrained", [True, False])
-@pytest.mark.parametrize("step", ["dynamic", "static", "graph"])
-def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, constrained, arch, step, monkeypatch):
+@pytest.mark.parametrize("step,prefill", [("dynamic", "sdpa"), ("static", "sdpa"), ("graph", "sdpa"),
+                                          ("dynamic", "flex"), ("static", "flex")])
+def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, constrained, arch, step, prefill,
+                                                 monkeypatch):
     """Packed rows + shared prefix cache + one token per question per step == full-prompt greedy decoding (on
     Gemma-3, a step's sliding layers see the cached keys of the last 24 positions only). ``static``: the steps at
     fixed shapes (mecpe.engine.steps; what a CUDA graph replays; ``graph`` without CUDA runs them eagerly), which a
-    model with sliding layers declines."""
+    model with sliding layers declines. ``flex``: the prefill through FlexAttention, every layer of it and nothing
+    else (the steps after it attend as after an SDPA prefill, over the cache it filled)."""
     from mecpe import predict
     from mecpe.engine import decoding
     from mecpe.engine.packing import Block
 
     fixed = []
     monkeypatch.setattr(decoding, "FixedStep", lambda *a, **k: fixed.append(1) or FixedStep(*a, **k))
+    flex = _flex_calls(monkeypatch)
     model = sharp(arch)
     emos = _gold(convs)
     emos = [{u: ("anger" if i % 2 else "neutral") for i, u in enumerate(e)} for e in emos]
     steps = 12
-    got = predict.cause_answer_ids(model, tok, builder, convs, emos, constrained=constrained, max_new_tokens=steps,
-                                   max_batch_tokens=1200, decode_step=step).results
+    out = predict.cause_answer_ids(model, tok, builder, convs, emos, constrained=constrained, max_new_tokens=steps,
+                                   max_batch_tokens=1200, decode_step=step, prefill_attention=prefill)
+    got, stats = out.results, out.stats
     assert bool(fixed) == (step != "dynamic" and arch == "llama"), (len(fixed), step, arch)
+    prefills = stats.forward_passes - stats.decode_steps
+    assert len(flex) == (model.config.num_hidden_layers * prefills if prefill == "flex" else 0), (len(flex), prefills)
     forced = predict.forced_cause_start(builder) if constrained else []
     if constrained:
         dec = decoding.ListDecoder(tok.eos_token_id, decoding.token_pieces(tok),

@@ -7,7 +7,8 @@ wraps that in actors). One module per concern:
     scoring.py    emotion label scoring: one forward without cache per batch of packed rows
     decoding.py   greedy "tree" decoding on packed rows and the decoders (free, trie, cause list)
     steps.py      decoding steps at fixed shapes (``inference.decode_step``: static, or one CUDA graph replay)
-    attention.py  grouped-query SDPA over the engine's masks (no per-layer copy of the KV cache)
+    attention.py  grouped-query SDPA over the engine's masks (no per-layer copy of the KV cache); FlexAttention
+                  prefills over block masks (``inference.prefill_attention: flex``)
     stats.py      ``StageStats``: the work counters each call returns
 
 Everything runs on *packed rows*: a row holds a conversation prefix (``PromptIds.prefix``: chat head +

@@ -11,6 +11,13 @@ over the cache as it is. Used where few queries meet many keys (decoding); a pre
 SmolLM2-135M on an H100, 256 conversations a batch: a step's kernels 25.2 -> 9.6 ms, the same answers; the cause
 stage 715 -> 855 utt/s in one run, 797 -> 832 in another, since the host issuing a step (~30 ms) sets its pace
 (``bench/results/2026-12-06-decode-h100/how.txt``).
+
+The same registered function runs a prefill through FlexAttention where its mask is a ``BlockMask``
+(``inference.prefill_attention: flex``; ``runtime.mask_form``): SDPA with a dense mask of packed rows takes the
+mem-efficient kernel over every block, while flex skips the blocks the mask hides wholly (one SmolLM2-shaped call on
+8 rows x 2048 on an H100: 0.303 -> 0.112 ms, causal SDPA 0.109: ``bench/results/2026-12-06-flex-h100``). Compiled
+for dynamic shapes, as here, the same check was slower than the dense mask at 128 rows (12.9 against 4.5 ms:
+``bench/results/2026-12-06-decode-h100/how.txt``), so it stays opt-in until the engine's own profile says it pays.
 """
 
 from __future__ import annotations
@@ -20,10 +27,11 @@ import functools
 from typing import Any
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 NAME = "mecpe_grouped_sdpa"  # the attention implementation's name in transformers' registry
 FOLD_MAX_QUERIES = 4096  # fold when g * Q is at most this (decoding steps: tens to hundreds of queries a row)
-ENABLED = True  # bench/profile_gpu.py's A/B switch (variant key grouped=0)
+ENABLED = True  # fold grouped heads in decoding; bench/profile_gpu.py's A/B switch (variant key grouped=0)
 _ALIGN = 16  # SDPA's mem-efficient kernel wants the mask's row stride a multiple of this (else it pads a copy)
 
 
@@ -49,16 +57,43 @@ def _stacked_mask(mask: torch.Tensor, g: int, keys: int) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_flex() -> Any:
+    """flex_attention compiled once per process. Dynamic shapes: every batch has its own rows and width, which a
+    static compile would recompile for."""
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def flex_prefill(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
+                 dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """One layer's attention through ``flex_attention`` over ``block_mask``, output in transformers' (B, Q, H, D).
+    Compiled on CUDA; on the CPU it runs uncompiled (materialising the scores: exact, for tests on tiny models).
+    Refuses what the engine's SDPA path would not compute the same way (softcapping, sinks, a position bias,
+    dropout) rather than answer differently."""
+    unsupported = [k for k in ("softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
+    if dropout or kwargs.get("output_attentions"):
+        unsupported.append("dropout" if dropout else "output_attentions")
+    if unsupported:
+        raise ValueError(f"inference.prefill_attention=flex: {type(module).__name__} asks for {unsupported}, which "
+                         "the flex prefill does not compute; use prefill_attention=sdpa")
+    fn = _compiled_flex() if query.device.type == "cuda" else flex_attention
+    out = fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
 def grouped_sdpa(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                 attention_mask: torch.Tensor | BlockMask | None, dropout: float = 0.0, scaling: float | None = None,
                  is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature. Stacks grouped query heads where a mask shared by all heads meets
-    few queries (decoding); anything else goes to transformers' own SDPA function unchanged."""
+    """transformers' attention-function signature. A ``BlockMask`` goes to ``flex_prefill``; grouped query heads are
+    stacked where a mask shared by all heads meets few queries (decoding); anything else goes to transformers' own
+    SDPA function unchanged."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if isinstance(attention_mask, BlockMask):
+        return flex_prefill(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     g = getattr(module, "num_key_value_groups", 1)
     b, h, q, d = query.shape
-    plain = (g == 1 or q == 1 or attention_mask is None or not isinstance(attention_mask, torch.Tensor)
+    plain = (not ENABLED or g == 1 or q == 1 or attention_mask is None or not isinstance(attention_mask, torch.Tensor)
              or attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or g * q > FOLD_MAX_QUERIES
              or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
              or kwargs.get("output_attentions"))
@@ -88,10 +123,11 @@ def register() -> str:
 def grouped(model: Any):
     """Within the block, a model on transformers' SDPA attends through ``grouped_sdpa``; other implementations and
     models whose attention cannot be switched are left as they are. Restored after (a training model scored by the
-    validation callback goes back to training on plain SDPA)."""
+    validation callback goes back to training on plain SDPA). Switched whatever ``ENABLED`` says: a flex prefill
+    needs the function, and without folding it is transformers' SDPA function."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cfg = getattr(base, "config", None)
-    switch = (ENABLED and getattr(cfg, "_attn_implementation", None) == "sdpa"
+    switch = (getattr(cfg, "_attn_implementation", None) == "sdpa"
               and hasattr(base, "set_attn_implementation")
               and getattr(base, "_can_set_attn_implementation", lambda: False)())
     if switch:

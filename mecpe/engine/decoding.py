@@ -185,12 +185,14 @@ class _MaskTable:
 
 
 def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new_tokens: int, decoder: Decoder,
-                  stats: StageStats, step: str = "dynamic") -> dict[Hashable, list[int]]:
+                  stats: StageStats, step: str = "dynamic", prefill: str = "sdpa") -> dict[Hashable, list[int]]:
     """Greedy decoding of every block of a batch of packed rows at once (the module's docstring says how). Per step
     the host does one dict lookup or two per live slot and a constant number of tensor operations, and syncs once
     (reading the chosen tokens, which the decoders' state machines need). ``step``: ``dynamic`` grows the mask and
     drops finished rows; ``static`` and ``graph`` run every step at the batch's fixed shapes
-    (``mecpe.engine.steps``), ``graph`` as one CUDA graph replayed per step on CUDA."""
+    (``mecpe.engine.steps``), ``graph`` as one CUDA graph replayed per step on CUDA. ``prefill``: the prefill's
+    attention (``inference.prefill_attention``; ``runtime.mask_form``'s form); the cache it fills is the same, and
+    the steps attend as they do after either."""
     with record_function("mecpe.decode.layout"):  # named ranges: bench/profile_gpu.py --torch-profile
         lay = layout(batch, pad, dev)
     n_rows = len(batch)
@@ -205,7 +207,7 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     t0 = synced(dev)
     with record_function("mecpe.decode.prefill"):
         logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay), lay.pos, lay.pos,
-                                                                  additive), lay.pos, cache, at)
+                                                                  additive, prefill), lay.pos, cache, at)
     stats.forward_passes += 1
     t1 = synced(dev)
     stats.prefill_s += t1 - t0
@@ -324,14 +326,15 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
 
 
 def generate(model: Any, tokenizer: Any, items: Sequence[tuple[tuple[int, ...], Block]], *, reuse_prefix: bool,
-             max_batch_tokens: int, max_new_tokens: int, decoder: Decoder, stats: StageStats, step: str = "dynamic"
-             ) -> dict[Hashable, list[int]]:
+             max_batch_tokens: int, max_new_tokens: int, decoder: Decoder, stats: StageStats, step: str = "dynamic",
+             prefill: str = "sdpa") -> dict[Hashable, list[int]]:
     """The greedy answer tokens of every block by its key (``items``: (prefix ids, block)); adds the work to
-    ``stats``. ``step``: how decoding steps run (``_decode_batch``; the values are ``inference.decode_step``'s)."""
+    ``stats``. ``step``, ``prefill``: how decoding steps and the prefill run (``_decode_batch``; the values are
+    ``inference.decode_step``'s and ``inference.prefill_attention``'s)."""
     pad = pad_id(tokenizer)
     out: dict[Hashable, list[int]] = {}
     with inference(model) as dev:
         for batch in batches(segments(items, reuse_prefix, max_batch_tokens), max_batch_tokens):
             stats.computed_tokens += sum(len(p) + sum(len(b.question) for b in bl) for row in batch for p, bl in row)
-            out.update(_decode_batch(model, batch, pad, dev, max_new_tokens, decoder, stats, step))
+            out.update(_decode_batch(model, batch, pad, dev, max_new_tokens, decoder, stats, step, prefill))
     return out

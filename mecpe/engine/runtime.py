@@ -11,6 +11,7 @@ import time
 from typing import Any, Sequence
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from mecpe.engine.attention import NAME as GROUPED_SDPA, aligned_empty, grouped
 from mecpe.engine.cache import cache_argument, returned_cache
@@ -94,15 +95,39 @@ def layer_masks(config: Any, allowed: torch.Tensor, pos_q: torch.Tensor, pos_k: 
     return {t: windowed if t == "sliding_attention" else allowed for t in set(types)}
 
 
-def mask_form(allowed: torch.Tensor, impl: str, additive: torch.dtype | None = None) -> torch.Tensor:
+def block_mask(allowed: torch.Tensor) -> BlockMask:
+    """FlexAttention's ``BlockMask`` of a boolean (B, 1, Q, K) 'may attend' mask: the same mask, read per element
+    where a 128 x 128 block is partly visible, and blocks it hides wholly are skipped."""
+    b, _, q, k = allowed.shape
+    seen = allowed[:, 0]
+
+    def mask_mod(row, _head, q_idx, kv_idx):
+        return seen[row, q_idx, kv_idx]
+
+    return create_block_mask(mask_mod, b, None, q, k, device=allowed.device)
+
+
+def mask_form(allowed: torch.Tensor, impl: str, additive: torch.dtype | None = None, form: str = "sdpa"
+              ) -> torch.Tensor | BlockMask:
     """A boolean 'may attend' mask in the form ``impl`` takes as-is: bool for SDPA, additive float for eager.
     Flash-attention kernels take no arbitrary masks.
+
+    ``form="flex"``: a ``BlockMask`` (``block_mask``) for a prefill, which ``mecpe.engine.attention``'s registered
+    function runs through FlexAttention (``inference.prefill_attention``); it needs the model on SDPA, switched to
+    that function (``runtime.inference``).
 
     ``additive``: SDPA gets an additive mask of that dtype (the queries' dtype) instead of the bool one. SDPA turns a
     bool mask into that very tensor in every layer's call; built once per forward, it is one tensor instead of one
     per layer (issue #29 profile: the conversions were among the top host operators of every decoding step). The
     minimum of the dtype, not -inf: the same softmax where a row may attend anywhere, no NaN where it may not.
     ``impl`` may be ``mecpe.engine.attention``'s grouped SDPA, which takes SDPA's masks."""
+    if form == "flex":
+        if impl != GROUPED_SDPA:
+            raise ValueError(f"inference.prefill_attention=flex needs a model on attn_implementation 'sdpa' (run in "
+                             f"runtime.inference), not {impl!r}")
+        return block_mask(allowed)
+    if form != "sdpa":
+        raise ValueError(f"unknown prefill attention {form!r}: 'sdpa' or 'flex'")
     if impl == GROUPED_SDPA:
         impl = "sdpa"
     if impl == "sdpa" and additive is None:
@@ -123,15 +148,15 @@ def additive_dtype(model: Any, dev: torch.device) -> torch.dtype | None:
 
 
 def attention_mask(model: Any, allowed: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
-                   additive: torch.dtype | None = None):
+                   additive: torch.dtype | None = None, form: str = "sdpa"):
     """The boolean (B, 1, Q, K) 'may attend' mask of queries at positions ``pos_q`` (B, Q) over keys at ``pos_k``
     (B, K) as the model takes it: per layer type where it has sliding-window layers (``layer_masks``), each in the
-    attention implementation's form (``mask_form``; ``additive``: see there)."""
+    attention implementation's form (``mask_form``; ``additive``, ``form``: see there)."""
     impl = _attn_impl(model)
     masks = layer_masks(model.config, allowed, pos_q, pos_k)
     if isinstance(masks, dict):
-        return {t: mask_form(m, impl, additive) for t, m in masks.items()}
-    return mask_form(masks, impl, additive)
+        return {t: mask_form(m, impl, additive, form) for t, m in masks.items()}
+    return mask_form(masks, impl, additive, form)
 
 
 def forward(model: Any, ids, mask, pos, cache, keep: int | torch.Tensor, use_cache: bool = True):

@@ -13,15 +13,17 @@ from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forwar
 from mecpe.engine.stats import StageStats
 
 
-def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev) -> dict[Hashable, list[float]]:
+def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev, prefill: str = "sdpa"
+                 ) -> dict[Hashable, list[float]]:
     """One forward without cache over packed rows; total answer log-probability of every candidate of every block
     (shared tokens + the candidate's continuation, EOS included). Only the predicting positions go through lm_head,
-    and each one's log-normalizer is computed once (a position predicts the first token of all seven labels)."""
+    and each one's log-normalizer is computed once (a position predicts the first token of all seven labels).
+    ``prefill``: the attention of the forward (``inference.prefill_attention``; ``runtime.mask_form``'s form)."""
     with record_function("mecpe.score.layout"):  # named ranges: bench/profile_gpu.py --torch-profile
         lay = layout(batch, pad, dev)
         at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
         index = {p: k for k, p in enumerate(at)}
-        mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive_dtype(model, dev))
+        mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive_dtype(model, dev), prefill)
     with record_function("mecpe.score.forward"):
         logits, _ = forward_at(model, lay.ids, mask, lay.pos, None, at, use_cache=False)
     t = to_device(torch.tensor([(index[(i, c)], tok, g, j + 1) for i, c, tok, g, j in lay.targets]), dev)
@@ -33,15 +35,16 @@ def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev) -> dict[
 
 
 def score_blocks(model: Any, tokenizer: Any, items: Sequence[tuple[tuple[int, ...], Block]], *, reuse_prefix: bool,
-                 max_batch_tokens: int, stats: StageStats) -> dict[Hashable, list[float]]:
+                 max_batch_tokens: int, stats: StageStats, prefill: str = "sdpa") -> dict[Hashable, list[float]]:
     """Each block's candidates' total log-probabilities by block key (``items``: (prefix ids, block with ``common``
-    and ``conts``)); adds the forward passes, device time and tokens run to ``stats``."""
+    and ``conts``)); adds the forward passes, device time and tokens run to ``stats``. ``prefill``: the attention
+    of the forwards (``_score_batch``)."""
     pad = pad_id(tokenizer)
     got: dict[Hashable, list[float]] = {}
     with inference(model) as dev:
         for batch in batches(segments(items, reuse_prefix, max_batch_tokens), max_batch_tokens):
             t0 = synced(dev)
-            got.update(_score_batch(model, batch, pad, dev))
+            got.update(_score_batch(model, batch, pad, dev, prefill))
             stats.prefill_s += synced(dev) - t0
             stats.forward_passes += 1
             stats.computed_tokens += sum(len(p) + sum(len(b.question) for b in bl) for row in batch for p, bl in row)

@@ -65,7 +65,7 @@ def predictor_spec(cfg: Config, settings: storage.S3Settings) -> PredictorSpec:
                          max_new_tokens=inf.max_new_tokens, max_batch_tokens=inf.max_batch_tokens,
                          reuse_prefix=inf.reuse_prefix, storage_settings=settings.as_dict(),
                          merge_adapters=inf.merge_adapters, gpu_memory_gib=inf.gpu_memory_gib,
-                         decode_step=inf.decode_step)
+                         decode_step=inf.decode_step, prefill_attention=inf.prefill_attention)
 
 
 def _fit_cpu_actors(res: StageResources, pools: int) -> StageResources:

@@ -135,6 +135,7 @@ class PredictorSpec:
     merge_adapters: bool | str = "auto"  # inference.merge_adapters: each stage its own base, adapter merged
     gpu_memory_gib: float | None = None  # inference.gpu_memory_gib: this actor's CUDA memory cap
     decode_step: str = "dynamic"  # inference.decode_step: how decoding steps run (mecpe.engine.steps)
+    prefill_attention: str = "sdpa"  # inference.prefill_attention: the prefill forwards' attention (sdpa | flex)
 
 
 class _Predictor:
@@ -197,10 +198,12 @@ class _Predictor:
             if stage == "emotion":
                 return predict_emotions(model, self.tokenizer, self.builder, convs, method=spec.emotion_method,
                                         max_batch_tokens=spec.max_batch_tokens, reuse_prefix=spec.reuse_prefix,
-                                        bias=list(spec.emotion_bias) if spec.emotion_bias else None)
+                                        bias=list(spec.emotion_bias) if spec.emotion_bias else None,
+                                        prefill_attention=spec.prefill_attention)
             return predict_causes(model, self.tokenizer, self.builder, convs, shown,
                                   max_new_tokens=spec.max_new_tokens, max_batch_tokens=spec.max_batch_tokens,
-                                  reuse_prefix=spec.reuse_prefix, decode_step=spec.decode_step)
+                                  reuse_prefix=spec.reuse_prefix, decode_step=spec.decode_step,
+                                  prefill_attention=spec.prefill_attention)
 
     def _cause_emotions(self, conv, row: dict) -> dict[int, str]:
         """The emotions the cause stage reads: stage 1's predictions (the method), or with
