@@ -218,9 +218,15 @@ def test_flex_prefill_scores_equal_sdpa(tok, builder, tight, sharp, convs, arch,
     of every forward ran through flex. On Gemma-3 the sliding layers get a block mask of their own."""
     from mecpe import predict
 
+    from mecpe.engine import scoring
+
     model = sharp(arch)
     layers = model.config.num_hidden_layers
     calls = _flex_calls(monkeypatch)
+    padded = []  # (rows, columns) of the batch -> of its layout: flex pads to a static bucket
+    real_layout = scoring.layout
+    monkeypatch.setattr(scoring, "layout", lambda batch, pad, dev, shape=None: padded.append(
+        (len(batch), scoring.row_width(batch), shape)) or real_layout(batch, pad, dev, shape))
     # uncompiled on the CPU, flex materialises every row's scores: the larger runs only where they are cheap
     for bld, sub, runs in ((builder, convs[:4], ((True, 16384), (True, 600), (False, 16384))),
                            (tight, convs[2:], ((True, 600),))):
@@ -231,12 +237,37 @@ def test_flex_prefill_scores_equal_sdpa(tok, builder, tight, sharp, convs, arch,
                                                prefill_attention="flex")
             assert len(calls) == layers * got.stats.forward_passes > 0
             calls.clear()
+            assert all(sh is None for *_, sh in padded[:got.stats.forward_passes])  # the SDPA run: as packed
+            flexed = padded[got.stats.forward_passes:]
+            assert all(sh == (1 << (r - 1).bit_length(), -(-w // 128) * 128) for r, w, sh in flexed), flexed
+            assert any(sh != (r, w) for r, w, sh in flexed)  # some batch did get padding columns
+            padded.clear()
             diff = max(abs(a - b) for cw, cg in zip(want.results, got.results) for u in cw
                        for a, b in zip(cw[u][0], cg[u][0]))
             assert diff < 1e-4, (reuse, budget, diff)
     if arch == "llama":  # eager attention cannot take a block mask: refused, not run on dense masks
         with pytest.raises(ValueError, match="prefill_attention=flex needs a model on attn_implementation 'sdpa'"):
             predict.score_emotion_labels(_load("eager"), tok, builder, convs[:1], prefill_attention="flex")
+
+
+def test_padded_layouts_score_the_same(tok, builder, sharp, convs, monkeypatch):
+    """Batches padded to a larger shape (``packing.layout``'s ``shape``: more left padding, then rows of padding
+    only, as the flex prefill's static buckets do) give the same label scores as packed: padding is seen by
+    nothing, and every target keeps its row and column. On the SDPA path, where padding is cheap to check."""
+    from mecpe import predict
+    from mecpe.engine import scoring
+
+    model = sharp("llama")
+    want = predict.score_emotion_labels(model, tok, builder, convs[:4], max_batch_tokens=600)
+    real = scoring.layout
+    shapes = []
+    monkeypatch.setattr(scoring, "layout", lambda batch, pad, dev, shape=None: shapes.append(len(batch)) or real(
+        batch, pad, dev, (len(batch) + 3, scoring.row_width(batch) + 9)))
+    got = predict.score_emotion_labels(model, tok, builder, convs[:4], max_batch_tokens=600)
+    assert len(shapes) == got.stats.forward_passes > 1
+    diff = max(abs(a - b) for cw, cg in zip(want.results, got.results) for u in cw
+               for a, b in zip(cw[u][0], cg[u][0]))
+    assert diff < 1e-4, diff
 
 
 def test_scoring_agrees_with_trie_constrained_greedy(tok, builder, model, convs):

@@ -15,9 +15,10 @@ stage 715 -> 855 utt/s in one run, 797 -> 832 in another, since the host issuing
 The same registered function runs a prefill through FlexAttention where its mask is a ``BlockMask``
 (``inference.prefill_attention: flex``; ``runtime.mask_form``): SDPA with a dense mask of packed rows takes the
 mem-efficient kernel over every block, while flex skips the blocks the mask hides wholly (one SmolLM2-shaped call on
-8 rows x 2048 on an H100: 0.303 -> 0.112 ms, causal SDPA 0.109: ``bench/results/2026-12-06-flex-h100``). Compiled
-for dynamic shapes, as here, the same check was slower than the dense mask at 128 rows (12.9 against 4.5 ms:
-``bench/results/2026-12-06-decode-h100/how.txt``), so it stays opt-in until the engine's own profile says it pays.
+8 rows x 2048 on an H100, compiled for that shape: 0.303 -> 0.112 ms, causal SDPA 0.109:
+``bench/results/2026-12-06-flex-h100``). Compiled for dynamic shapes it lost: the emotion stage ran 2,005 -> 716
+utt/s (``bench/results/2026-12-06-engine-h100``). So label scoring pads its batches to a few static shapes
+(``packing.static_shape``) and those compile statically; unmeasured on a GPU since, hence opt-in.
 """
 
 from __future__ import annotations
@@ -57,11 +58,26 @@ def _stacked_mask(mask: torch.Tensor, g: int, keys: int) -> torch.Tensor:
     return out
 
 
+STATIC_FLEX_SHAPES = 64  # compiled graphs the static flex kernel may hold (torch._dynamo's recompile limit)
+
+
+def _bucketed(rows: int, width: int) -> bool:
+    """Shapes of ``packing.static_shape``'s buckets, which label scoring pads its batches to."""
+    from mecpe.engine.packing import static_shape
+
+    return static_shape(rows, width) == (rows, width)
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled_flex() -> Any:
-    """flex_attention compiled once per process. Dynamic shapes: every batch has its own rows and width, which a
-    static compile would recompile for."""
-    return torch.compile(flex_attention, dynamic=True)
+def _compiled_flex(static: bool) -> Any:
+    """flex_attention compiled once per process. Static for bucketed shapes: a kernel specialised to each of a few
+    shapes (compiled for dynamic shapes, one call at 128 rows x 2,048 took 12.9 ms against 4.5 ms for the dense
+    mask: ``bench/results/2026-12-06-decode-h100``); dynamic for any other (the decoding prefill's rows), which a
+    static compile would recompile for at every batch. Raises dynamo's recompile limit (8 by default, then it falls
+    back to eager flex, which materialises every score) to ``STATIC_FLEX_SHAPES`` for the static one."""
+    if static:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_FLEX_SHAPES)
+    return torch.compile(flex_attention, dynamic=not static)
 
 
 def flex_prefill(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask,
@@ -76,7 +92,8 @@ def flex_prefill(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     if unsupported:
         raise ValueError(f"inference.prefill_attention=flex: {type(module).__name__} asks for {unsupported}, which "
                          "the flex prefill does not compute; use prefill_attention=sdpa")
-    fn = _compiled_flex() if query.device.type == "cuda" else flex_attention
+    fn = (_compiled_flex(_bucketed(query.shape[0], query.shape[2])) if query.device.type == "cuda"
+          else flex_attention)
     out = fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
 

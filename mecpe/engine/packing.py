@@ -9,6 +9,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+BUCKET_COLUMNS = 128  # static_shape's column step: FlexAttention's block size
 ROW_TOKENS = 2048  # rows are filled with several conversations up to this many tokens (longer ones: own row)
 
 
@@ -114,11 +115,25 @@ class Layout:
     targets: list[tuple[int, int, int, int, int]]
 
 
-def layout(batch: list[list[Segment]], pad: int, dev) -> Layout:
+def row_width(batch: list[list[Segment]]) -> int:
+    """Columns of the batch's widest row at its first forward (``layout``'s width before any padding)."""
+    return max(_row_shape(row)[0] for row in batch)
+
+
+def static_shape(rows: int, width: int) -> tuple[int, int]:
+    """The (rows, width) bucket a batch is padded to where a compiled kernel wants few shapes (the flex prefill of
+    label scoring): rows up to a power of two, columns up to a multiple of ``BUCKET_COLUMNS`` (flex's block), so a
+    corpus meets a few shapes (full batches of one budget: rows filled to about ``ROW_TOKENS``, mostly one), each
+    compiled once, instead of one per batch."""
+    return 1 << max(0, rows - 1).bit_length(), -(-width // BUCKET_COLUMNS) * BUCKET_COLUMNS
+
+
+def layout(batch: list[list[Segment]], pad: int, dev, shape: tuple[int, int] | None = None) -> Layout:
     """The batch's ``Layout``, built as Python lists and moved to the device as one tensor (slicing tensors per
-    block cost ~1 ms a batch of host time: issue #29)."""
-    widths = [sum(len(p) + sum(b.width for b in bl) for p, bl in row) for row in batch]
-    width = max(widths)
+    block cost ~1 ms a batch of host time: issue #29). ``shape``: at least this many (rows, columns), the extra
+    ones padding (more left padding, then rows of padding only: their queries see themselves only)."""
+    widths = [_row_shape(row)[0] for row in batch]
+    width = max(widths + ([shape[1]] if shape else []))
     ids, pos, seg, blk, alt = [], [], [], [], []
     blocks, ends, block_seg, next_pos, targets = [], [], [], [], []
     nseg = 0
@@ -162,6 +177,9 @@ def layout(batch: list[list[Segment]], pad: int, dev) -> Layout:
             nseg += 1
         for full, part in ((ids, r_ids), (pos, r_pos), (seg, r_seg), (blk, r_blk), (alt, r_alt)):
             full.append(part)
+    for _ in range(len(batch), shape[0] if shape else 0):
+        for full, value in ((ids, pad), (pos, 0), (seg, -1), (blk, -1), (alt, 0)):
+            full.append([value] * width)
     packed = to_device(torch.tensor([ids, pos, seg, blk, alt], dtype=torch.long), dev)
     return Layout(*packed.unbind(0), blocks, ends, block_seg, next_pos, targets)
 

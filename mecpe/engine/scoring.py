@@ -8,7 +8,8 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch.profiler import record_function
 
-from mecpe.engine.packing import Block, Segment, batches, layout, prefill_visible, segments, to_device
+from mecpe.engine.packing import (Block, Segment, batches, layout, prefill_visible, row_width, segments,
+                                  static_shape, to_device)
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
 from mecpe.engine.stats import StageStats
 
@@ -20,7 +21,8 @@ def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev, prefill:
     and each one's log-normalizer is computed once (a position predicts the first token of all seven labels).
     ``prefill``: the attention of the forward (``inference.prefill_attention``; ``runtime.mask_form``'s form)."""
     with record_function("mecpe.score.layout"):  # named ranges: bench/profile_gpu.py --torch-profile
-        lay = layout(batch, pad, dev)
+        # flex: padded to a bucket of static shapes, so its compiled kernel compiles once per bucket (attention.py)
+        lay = layout(batch, pad, dev, static_shape(len(batch), row_width(batch)) if prefill == "flex" else None)
         at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
         index = {p: k for k, p in enumerate(at)}
         mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive_dtype(model, dev), prefill)
