@@ -9,8 +9,10 @@ Each variant runs the same batches (``--batch-size`` conversations, as ``inferen
 conversation ids, so no two copies share a batch or a prefix) and reports per stage: utterances, wall seconds
 (synced), utt/s, forward passes, decoding steps, the engine's prefill and decode seconds. A variant sets PredictorSpec
 fields (``max_batch_tokens=16384``, ``prefill_attention=flex``), ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``)
-or ``grouped=0`` (decoding steps on transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s
-folded grouped heads). The base model is
+``grouped=0`` (decoding steps on transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s
+folded grouped heads) or ``compile=0`` (with ``prefill_attention=flex``: flex without the compiled decoder,
+``mecpe.engine.scoring.COMPILE_DECODER``). A variant's first batches carry its compilations: name it twice to see
+both. The base model is
 SmolLM2-135M-Instruct without adapters (a merged adapter costs what the base costs); the cause stage reads the gold
 emotions (``inference.cause_input=gold``), so its share of utterances is gold's non-neutral share.
 
@@ -192,7 +194,7 @@ def main(argv=None) -> int:
 
     from mecpe import readers, storage
     from mecpe.config import load_config
-    from mecpe.engine import attention, packing
+    from mecpe.engine import attention, packing, scoring
     from mecpe.infer.driver import predictor_spec
     from mecpe.infer.stages import EmotionCausePredictor
 
@@ -219,9 +221,11 @@ def main(argv=None) -> int:
     for name, fields in variants:
         packing.ROW_TOKENS = int(fields.pop("row_tokens", default_rows))
         attention.ENABLED = bool(fields.pop("grouped", True))
+        scoring.COMPILE_DECODER = bool(fields.pop("compile", True))
         actor.spec = dataclasses.replace(spec, **fields)
         got = run_variant(actor, tables, dev)
-        got["settings"] = {**fields, "row_tokens": packing.ROW_TOKENS, "grouped": attention.ENABLED}
+        got["settings"] = {**fields, "row_tokens": packing.ROW_TOKENS, "grouped": attention.ENABLED,
+                           "compile": scoring.COMPILE_DECODER}
         answers = got.pop("answers")
         first = first if report["variants"] else answers
         same = [answers.get(k) == v for k, v in first.items()]
@@ -241,6 +245,7 @@ def main(argv=None) -> int:
         print("\n".join(lines[-4:]), flush=True)
     packing.ROW_TOKENS = default_rows
     attention.ENABLED = True
+    scoring.COMPILE_DECODER = True
     actor.spec = spec
     if args.forward_check:
         model = next(iter(actor.models.values()))

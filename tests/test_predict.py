@@ -250,6 +250,32 @@ def test_flex_prefill_scores_equal_sdpa(tok, builder, tight, sharp, convs, arch,
             predict.score_emotion_labels(_load("eager"), tok, builder, convs[:1], prefill_attention="flex")
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compiled_decoder_scores_equal_sdpa(tok, builder, sharp, convs, arch, monkeypatch):
+    """The flex prefill's decoder compiled for its static buckets (``scoring.compiled_decoder``; on the CPU through
+    dynamo with the eager backend, so the graph dynamo captures is what runs) gives the dense-mask SDPA scores; the
+    module's own forward is back after each call (decoding must not run the compiled graph)."""
+    import torch._dynamo
+
+    from mecpe import predict
+    from mecpe.engine import scoring
+
+    monkeypatch.setattr(scoring, "CPU_BACKEND", "eager")
+    model = sharp(arch)
+    inner = model.model
+    want = predict.score_emotion_labels(model, tok, builder, convs[:2])
+    torch._dynamo.reset()
+    frames = torch._dynamo.utils.counters["frames"]
+    before = frames["ok"]
+    got = predict.score_emotion_labels(model, tok, builder, convs[:2], prefill_attention="flex")
+    assert frames["ok"] > before  # dynamo compiled a frame: the decoder ran as a captured graph
+    assert "eager" in inner.__dict__["_mecpe_compiled"] and "forward" not in inner.__dict__
+    diff = max(abs(a - b) for cw, cg in zip(want.results, got.results) for u in cw
+               for a, b in zip(cw[u][0], cg[u][0]))
+    assert diff < 1e-4, diff
+    torch._dynamo.reset()
+
+
 def test_padded_layouts_score_the_same(tok, builder, sharp, convs, monkeypatch):
     """Batches padded to a larger shape (``packing.layout``'s ``shape``: more left padding, then rows of padding
     only, as the flex prefill's static buckets do) give the same label scores as packed: padding is seen by

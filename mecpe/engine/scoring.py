@@ -3,6 +3,7 @@ per batch of packed rows (each block's shared answer tokens and its candidates' 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Hashable, Sequence
 
 import torch
@@ -12,6 +13,38 @@ from mecpe.engine.packing import (Block, Segment, batches, layout, prefill_visib
                                   static_shape, to_device)
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
 from mecpe.engine.stats import StageStats
+
+
+COMPILE_DECODER = True  # flex: the decoder compiled for the buckets too (bench/profile_gpu.py's A/B key compile=0)
+CPU_BACKEND: str | None = None  # torch.compile backend for the decoder on the CPU (None: not compiled; tests: eager)
+
+
+@contextlib.contextmanager
+def compiled_decoder(model: Any, dev: torch.device):
+    """Within the block, the model's decoder stack (``base.model``: embeddings, layers, final norm) runs compiled for
+    static shapes, which the flex prefill's bucketed batches give it (``packing.static_shape``): one graph per bucket,
+    the elementwise work around the matmuls (RMSNorm, RoPE, SiLU, residual adds: most of a prefill's kernels after
+    attention, ``bench/results/2026-12-06-engine-h100``) fused, flex attention inside the graph. The compiled callable
+    is kept on the module, so each bucket compiles once per process; the module's own forward is restored after
+    (decoding keeps the eager path: its shapes change every step)."""
+    backend = "inductor" if dev.type == "cuda" else CPU_BACKEND
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", None)
+    if not COMPILE_DECODER or backend is None or not isinstance(inner, torch.nn.Module):
+        yield
+        return
+    from mecpe.engine.attention import STATIC_FLEX_SHAPES
+
+    compiled = inner.__dict__.get("_mecpe_compiled", {})
+    if backend not in compiled:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_FLEX_SHAPES)
+        compiled[backend] = torch.compile(inner.forward, dynamic=False, backend=backend)
+        inner.__dict__["_mecpe_compiled"] = compiled
+    inner.forward = compiled[backend]
+    try:
+        yield
+    finally:
+        del inner.forward
 
 
 def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev, prefill: str = "sdpa"
@@ -26,7 +59,8 @@ def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev, prefill:
         at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
         index = {p: k for k, p in enumerate(at)}
         mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive_dtype(model, dev), prefill)
-    with record_function("mecpe.score.forward"):
+    with record_function("mecpe.score.forward"), (compiled_decoder(model, dev) if prefill == "flex"
+                                                  else contextlib.nullcontext()):
         logits, _ = forward_at(model, lay.ids, mask, lay.pos, None, at, use_cache=False)
     t = to_device(torch.tensor([(index[(i, c)], tok, g, j + 1) for i, c, tok, g, j in lay.targets]), dev)
     logits = logits.float()
