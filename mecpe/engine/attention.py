@@ -92,8 +92,10 @@ def flex_prefill(module: Any, query: torch.Tensor, key: torch.Tensor, value: tor
     if unsupported:
         raise ValueError(f"inference.prefill_attention=flex: {type(module).__name__} asks for {unsupported}, which "
                          "the flex prefill does not compute; use prefill_attention=sdpa")
-    fn = (_compiled_flex(_bucketed(query.shape[0], query.shape[2])) if query.device.type == "cuda"
-          else flex_attention)
+    if query.device.type != "cuda" or torch.compiler.is_compiling():
+        fn = flex_attention  # the CPU's exact path, or inside the compiled decoder (scoring.compiled_decoder)
+    else:
+        fn = _compiled_flex(_bucketed(query.shape[0], query.shape[2]))
     out = fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
