@@ -58,7 +58,13 @@ def _stacked_mask(mask: torch.Tensor, g: int, keys: int) -> torch.Tensor:
     return out
 
 
-STATIC_FLEX_SHAPES = 64  # compiled graphs the static flex kernel may hold (torch._dynamo's recompile limit)
+STATIC_FLEX_SHAPES = 64  # compiled graphs a statically compiled function may hold (torch._dynamo's recompile limit)
+
+
+def allow_static_shapes() -> None:
+    """Raises dynamo's recompile limit (8 by default, after which a function falls back to eager: for flex, one that
+    materialises every score) to ``STATIC_FLEX_SHAPES``: each bucket of ``packing.static_shape`` is a graph."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_FLEX_SHAPES)
 
 
 def _bucketed(rows: int, width: int) -> bool:
@@ -73,10 +79,9 @@ def _compiled_flex(static: bool) -> Any:
     """flex_attention compiled once per process. Static for bucketed shapes: a kernel specialised to each of a few
     shapes (compiled for dynamic shapes, one call at 128 rows x 2,048 took 12.9 ms against 4.5 ms for the dense
     mask: ``bench/results/2026-12-06-decode-h100``); dynamic for any other (the decoding prefill's rows), which a
-    static compile would recompile for at every batch. Raises dynamo's recompile limit (8 by default, then it falls
-    back to eager flex, which materialises every score) to ``STATIC_FLEX_SHAPES`` for the static one."""
+    static compile would recompile for at every batch (``allow_static_shapes`` for the static one)."""
     if static:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_FLEX_SHAPES)
+        allow_static_shapes()
     return torch.compile(flex_attention, dynamic=not static)
 
 

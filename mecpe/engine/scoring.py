@@ -9,6 +9,7 @@ from typing import Any, Hashable, Sequence
 import torch
 from torch.profiler import record_function
 
+from mecpe.engine.attention import allow_static_shapes
 from mecpe.engine.packing import (Block, Segment, batches, layout, prefill_visible, row_width, segments,
                                   static_shape, to_device)
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
@@ -33,11 +34,9 @@ def compiled_decoder(model: Any, dev: torch.device):
     if not COMPILE_DECODER or backend is None or not isinstance(inner, torch.nn.Module):
         yield
         return
-    from mecpe.engine.attention import STATIC_FLEX_SHAPES
-
     compiled = inner.__dict__.get("_mecpe_compiled", {})
     if backend not in compiled:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_FLEX_SHAPES)
+        allow_static_shapes()
         compiled[backend] = torch.compile(inner.forward, dynamic=False, backend=backend)
         inner.__dict__["_mecpe_compiled"] = compiled
     inner.forward = compiled[backend]
