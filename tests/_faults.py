@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -163,6 +164,15 @@ def alive_actor_pids(class_substring: str) -> list[int]:
     table = ray._private.state.actors()
     return sorted({a["Pid"] for a in table.values()
                    if a.get("State") == "ALIVE" and class_substring in (a.get("ActorClassName") or "") and a.get("Pid")})
+
+
+RAY_FORWARDED = re.compile(r"^(\x1b\[\d+m)?\([^)]*\)")  # "(pid=gcs_server) ...": a line Ray's log monitor forwards
+
+
+def own_lines(err: str) -> list[str]:
+    """The lines of a captured stderr that mecpe printed: without those Ray forwards from its processes to every
+    driver (a GCS error about an earlier test's actor, say), which no code of a refused command can hold back."""
+    return [line for line in err.strip().splitlines() if not RAY_FORWARDED.match(line)]
 
 
 def sigkill(pid: int) -> None:

@@ -32,7 +32,7 @@ from mecpe.config import load_config
 from mecpe.train import checkpoints
 
 from _cluster import StaticCluster, actor_nodes, drain, node_type_of
-from _faults import state_address, wait_for, wait_job_gone
+from _faults import own_lines, state_address, wait_for, wait_job_gone
 from _tiny import REPO, tiny_model_dir, train_records
 
 pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
@@ -248,7 +248,7 @@ def test_local_paths_refused_on_a_multi_node_cluster(static_cluster, mirror, inp
     local_out = driver_dir / "out"
     assert main(["infer", "--input", inputs, "--output", str(local_out), *_inference(mirror), *cluster]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"--output={local_out}" in err, err
+    assert len(own_lines(err)) == 1 and f"--output={local_out}" in err, err
     assert " nodes" in err and "s3://" in err and "storage.shared_filesystem=true" in err, err
     assert not local_out.exists()
     local_in = driver_dir / "in.jsonl"
