@@ -16,13 +16,27 @@ import pytest
 # inherits). The suite's models are tiny and its Ray processes share 2 cores: with Ray's default (a thread per CPU
 # the worker holds) the threads of one op wait on each other while another process holds a core; a tiny-model
 # training step measured 0.09 s with 1 thread against 0.26-1.5 s with 2 on this machine under load.
+_SUITE_SETS_THREADS = "OMP_NUM_THREADS" not in os.environ
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# ... except this process: the tests that run models in it (engine, predict, modeling, tiny, the packed-row training
+# steps) start no other process, so a thread per core is theirs. Measured on this machine: test_predict, test_engine,
+# test_modeling and test_tiny took 131.7 s with one thread and 87.7 s with two (docs/testing.md). Where a test
+# starts Ray, this process mostly waits on it.
+if _SUITE_SETS_THREADS:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
 
 # Ray Train's controller polls its workers every 2 s by default, so a finished run is noticed up to 2 s late (and
 # each worker-group start waits on a poll too): the smoke pipeline's two fits took 18.8 and 17.0 s with the default
 # and 16.6 and 14.3 s with 0.2 s on this machine. The suite starts dozens of fits; what they prove does not depend
 # on the poll's period. Inherited by every Ray process the suite starts.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+# Ray stops an idle worker beyond its soft limit (one per CPU) after 1 s, and the suite's pipelines run a few short
+# tasks at once (read, parse) several times a minute, so workers were started, stopped and started again, each start
+# ~1 s of CPU: tests/test_infer.py started 29 idle-pool workers with the default and 3 with 60 s (docs/testing.md).
+os.environ.setdefault("RAY_idle_worker_killing_time_threshold_ms", "60000")
 
 # Ray heads started by tests (tests/_ray_head.py) use token authentication, Ray's default; this process must speak it
 # to join them. Ray reads the mode once, at import, so it is set before any test module imports ray.

@@ -55,7 +55,9 @@ def input40(tmp_path_factory, gold40) -> Path:
 def make_cfg(base: str, **inference):
     from mecpe.config import Config
 
-    inf = {"batch_size": 8, "num_actors": 1, "num_cpus": 0.5, **inference}
+    # one actor for both stages, as every real-model config runs (jobs/configs): a predictor actor's start (imports,
+    # model load) is ~5 s of CPU on this machine; the baseline runs the two stages as separate actors
+    inf = {"batch_size": 8, "num_actors": 1, "num_cpus": 0.5, "share_base": True, **inference}
     return Config.model_validate({"model": {"base": base}, "quantization": {"mode": "none"},
                                   "prompt": {"max_prompt_tokens": 512}, "inference": inf})
 
@@ -66,7 +68,7 @@ def baseline(ray_cluster, tiny, input40, tmp_path_factory):
     from mecpe.infer import run_inference
 
     out = tmp_path_factory.mktemp("baseline") / "out"
-    summary = run_inference(make_cfg(tiny), str(input40), str(out))
+    summary = run_inference(make_cfg(tiny, share_base=False), str(input40), str(out))
     return out, summary
 
 

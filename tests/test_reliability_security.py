@@ -79,7 +79,7 @@ def test_credentials_never_written(ray_address, cloud, data_dir, tmp_path, capfd
     s3.put_object(Bucket=BUCKET, Key="sec/in/part-1.jsonl", Body=("\n".join(lines) + "\n").encode())
     icfg = load_config(None, [f"model.base={tiny}", f"model.cache_dir={tmp_path / 'cache'}", "quantization.mode=none",
                               "prompt.max_prompt_tokens=512", f"inference.emotion_adapter={res.adapter_uri}",
-                              "inference.batch_size=4", "inference.num_cpus=0.5"])
+                              "inference.batch_size=4", "inference.num_cpus=0.5", "inference.share_base=true"])
     summary = run_inference(icfg, f"s3://{BUCKET}/sec/in", f"s3://{BUCKET}/sec/infer")
     assert summary.conversations == 3 + len(ESCAPING) and summary.rejects == 0
     # gold-labelled input with string ids: predictions written, scoring skipped with the reason (it used to crash)

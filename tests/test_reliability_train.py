@@ -280,7 +280,7 @@ def _run_with_outage(cloud, tiny, tmp_path, prefix: str, trigger,
     out = tmp_path / "out"
     _write_splits(out)
     cfg = load_config(None, _overrides(tiny, str(out), f"s3://{BUCKET}/{prefix}/runs"))
-    state: dict = {"folders": [], "snapshots": [], "outage": None}
+    state: dict = {"folders": [], "snapshots": [], "outage": None, "cfg": cfg}
 
     def on_request(method: str, path: str, query: str) -> bool:
         if state["outage"]:
@@ -344,7 +344,10 @@ def _check_outage_run(res, prefix: str, tmp_path, uninterrupted: list[float], mu
         assert m["first_logged_step"] == m["resumed_from_step"] + 1
         how = f"resumed from step {m['resumed_from_step']}"
     assert _losses(m) == pytest.approx(uninterrupted, rel=1e-4)
-    assert storage.exists(storage.join(res.adapter_uri, layout.TRAIN_COMPLETE_MARKER))
+    assert res.adapter_uri.startswith(f"s3://{BUCKET}/{run_key}/")
+    for name in ("adapter_config.json", "adapter_model.safetensors", layout.TRAIN_META_FILE,
+                 layout.TRAIN_COMPLETE_MARKER):
+        assert storage.exists(storage.join(res.adapter_uri, name)), name
     return how
 
 
@@ -385,12 +388,14 @@ def test_s3_outage_during_controller_snapshot(ray_address, cloud, tiny, tmp_path
 
     # the write in flight fails: if it completed, the outage could end before the controller's next write (seen in
     # CI: the workers' upload retries outlasted it and the run was never stopped)
-    res, error, _ = _run_with_outage(cloud, tiny, tmp_path, prefix, during_snapshot, fail_in_flight=True)
+    res, error, state = _run_with_outage(cloud, tiny, tmp_path, prefix, during_snapshot, fail_in_flight=True)
     assert error is None, f"run_training raised instead of starting the run again: {error!r}"
     assert res.restarts and all(r.startswith("ControllerError") for r in res.restarts), res.restarts
     assert "AWS Error" in res.restarts[0] and "checkpoint_manager_snapshot.json" in res.restarts[0], res.restarts
     record_property("outcome", "run_training started the run again after the ControllerError; it finished")
     _check_outage_run(res, prefix, tmp_path, uninterrupted)
+    again = step_train(state["cfg"], "emotion")  # the finished run in S3 is found and reused, nothing trains
+    assert again.reused and (again.adapter_uri, again.global_step) == (res.adapter_uri, MAX_STEPS)
 
 
 # ============================================================================================ lost after the last step

@@ -384,9 +384,13 @@ def test_unloadable_base_stops_the_run_without_restarts(ray_local, tiny, splits,
     assert str(base) in str(err.value)
 
 
+@pytest.mark.heavy
 def test_s3_storage_checkpoints_and_adapter(ray_local, s3_server, tiny, splits):
     """Checkpoints and the adapter land in S3 (moto on loopback); a worker killed after the step-2 checkpoint
-    resumes from S3."""
+    resumes from S3. Heavy tier: the default run proves the same on S3 in
+    tests/test_reliability_train.py::test_s3_outage_during_controller_snapshot (a run stopped by a storage error
+    resumes from its latest complete checkpoint in S3; every adapter file in S3; a rerun reuses it) and the worker
+    SIGKILL resume in ::test_worker_sigkill_resumes_from_last_checkpoint."""
     import boto3
 
     prefix = f"train-{int(time.time())}"
