@@ -61,9 +61,9 @@ def main() -> None:
                 continue
             try:
                 c = p.cpu_times()
-                label = kind_of(p)
-                if label != "ray worker (starting)" or p.pid not in kinds:
-                    kinds[p.pid] = label if label != "?" else kinds.get(p.pid, "?")
+                label = kind_of(p)  # a worker's name changes once it holds an actor: keep the latest known one
+                if label not in ("?", "ray worker (starting)") or p.pid not in kinds:
+                    kinds[p.pid] = label
                 seen[p.pid] = (kinds[p.pid], c.user + c.system)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
@@ -74,11 +74,11 @@ def main() -> None:
         by_kind[label].append(cpu)
     total = sum(sum(v) for v in by_kind.values())
     print(f"command: {' '.join(command)}\nexit {child.returncode}; wall {wall:.1f} s on {psutil.cpu_count()} cores; "
-          f"CPU of the processes it started {total:.1f} s ({total / wall / psutil.cpu_count():.0%} of the cores); "
+          f"CPU of the processes it started {total:.1f} s ({total / max(wall, 1e-9) / psutil.cpu_count():.0%} of the cores); "
           f"{len(seen)} processes")
     print(f"{'kind':<40}{'processes':>10}{'CPU s':>9}{'share':>8}")
     for label, cpus in sorted(by_kind.items(), key=lambda kv: -sum(kv[1])):
-        print(f"{label[:39]:<40}{len(cpus):>10}{sum(cpus):>9.1f}{sum(cpus) / total:>8.1%}")
+        print(f"{label[:39]:<40}{len(cpus):>10}{sum(cpus):>9.1f}{sum(cpus) / (total or 1):>8.1%}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mecpe import layout, storage
 from mecpe.config import DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,3 +166,12 @@ def tiny_gemma3_dir(seed: int = 0) -> str:
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
+
+
+def check_adapter_files(adapter: str) -> dict:
+    """Every file a finished training run writes into its adapter folder (local or S3) is there; returns its
+    training metadata."""
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml",
+                 layout.TRAIN_META_FILE, layout.TRAIN_COMPLETE_MARKER):
+        assert storage.exists(storage.join(adapter, name)), name
+    return storage.read_json(storage.join(adapter, layout.TRAIN_META_FILE))

@@ -24,7 +24,7 @@ from mecpe.train import checkpoints
 from mecpe.train.driver import run_identity
 
 from _faults import BUCKET, alive_actor_pids, fake_cloud, local_ray, sigkill, wait_for
-from _tiny import REPO, tiny_model_dir, train_records
+from _tiny import REPO, check_adapter_files, tiny_model_dir, train_records
 
 pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
 
@@ -275,8 +275,8 @@ def _run_with_outage(cloud, tiny, tmp_path, prefix: str, trigger,
     """A training run on S3 during which S3 stops (connections refused) for 8 s when ``trigger(state, method,
     path)`` first returns True for a request (``fail_in_flight``: that request and those until the socket closes are
     answered 503; otherwise they complete); returns (the finished result, the error the first run_training raised
-    or None, state). ``state`` tracks the checkpoint folders seen and, for each completed write of the controller's
-    snapshot, how many folders had been seen by then."""
+    or None, state). ``state`` holds the run's config (``cfg``) and tracks the checkpoint folders seen and, for each
+    completed write of the controller's snapshot, how many folders had been seen by then."""
     out = tmp_path / "out"
     _write_splits(out)
     cfg = load_config(None, _overrides(tiny, str(out), f"s3://{BUCKET}/{prefix}/runs"))
@@ -345,9 +345,7 @@ def _check_outage_run(res, prefix: str, tmp_path, uninterrupted: list[float], mu
         how = f"resumed from step {m['resumed_from_step']}"
     assert _losses(m) == pytest.approx(uninterrupted, rel=1e-4)
     assert res.adapter_uri.startswith(f"s3://{BUCKET}/{run_key}/")
-    for name in ("adapter_config.json", "adapter_model.safetensors", layout.TRAIN_META_FILE,
-                 layout.TRAIN_COMPLETE_MARKER):
-        assert storage.exists(storage.join(res.adapter_uri, name)), name
+    check_adapter_files(res.adapter_uri)
     return how
 
 

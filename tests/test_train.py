@@ -20,7 +20,7 @@ from mecpe.train import checkpoints, examples, run_training
 from mecpe.train.driver import run_identity
 
 from _faults import train_with_worker_kill
-from _tiny import conversations, tiny_gemma3_dir, tiny_model_dir, train_records
+from _tiny import check_adapter_files, conversations, tiny_gemma3_dir, tiny_model_dir, train_records
 
 pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
 
@@ -75,13 +75,6 @@ def _cfg(tiny: str, storage_path: str, **training) -> Config:
 
 def _losses(metrics: dict) -> list[tuple[int, float]]:
     return [(h["step"], h["loss"]) for h in metrics["log_history"] if "loss" in h]
-
-
-def _check_adapter(adapter: str) -> dict:
-    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.yaml",
-                 layout.TRAIN_META_FILE, layout.TRAIN_COMPLETE_MARKER):
-        assert storage.exists(storage.join(adapter, name)), name
-    return storage.read_json(storage.join(adapter, layout.TRAIN_META_FILE))
 
 
 def _run_dir(cfg: Config, task: str, train_uri: str, val_uri: str | None = None) -> str:
@@ -338,7 +331,7 @@ def test_emotion_run_nf4_then_reused(ray_local, tiny, splits, tmp_path):
     assert "eval_loss" in m and m["optimizer"] == "adamw_torch"  # paged_adamw_32bit falls back on CPU
     assert m["throughput"]["useful_tokens"] > 0 and 0.5 < m["throughput"]["useful_token_fraction"] <= 1
     assert all("useful_tokens_per_s" in h for h in m["log_history"] if "loss" in h)
-    meta = _check_adapter(res.adapter_uri)
+    meta = check_adapter_files(res.adapter_uri)
     assert meta["task"] == "emotion" and meta["config_hash"] == res.config_hash and meta["global_step"] == 8
     assert storage.list_files(storage.join(res.run_dir, "tensorboard"), suffixes=None)
 
@@ -361,7 +354,7 @@ def test_cause_run_nf4(ray_local, tiny, splits, tmp_path):
     assert tput["useful_token_fraction"] > 0.97 and tput["padded_tokens"] > 6 * 2 * longest
     n_nonneutral = sum(u.emotion != "neutral" for c in conversations(16) for u in c.utterances)
     assert res.metrics["examples"]["train"]["examples"] == n_nonneutral
-    meta = _check_adapter(res.adapter_uri)
+    meta = check_adapter_files(res.adapter_uri)
     assert meta["task"] == "cause" and meta["cause_emotions"] == "gold"
     _check_generates(cfg, res.adapter_uri)
 
@@ -407,7 +400,7 @@ def test_s3_storage_checkpoints_and_adapter(ray_local, s3_server, tiny, splits):
     run = f"{prefix}/runs/{res.run_name}"
     assert any(k.startswith(f"{run}/") and k.endswith("/checkpoint/trainer_state.json") for k in keys)
     assert f"{run}/adapter/adapter_model.safetensors" in keys and f"{run}/adapter/{layout.TRAIN_COMPLETE_MARKER}" in keys
-    _check_adapter(res.adapter_uri)
+    check_adapter_files(res.adapter_uri)
     again = run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"])
     assert again.reused and again.global_step == 6
 
