@@ -246,11 +246,43 @@ def registered_step(run_dir: str) -> int:
         return 0
 
 
+def kill_when(ready: Callable[[], object], workers: str, timeout: float, what: str,
+              alive: Callable[[], bool], interval: float = 0.1) -> tuple[object, list[int]]:
+    """SIGKILL one process of the actors of ``workers`` as soon as ``ready()`` is truthy; returns (its value, the
+    pids seen). Each poll SIGSTOPs those processes before it asks ``ready()`` and SIGCONTs them if it is not yet, so
+    the state the predicate sees (checkpoints written, say) is the state the kill lands on: a worker stepping faster
+    than the poll cannot run past it (CI once saw a run write two more checkpoints between seeing and killing)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not alive():
+            raise AssertionError(f"the job ended before {what}")
+        pids = alive_actor_pids(workers)
+        if pids:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+            value = None
+            try:
+                value = ready()
+            finally:
+                if value:
+                    sigkill(pids[0])
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGCONT)  # the other ranks; a no-op on the killed one
+            if value:
+                return value, pids
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def train_with_worker_kill(fit: Callable[[], object], run_dir: str, after_step: int, timeout: float = 600,
-                           workers: str = "RayTrainWorker") -> tuple[object, dict]:
+                           workers: str = "RayTrainWorker",
+                           ready: Callable[[], object] | None = None) -> tuple[object, dict]:
     """Run ``fit()`` (a training run) in a thread; once Ray Train has registered a checkpoint of at least
-    ``after_step``, SIGKILL one training worker process from outside (what a spot reclaim of a worker does). Returns
-    (fit's result, {"pid", "registered_step"} at the kill). Re-raises fit's exception."""
+    ``after_step`` (or once ``ready()`` is truthy), SIGKILL one training worker process from outside (what a spot
+    reclaim of a worker does). Returns (fit's result, {"pid" killed, "pids" of the workers, "ready": the registered
+    step or ready()'s value at the kill, "at": its time}). Re-raises fit's exception."""
     box: dict = {}
 
     def run():
@@ -259,18 +291,21 @@ def train_with_worker_kill(fit: Callable[[], object], run_dir: str, after_step: 
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
             box["err"] = exc
 
+    if ready is None:
+        def ready():
+            step = registered_step(run_dir)
+            return step if step >= after_step else 0
+
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    step = wait_for(lambda: registered_step(run_dir) >= after_step and registered_step(run_dir), timeout,
-                    f"a registered checkpoint of step {after_step}", interval=0.05, alive=thread.is_alive)
-    pids = alive_actor_pids(workers)
-    assert pids, "no training worker alive to kill"
-    sigkill(pids[0])
+    value, pids = kill_when(ready, workers, timeout, f"{workers} and a checkpoint to kill it after",
+                            alive=thread.is_alive)
+    killed_at = time.time()
     thread.join(timeout)
     assert not thread.is_alive(), "the training run did not finish after the kill"
     if "err" in box:
         raise box["err"]
-    return box["res"], {"pid": pids[0], "registered_step": step}
+    return box["res"], {"pid": pids[0], "pids": pids, "ready": value, "at": killed_at}
 
 
 def kill_busy_actor_task(class_substring: str, alive: Callable[[], bool], timeout: float = 300, tries: int = 3):

@@ -23,7 +23,7 @@ from mecpe.pipeline import step_train
 from mecpe.train import checkpoints
 from mecpe.train.driver import run_identity
 
-from _faults import BUCKET, alive_actor_pids, fake_cloud, local_ray, sigkill, wait_for
+from _faults import BUCKET, alive_actor_pids, fake_cloud, local_ray, train_with_worker_kill, wait_for
 from _tiny import REPO, check_adapter_files, tiny_model_dir, train_records
 
 pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
@@ -154,37 +154,25 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_address, tiny, tmp_path
     _write_splits(out)
     cfg = load_config(None, _overrides(tiny, str(out), str(tmp_path / "runs")))
     run_dir = _run_dir(cfg)
-    box: dict = {}
+    _wait_workers_gone()  # the one worker alive is this run's
 
-    def fit():
-        try:
-            box["res"] = step_train(cfg, "emotion")
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
-            box["err"] = exc
+    def complete_at_kill():
+        steps = _complete_checkpoints(run_dir)
+        return steps if len(steps) >= kill_after else None
 
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
-    wait_for(lambda: len(_complete_checkpoints(run_dir)) >= kill_after, 300, f"{kill_after} checkpoints",
-             alive=thread.is_alive)
-    pids = alive_actor_pids("RayTrainWorker")
-    assert len(pids) == 1, pids
-    sigkill(pids[0])
-    killed_at = time.time()
-    thread.join(600)
-    assert not thread.is_alive()
-    if "err" in box:
-        raise box["err"]
-    res = box["res"]
+    res, kill = train_with_worker_kill(lambda: step_train(cfg, "emotion"), run_dir, 0, ready=complete_at_kill)
+    assert len(kill["pids"]) == 1 and max(kill["ready"]) < MAX_STEPS, kill
     resumed = res.metrics["resumed_from_step"]
-    assert resumed is not None and resumed >= kill_after * SAVE_STEPS and resumed % SAVE_STEPS == 0
-    assert resumed < MAX_STEPS
+    # the newest checkpoint complete when the kill landed (the worker was stopped while they were counted), or an
+    # earlier one: a killed worker's last report can be lost before the controller registers it
+    assert resumed is not None and kill_after * SAVE_STEPS <= resumed <= max(kill["ready"]) and resumed % SAVE_STEPS == 0
     _check_finished(res, resumed, uninterrupted)
     assert res.metrics["train_loss"] == pytest.approx(sum(_losses(res.metrics)) / MAX_STEPS)  # whole run, not this attempt
     # the killed attempt's curves were synced at its checkpoint, beside the finishing attempt's
     assert len(storage.list_files(storage.join(run_dir, "tensorboard"), suffixes=None)) >= 2
     # written once, after the kill, by the attempt that finished
     adapter = Path(res.adapter_uri)
-    assert all(p.stat().st_mtime >= killed_at for p in adapter.iterdir())
+    assert all(p.stat().st_mtime >= kill["at"] for p in adapter.iterdir())
     assert [p.name for p in Path(run_dir).iterdir() if p.name.startswith("adapter")] == ["adapter"]
     assert not any(Path(run_dir).glob("adapter/*.tmp"))
 
