@@ -33,6 +33,11 @@ if _SUITE_SETS_THREADS:
 # on the poll's period. Inherited by every Ray process the suite starts.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+# Ray Train starts a PreemptionWatcher actor per run (~1.6 s of CPU here; 28 per suite) that polls the GCS for
+# drained nodes. A one-node Ray has no node to lose, so the suite's single-node Rays run without it; the static
+# cluster, whose tests drain nodes, turns it back on (tests/test_cluster.py: its A100 preemption test fails without).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
 # Ray stops an idle worker beyond its soft limit (one per CPU) after 1 s, and the suite's pipelines run a few short
 # tasks at once (read, parse) several times a minute, so workers were started, stopped and started again, each start
 # ~1 s of CPU: tests/test_infer.py started 29 idle-pool workers with the default and 3 with 60 s (docs/testing.md).

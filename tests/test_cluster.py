@@ -130,6 +130,10 @@ def static_cluster(tmp_path_factory, s3_server, driver_dir, data_dir):
     import ray
 
     assert not ray.is_initialized(), "another test module left Ray running"
+    # Ray Train's preemption watcher, off on the suite's one-node Rays (tests/conftest.py), is on here: these tests
+    # drain nodes. Ray Train reads the setting in the driver (this process) and passes it to its actors.
+    watcher = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"
     c = StaticCluster(tmp_path_factory.mktemp("cluster"),
                       driver_only=(driver_dir, Path(tiny_model_dir()).parent, Path(data_dir)))
     try:
@@ -141,6 +145,10 @@ def static_cluster(tmp_path_factory, s3_server, driver_dir, data_dir):
     finally:
         ray.shutdown()
         c.shutdown()
+        if watcher is None:
+            os.environ.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+        else:
+            os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = watcher
 
 
 @pytest.fixture(scope="module")

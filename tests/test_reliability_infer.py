@@ -268,7 +268,9 @@ CORPUS = {
 # generated at runtime (never committed: sizes): file -> (ids predicted, rejects, reason, id named, class)
 ESCAPING = ["../../escape", "a/b", "/abs/path", "..", "x" * 900]
 GENERATED = {
-    "long_conversation.json": ([9001, 9002], 0, None, None, "Long conversation (300 utterances; 10,000: heavy)"),
+    "long_conversation.json": ([9001, 9002], 0, None, None,
+                               "Long conversation (120 utterances: 3-digit ids, 4x the official test set's longest; "
+                               "10,000: heavy)"),
     "huge_utterance.jsonl": ([9101, 9102], 0, None, None, "1 MB utterance"),
     "escaping_ids.jsonl": (ESCAPING + [9201], 1, "at most 1000 characters", None,
                            "Conversation ids that would escape the output prefix (../, /, very long)"),
@@ -335,7 +337,7 @@ def _run_corpus(root: Path, tiny: str, long_utts: int) -> dict:
 @pytest.fixture(scope="module")
 def corpus_run(ray_address, tiny, tmp_path_factory):
     """One inference run over every bad-input class at once."""
-    return _run_corpus(tmp_path_factory.mktemp("corpus"), tiny, long_utts=300)
+    return _run_corpus(tmp_path_factory.mktemp("corpus"), tiny, long_utts=120)
 
 
 def _check_class(run: dict, name: str, expect: tuple) -> None:
