@@ -208,14 +208,14 @@ def uninterrupted_training(static_cluster, mirror, s3_root):
               "(cluster.yaml), so no task can be placed there. Inputs, outputs, runs and the base model are in S3, "
               "each node has its own HOME and scratch folder, and after every test of the file no node's process "
               "had opened a file in the driver's folders (an open tracer preloaded on each node)")
-def test_placement_by_gpu_type(static_cluster, uninterrupted_training, mirror, inputs, s3_root):
-    from mecpe.infer import run_inference
-
+def test_placement_by_gpu_type(static_cluster, uninterrupted_training, baseline):
+    """The inference placed is the module's baseline run (the first inference on this cluster): the preemption tests
+    compare with it, so it runs once for both."""
     types = _node_types()
     workers = set().union(*uninterrupted_training["workers"].values())
     assert workers and {types[n] for n in workers} == {"a100"}, workers
-    summary = run_inference(load_config(None, _inference(mirror)), inputs, _out(s3_root, "placement"))
-    assert summary.conversations == N_CONVS and summary.rejects == 0
+    summary = storage.read_json(storage.join(baseline, "summary.json"))
+    assert summary["conversations"] == N_CONVS and summary["rejects"] == 0
     actors = actor_nodes("EmotionCausePredictor")
     nodes = set().union(*actors.values())
     assert actors and {types[n] for n in nodes} == {"t4"}, actors

@@ -441,17 +441,22 @@ def test_refuses_output_of_another_run(baseline, tiny, input40, capsys):
     assert json.loads((out / "_run.json").read_text()) == before  # untouched
 
 
-def test_overwrite_replaces_another_run(ray_cluster, tiny, gold40, tmp_path):
-    """``--overwrite`` (run_inference(overwrite=True)) is the only way to replace another run's results: the old
-    shards and files are deleted first, so the two runs never mix."""
+def test_overwrite_replaces_another_run(baseline, tiny, gold40, tmp_path):
+    """``--overwrite`` (run_inference(overwrite=True)) is the only way to replace another run's results (here a copy
+    of the module's baseline run: other config, other input): the old shards and files are deleted first, so the two
+    runs never mix."""
+    import shutil
+
     from mecpe.cli import main
     from mecpe.infer import RunMismatchError, run_inference
 
     src = tmp_path / "in.json"
     src.write_text(json.dumps(gold40[:3]))
     out = tmp_path / "out"
-    first = run_inference(make_cfg(tiny), str(src), str(out))
+    shutil.copytree(baseline[0], out)
+    first_run_id = json.loads((out / "_run.json").read_text())["run_id"]
     old_shards = {p.name for p in (out / "records").glob("*.jsonl")}
+    assert old_shards
     other = make_cfg(tiny, emotion_method="generate")
     with pytest.raises(RunMismatchError):
         run_inference(other, str(src), str(out))
@@ -459,7 +464,7 @@ def test_overwrite_replaces_another_run(ray_cluster, tiny, gold40, tmp_path):
                  "quantization.mode=none", "prompt.max_prompt_tokens=512", "inference.batch_size=8",
                  "inference.num_cpus=0.5", "inference.emotion_method=generate"]) == 0
     second = json.loads((out / "summary.json").read_text())
-    assert second["run_id"] != first.run_id and second["conversations"] == 3 and not second["resumed"]
+    assert second["run_id"] != first_run_id and second["conversations"] == 3 and not second["resumed"]
     # labelled input: `mecpe infer` scored it through the one route (pipeline.step_infer(score=True)), report beside it
     assert json.loads((out / "metrics.json").read_text())["weighted_f1"] >= 0.0 and (out / "report.md").exists()
     assert json.loads((out / "_run.json").read_text())["run_id"] == second["run_id"]
