@@ -276,13 +276,21 @@ def kill_when(ready: Callable[[], object], workers: str, timeout: float, what: s
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def train_with_worker_kill(fit: Callable[[], object], run_dir: str, after_step: int, timeout: float = 600,
-                           workers: str = "RayTrainWorker",
-                           ready: Callable[[], object] | None = None) -> tuple[object, dict]:
-    """Run ``fit()`` (a training run) in a thread; once Ray Train has registered a checkpoint of at least
-    ``after_step`` (or once ``ready()`` is truthy), SIGKILL one training worker process from outside (what a spot
-    reclaim of a worker does). Returns (fit's result, {"pid" killed, "pids" of the workers, "ready": the registered
-    step or ready()'s value at the kill, "at": its time}). Re-raises fit's exception."""
+def registered_at_least(run_dir: str, step: int) -> Callable[[], int]:
+    """A ``ready`` for ``train_with_worker_kill``: the step of Ray Train's latest registered checkpoint once it is
+    at least ``step`` (else 0)."""
+    def ready() -> int:
+        registered = registered_step(run_dir)
+        return registered if registered >= step else 0
+    return ready
+
+
+def train_with_worker_kill(fit: Callable[[], object], ready: Callable[[], object], timeout: float = 600,
+                           workers: str = "RayTrainWorker") -> tuple[object, dict]:
+    """Run ``fit()`` (a training run) in a thread; once ``ready()`` is truthy (``registered_at_least``, say),
+    SIGKILL one training worker process from outside (what a spot reclaim of a worker does; ``kill_when``). Returns
+    (fit's result, {"pid" killed, "pids" of the workers, "ready": ready()'s value at the kill, "at": its time}).
+    Re-raises fit's exception."""
     box: dict = {}
 
     def run():
@@ -290,11 +298,6 @@ def train_with_worker_kill(fit: Callable[[], object], run_dir: str, after_step: 
             box["res"] = fit()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
             box["err"] = exc
-
-    if ready is None:
-        def ready():
-            step = registered_step(run_dir)
-            return step if step >= after_step else 0
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

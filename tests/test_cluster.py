@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -130,25 +129,21 @@ def static_cluster(tmp_path_factory, s3_server, driver_dir, data_dir):
     import ray
 
     assert not ray.is_initialized(), "another test module left Ray running"
-    # Ray Train's preemption watcher, off on the suite's one-node Rays (tests/conftest.py), is on here: these tests
-    # drain nodes. Ray Train reads the setting in the driver (this process) and passes it to its actors.
-    watcher = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
-    os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "1"
-    c = StaticCluster(tmp_path_factory.mktemp("cluster"),
-                      driver_only=(driver_dir, Path(tiny_model_dir()).parent, Path(data_dir)))
-    try:
-        c.add("a100")
-        c.add("t4")
-        c.add("t4")
-        ray.init(address=c.address)
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        if watcher is None:
-            os.environ.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
-        else:
-            os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = watcher
+    with pytest.MonkeyPatch.context() as mp:
+        # Ray Train's preemption watcher, off on the suite's one-node Rays (tests/conftest.py), is on here: these
+        # tests drain nodes. Ray Train reads the setting in the driver (this process) and passes it to its actors.
+        mp.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+        c = StaticCluster(tmp_path_factory.mktemp("cluster"),
+                          driver_only=(driver_dir, Path(tiny_model_dir()).parent, Path(data_dir)))
+        try:
+            c.add("a100")
+            c.add("t4")
+            c.add("t4")
+            ray.init(address=c.address)
+            yield c
+        finally:
+            ray.shutdown()
+            c.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -160,7 +160,7 @@ def test_worker_sigkill_resumes_from_last_checkpoint(ray_address, tiny, tmp_path
         steps = _complete_checkpoints(run_dir)
         return steps if len(steps) >= kill_after else None
 
-    res, kill = train_with_worker_kill(lambda: step_train(cfg, "emotion"), run_dir, 0, ready=complete_at_kill)
+    res, kill = train_with_worker_kill(lambda: step_train(cfg, "emotion"), complete_at_kill)
     assert len(kill["pids"]) == 1 and max(kill["ready"]) < MAX_STEPS, kill
     resumed = res.metrics["resumed_from_step"]
     # the newest checkpoint complete when the kill landed (the worker was stopped while they were counted), or an

@@ -19,7 +19,7 @@ from mecpe.prompts import PromptBuilder, cause_target, emotion_target
 from mecpe.train import checkpoints, examples, run_training
 from mecpe.train.driver import run_identity
 
-from _faults import train_with_worker_kill
+from _faults import registered_at_least, train_with_worker_kill
 from _tiny import check_adapter_files, conversations, tiny_gemma3_dir, tiny_model_dir, train_records
 
 pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside the quick tier (README)
@@ -390,7 +390,7 @@ def test_s3_storage_checkpoints_and_adapter(ray_local, s3_server, tiny, splits):
     cfg = _cfg(tiny, f"s3://{s3_server['bucket']}/{prefix}/runs", max_steps=6, save_steps=2)
     res, kill = train_with_worker_kill(
         lambda: run_training(cfg, "emotion", train_convs_uri=splits["train"], val_convs_uri=splits["val"]),
-        _run_dir(cfg, "emotion", splits["train"], splits["val"]), after_step=2)
+        registered_at_least(_run_dir(cfg, "emotion", splits["train"], splits["val"]), 2))
     assert res.adapter_uri.startswith(f"s3://{s3_server['bucket']}/{prefix}/runs/emotion-")
     assert res.global_step == 6 and res.metrics["resumed_from_step"] >= kill["ready"] >= 2
     s3 = boto3.client("s3", endpoint_url=s3_server["endpoint"], region_name="us-east-1")
@@ -416,7 +416,7 @@ def test_two_workers_ddp_with_checkpointing_resume(ray_local, tiny, splits, tmp_
 
     cfg = cfg_for(str(tmp_path / "runs"))
     res, kill = train_with_worker_kill(lambda: run_training(cfg, "emotion", train_convs_uri=splits["train"]),
-                                       _run_dir(cfg, "emotion", splits["train"]), after_step=2)
+                                       registered_at_least(_run_dir(cfg, "emotion", splits["train"]), 2))
     m = res.metrics
     assert m["num_workers"] == 2 and m["gradient_checkpointing"] is True and res.global_step == 5
     assert m["resumed_from_step"] >= kill["ready"] >= 2 and m["first_logged_step"] == m["resumed_from_step"] + 1
