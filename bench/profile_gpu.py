@@ -31,6 +31,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -82,10 +83,13 @@ def run_variant(actor, tables, dev) -> dict:
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     t0, epoch0 = time.perf_counter(), time.time()
-    answers = {}
+    answers, rejects = {}, {}
     for table in tables:
         out = actor(table).to_pylist()
         for r in out:
+            if r.get("reject"):  # the actor rejects a conversation whose batch failed: say why, not just 0 utt/s
+                reason = f"{r['reject']['stage']}: {r['reject']['reason']}"[:300]
+                rejects[reason] = rejects.get(reason, 0) + 1
             utt["emotion"] += len(r["emotions"] or [])
             utt["cause"] += len(r["causes"] or [])
             answers[r["uid"]] = ([(e["utterance"], e["label"]) for e in r["emotions"] or []],
@@ -103,7 +107,7 @@ def run_variant(actor, tables, dev) -> dict:
                          "computed_tokens": e.get("computed_tokens"), "generated_tokens": e.get("generated_tokens")}
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else 0.0
     return {"wall_s": round(wall, 3), "utterances": utt["emotion"], "utt_per_s": round(utt["emotion"] / wall, 1),
-            "peak_gib": round(peak, 2), "stages": stages, "answers": answers,
+            "peak_gib": round(peak, 2), "stages": stages, "answers": answers, "rejects": rejects,
             "epoch_start": round(epoch0, 3), "epoch_end": round(epoch0 + wall, 3)}
 
 
@@ -223,7 +227,14 @@ def main(argv=None) -> int:
         attention.ENABLED = bool(fields.pop("grouped", True))
         scoring.COMPILE_DECODER = bool(fields.pop("compile", True))
         actor.spec = dataclasses.replace(spec, **fields)
-        got = run_variant(actor, tables, dev)
+        try:
+            got = run_variant(actor, tables, dev)
+        except Exception as exc:  # one variant failing (a compile on this GPU) must not lose the others' figures
+            traceback.print_exc()
+            report["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "settings": fields}
+            lines.append(f"{name:<14}failed: {type(exc).__name__}: {str(exc)[:200]}")
+            write(args, lines, report)
+            continue
         got["settings"] = {**fields, "row_tokens": packing.ROW_TOKENS, "grouped": attention.ENABLED,
                            "compile": scoring.COMPILE_DECODER}
         answers = got.pop("answers")
@@ -239,10 +250,12 @@ def main(argv=None) -> int:
             lines.append(f"{'':<14}{stage:<9}{s['utterances']:>8}{'':>9}{rate:>9.1f}{s['seconds']:>9.2f}"
                          f"{s['prefill_s']:>9.2f}{s['decode_s']:>9.2f}{s['forward_passes'] or 0:>8}"
                          f"{s['decode_steps'] or 0:>7}")
+        lines += [f"{'':<14}rejected {n} conversations: {reason}" for reason, n in got["rejects"].items()]
         c = got["stages"]["cause"]
         lines.append(f"{'':<14}decoding host time: waiting for tokens {c['decode_wait_s']:.2f} s, bookkeeping "
                      f"{c['decode_host_s']:.2f} s, issuing forwards {c['decode_launch_s']:.2f} s")
-        print("\n".join(lines[-4:]), flush=True)
+        print("\n".join(lines[-4 - len(got['rejects']):]), flush=True)
+        write(args, lines, report)  # so far: a run cut off by its time limit keeps the variants it finished
     packing.ROW_TOKENS = default_rows
     attention.ENABLED = True
     scoring.COMPILE_DECODER = True
@@ -270,13 +283,16 @@ def main(argv=None) -> int:
         text, prof = torch_profile(actor, tables[:max(1, len(tables) // 3)], dev, args.top)
         report["torch_profile"] = prof
         lines += ["", text]
-    text = "\n".join(lines)
-    print(text)
+    print("\n".join(lines))
+    write(args, lines, report)
+    return 0
+
+
+def write(args, lines: list[str], report: dict) -> None:
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        Path(args.out).write_text("\n".join(lines) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -386,16 +386,27 @@ def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, con
     fixed = []
     monkeypatch.setattr(decoding, "FixedStep", lambda *a, **k: fixed.append(1) or FixedStep(*a, **k))
     flex = _flex_calls(monkeypatch)
+    shapes = []  # (rows, columns) of each batch -> of its prefill: flex pads to a static bucket, then drops the rows
+    real_layout = decoding.layout
+    monkeypatch.setattr(decoding, "layout", lambda batch, pad, dev, shape=None: shapes.append(
+        (len(batch), decoding.row_width(batch), shape)) or real_layout(batch, pad, dev, shape))
     model = sharp(arch)
     emos = _gold(convs)
     emos = [{u: ("anger" if i % 2 else "neutral") for i, u in enumerate(e)} for e in emos]
+    if prefill == "flex":  # every conversation again with other emotions (another prefix): three rows in one batch,
+        # so the bucket pads a row
+        convs, emos = convs * 2, emos + [{u: ("neutral" if i % 2 else "anger") for i, u in enumerate(e)} for e in emos]
     steps = 12
     out = predict.cause_answer_ids(model, tok, builder, convs, emos, constrained=constrained, max_new_tokens=steps,
-                                   max_batch_tokens=1200, decode_step=step, prefill_attention=prefill)
+                                   max_batch_tokens=1200 if prefill == "sdpa" else 8000, decode_step=step,
+                                   prefill_attention=prefill)  # flex: one batch of several rows
     got, stats = out.results, out.stats
     assert bool(fixed) == (step != "dynamic" and arch == "llama"), (len(fixed), step, arch)
     prefills = stats.forward_passes - stats.decode_steps
     assert len(flex) == (model.config.num_hidden_layers * prefills if prefill == "flex" else 0), (len(flex), prefills)
+    bucket = [(1 << (r - 1).bit_length(), -(-w // 128) * 128) if prefill == "flex" else None for r, w, _ in shapes]
+    assert [sh for *_, sh in shapes] == bucket, shapes
+    assert prefill != "flex" or any(sh[0] > r for (r, _, _), sh in zip(shapes, bucket)), shapes  # rows padded too
     forced = predict.forced_cause_start(builder) if constrained else []
     if constrained:
         dec = decoding.ListDecoder(tok.eos_token_id, decoding.token_pieces(tok),
