@@ -29,7 +29,7 @@ from mecpe.labels import EMOTIONS
 
 DEFAULT_DATA_DIR = "../shared/data/ecf"
 DecodeStep = Literal["dynamic", "static", "graph"]  # inference.decode_step (mecpe.engine.steps)
-PrefillAttention = Literal["sdpa", "flex"]  # inference.prefill_attention (mecpe.engine.runtime.mask_form)
+PrefillAttention = Literal["sdpa", "flex", "compiled"]  # inference.prefill_attention (mecpe.engine.scoring)
 
 
 class _Strict(BaseModel):
@@ -226,8 +226,10 @@ class InferenceConfig(_Strict):
                             "0.303 -> 0.112 ms, causal SDPA 0.109; on a GPU label scoring's batches are padded to a "
                             "few static shapes and its decoder compiled for them, elementwise work fused; SmolLM2 on "
                             "an H100: 938 -> 947 utt/s once compiled, after ~90 s of compiling, 6% of conversations "
-                            "answered otherwise in bf16, peak 13.0 -> 18.7 GiB, so not the default); needs the model "
-                            "on attn_implementation sdpa; decoding steps keep SDPA")
+                            "answered otherwise in bf16, peak 13.0 -> 18.7 GiB, so not the default; flex alone was 2x "
+                            "slower than sdpa there: the gain was the compiled decoder's) or compiled (sdpa, label "
+                            "scoring's decoder compiled for those static shapes, elementwise work fused, without "
+                            "flex); needs the model on attn_implementation sdpa; decoding steps keep SDPA")
     gpu_memory_gib: float | None = Field(
         None, description="cap each predictor actor's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. "
                           "15 to run fractional actors on one large GPU as T4-sized ones; null = no cap")

@@ -250,11 +250,13 @@ def test_flex_prefill_scores_equal_sdpa(tok, builder, tight, sharp, convs, arch,
             predict.score_emotion_labels(_load("eager"), tok, builder, convs[:1], prefill_attention="flex")
 
 
+@pytest.mark.parametrize("prefill", ["flex", "compiled"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_compiled_decoder_scores_equal_sdpa(tok, builder, sharp, convs, arch, monkeypatch):
-    """The flex prefill's decoder compiled for its static buckets (``scoring.compiled_decoder``; on the CPU through
-    dynamo with the eager backend, so the graph dynamo captures is what runs) gives the dense-mask SDPA scores; the
-    module's own forward is back after each call (decoding must not run the compiled graph)."""
+def test_compiled_decoder_scores_equal_sdpa(tok, builder, sharp, convs, arch, prefill, monkeypatch):
+    """The decoder compiled for label scoring's static buckets (``scoring.compiled_decoder``; on the CPU through
+    dynamo with the eager backend, so the graph dynamo captures is what runs), attending through flex or through
+    SDPA's dense mask (``compiled``), gives the uncompiled SDPA scores; the module's own forward is back after each
+    call (decoding must not run the compiled graph)."""
     import torch._dynamo
 
     from mecpe import predict
@@ -267,7 +269,7 @@ def test_compiled_decoder_scores_equal_sdpa(tok, builder, sharp, convs, arch, mo
     torch._dynamo.reset()
     frames = torch._dynamo.utils.counters["frames"]
     before = frames["ok"]
-    got = predict.score_emotion_labels(model, tok, builder, convs[:2], prefill_attention="flex")
+    got = predict.score_emotion_labels(model, tok, builder, convs[:2], prefill_attention=prefill)
     assert frames["ok"] > before  # dynamo compiled a frame: the decoder ran as a captured graph
     assert "eager" in inner.__dict__["_mecpe_compiled"] and "forward" not in inner.__dict__
     diff = max(abs(a - b) for cw, cg in zip(want.results, got.results) for u in cw
@@ -371,7 +373,7 @@ def _brute_greedy(model, prompt_ids, steps, allowed_fn, advance_fn, state):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("constrained", [True, False])
 @pytest.mark.parametrize("step,prefill", [("dynamic", "sdpa"), ("static", "sdpa"), ("graph", "sdpa"),
-                                          ("dynamic", "flex"), ("static", "flex")])
+                                          ("dynamic", "flex"), ("static", "flex"), ("graph", "compiled")])
 def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, constrained, arch, step, prefill,
                                                  monkeypatch):
     """Packed rows + shared prefix cache + one token per question per step == full-prompt greedy decoding (on

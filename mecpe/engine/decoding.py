@@ -21,6 +21,7 @@ from mecpe.engine.cache import room_cache, select_rows
 from mecpe.engine.packing import (Block, Segment, batches, layout, prefill_visible, row_width, segments, static_shape,
                                   to_device, visible)
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
+from mecpe.engine.scoring import mask_kind
 from mecpe.engine.stats import StageStats
 from mecpe.engine.steps import FixedStep, supports_fixed_shapes
 
@@ -193,10 +194,10 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     (reading the chosen tokens, which the decoders' state machines need). ``step``: ``dynamic`` grows the mask and
     drops finished rows; ``static`` and ``graph`` run every step at the batch's fixed shapes
     (``mecpe.engine.steps``), ``graph`` as one CUDA graph replayed per step on CUDA. ``prefill``: the prefill's
-    attention (``inference.prefill_attention``; ``runtime.mask_form``'s form); the cache it fills is the same, and
-    the steps attend as they do after either. A flex prefill runs at a static bucket of rows and columns
-    (``packing.static_shape``, as label scoring's), so its statically compiled kernel meets a few shapes; the
-    bucket's rows of padding leave the cache after it."""
+    attention (``inference.prefill_attention``; ``compiled`` runs it on SDPA uncompiled: the compiled decoder is label
+    scoring's); the cache it fills is the same, and the steps attend as they do after either. A flex prefill runs
+    at a static bucket of rows and columns (``packing.static_shape``, as label scoring's), so its statically compiled
+    kernel meets a few shapes; the bucket's rows of padding leave the cache after it."""
     n_rows = len(batch)
     with record_function("mecpe.decode.layout"):  # named ranges: bench/profile_gpu.py --torch-profile
         lay = layout(batch, pad, dev, static_shape(n_rows, row_width(batch)) if prefill == "flex" else None)
@@ -211,7 +212,7 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     t0 = synced(dev)
     with record_function("mecpe.decode.prefill"):
         logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay), lay.pos, lay.pos,
-                                                                  additive, prefill), lay.pos, cache, at)
+                                                                  additive, mask_kind(prefill)), lay.pos, cache, at)
         if lay.ids.shape[0] > n_rows:  # the flex bucket's padding rows: no block, no decoding
             cache = select_rows(cache, torch.arange(n_rows, device=dev))
             lay = dataclasses.replace(lay, **{f: getattr(lay, f)[:n_rows] for f in ("ids", "pos", "seg", "blk", "alt")})

@@ -17,6 +17,12 @@ from mecpe.engine.stats import StageStats
 
 
 COMPILE_DECODER = True  # flex: the decoder compiled for the buckets too (bench/profile_gpu.py's A/B key compile=0)
+STATIC_PREFILLS = ("flex", "compiled")  # inference.prefill_attention values whose label scoring runs compiled
+
+
+def mask_kind(prefill: str) -> str:
+    """``runtime.mask_form``'s form of an ``inference.prefill_attention`` value: a block mask for flex, else SDPA's."""
+    return "flex" if prefill == "flex" else "sdpa"
 CPU_BACKEND: str | None = None  # torch.compile backend for the decoder on the CPU (None: not compiled; tests: eager)
 
 
@@ -51,14 +57,17 @@ def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev, prefill:
     """One forward without cache over packed rows; total answer log-probability of every candidate of every block
     (shared tokens + the candidate's continuation, EOS included). Only the predicting positions go through lm_head,
     and each one's log-normalizer is computed once (a position predicts the first token of all seven labels).
-    ``prefill``: the attention of the forward (``inference.prefill_attention``; ``runtime.mask_form``'s form)."""
+    ``prefill``: how the forward runs (``inference.prefill_attention``): sdpa, flex (FlexAttention, the decoder
+    compiled), compiled (SDPA, the decoder compiled); the last two at static buckets."""
+    static = prefill in STATIC_PREFILLS
     with record_function("mecpe.score.layout"):  # named ranges: bench/profile_gpu.py --torch-profile
-        # flex: padded to a bucket of static shapes, so its compiled kernel compiles once per bucket (attention.py)
-        lay = layout(batch, pad, dev, static_shape(len(batch), row_width(batch)) if prefill == "flex" else None)
+        # compiled: padded to a bucket of static shapes, so each bucket compiles once (attention.py)
+        lay = layout(batch, pad, dev, static_shape(len(batch), row_width(batch)) if static else None)
         at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
         index = {p: k for k, p in enumerate(at)}
-        mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive_dtype(model, dev), prefill)
-    with record_function("mecpe.score.forward"), (compiled_decoder(model, dev) if prefill == "flex"
+        mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive_dtype(model, dev),
+                              mask_kind(prefill))
+    with record_function("mecpe.score.forward"), (compiled_decoder(model, dev) if static
                                                   else contextlib.nullcontext()):
         logits, _ = forward_at(model, lay.ids, mask, lay.pos, None, at, use_cache=False)
     t = to_device(torch.tensor([(index[(i, c)], tok, g, j + 1) for i, c, tok, g, j in lay.targets]), dev)
