@@ -8,11 +8,12 @@ called, without Ray. Not a test: it prints tables (and writes them with ``--out`
 Each variant runs the same batches (``--batch-size`` conversations, as ``inference.batch_size``; copies get new
 conversation ids, so no two copies share a batch or a prefix) and reports per stage: utterances, wall seconds
 (synced), utt/s, forward passes, decoding steps, the engine's prefill and decode seconds. A variant sets PredictorSpec
-fields (``max_batch_tokens=16384``, ``prefill_attention=flex``), ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``)
-``grouped=0`` (decoding steps on transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s
-folded grouped heads) or ``compile=0`` (with ``prefill_attention=flex``: flex without the compiled decoder,
-``mecpe.engine.scoring.COMPILE_DECODER``). A variant's first batches carry its compilations: name it twice to see
-both. The base model is
+fields (``max_batch_tokens=16384``, ``prefill_attention=flex``, ``prompt_layout=prefix``: the instruction once in
+the shared prefix; with the base model the cause stage's answers, so its decoding steps, change with the prompt:
+compare its steps), ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``), ``grouped=0`` (decoding steps on
+transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s folded grouped heads) or ``compile=0``
+(with ``prefill_attention=flex``: flex without the compiled decoder, ``mecpe.engine.scoring.COMPILE_DECODER``). A
+variant's first batches carry its compilations: name it twice to see both. The base model is
 SmolLM2-135M-Instruct without adapters (a merged adapter costs what the base costs); the cause stage reads the gold
 emotions (``inference.cause_input=gold``), so its share of utterances is gold's non-neutral share.
 
@@ -201,6 +202,7 @@ def main(argv=None) -> int:
     from mecpe.engine import attention, packing, scoring
     from mecpe.infer.driver import predictor_spec
     from mecpe.infer.stages import EmotionCausePredictor
+    from mecpe.prompts import PromptBuilder
 
     cfg = load_config(args.config, ["inference.cause_input=gold", *args.set])
     test = Path(os.environ["MECPE_DATA"]) / "NUSTM_SemEval-2024_ECAC" / "data" / "Subtask_2_test.json"
@@ -227,6 +229,8 @@ def main(argv=None) -> int:
         attention.ENABLED = bool(fields.pop("grouped", True))
         scoring.COMPILE_DECODER = bool(fields.pop("compile", True))
         actor.spec = dataclasses.replace(spec, **fields)
+        actor.builder = PromptBuilder(actor.tokenizer, actor.spec.max_prompt_tokens, cut_target=True,
+                                      layout=actor.spec.prompt_layout)  # as the actor builds it
         try:
             got = run_variant(actor, tables, dev)
         except Exception as exc:  # one variant failing (a compile on this GPU) must not lose the others' figures

@@ -113,6 +113,11 @@ class PromptConfig(_Strict):
     max_prompt_tokens: int = Field(1024, description="prompt budget; longer conversations drop utterances far from "
                                                      "the target")
     max_answer_tokens: int = Field(64, description="longest answer (with EOS) an example may have")
+    layout: Literal["question", "prefix"] = Field(
+        "question", description="where the instruction goes: question (the reference's) repeats it in every "
+        "utterance's question; prefix states it once in the conversation prefix that the questions share and asks "
+        "each utterance in a few tokens (~35 fewer tokens per utterance and stage to compute). Adapters answer the "
+        "layout they were trained on: inference refuses an adapter of another layout")
 
 
 class TrainingConfig(_Strict):

@@ -191,3 +191,28 @@ def test_a_missing_local_model_is_named_before_any_work(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"model.base '{missing}': no such folder" in err and "prepare step" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_of_another_prompt_layout_is_refused_before_any_work(tmp_path, capsys):
+    """An adapter answers the prompt layout it was trained on (``prompt.layout``, recorded in its mecpe_train.json;
+    adapters from before the key record none: ``question``). ``mecpe infer`` with another layout exits 2 naming the
+    adapter, its record and both layouts, before Ray starts or anything is written."""
+    import json
+
+    from mecpe.cli import main
+    from mecpe.layout import TRAIN_META_FILE
+
+    from _tiny import DATA_DIR, tiny_model_dir
+
+    test_file = DATA_DIR / "NUSTM_SemEval-2024_ECAC" / "data" / "Subtask_2_test.json"
+    old, new = tmp_path / "old-adapter", tmp_path / "prefix-adapter"
+    for folder, meta in ((old, {"task": "emotion"}), (new, {"task": "cause", "prompt": {"layout": "prefix"}})):
+        folder.mkdir()
+        (folder / TRAIN_META_FILE).write_text(json.dumps(meta))
+    for layout, key, adapter, trained in (("prefix", "emotion", old, "question"), ("question", "cause", new, "prefix")):
+        assert main(["infer", "--input", str(test_file), f"model.base={tiny_model_dir()}", f"prompt.layout={layout}",
+                     f"inference.{key}_adapter={adapter}", f"output_dir={tmp_path / 'out'}"]) == 2
+        err = capsys.readouterr().err
+        assert (f"inference.{key}_adapter={adapter} was trained with prompt.layout={trained}" in err
+                and str(adapter / TRAIN_META_FILE) in err and f"asks prompt.layout={layout}" in err), err
+    assert not (tmp_path / "out").exists()

@@ -132,6 +132,35 @@ def test_drop_order():
     assert drop_order([1, 2, 3], 1) == [3, 2]
 
 
+def test_prefix_layout_states_the_instruction_once(tok, convs):
+    """``prompt.layout=prefix``: the instruction is in the prefix the targets share, each question is a few tokens
+    naming its utterance (and the cause question its emotion), and a budget still holds."""
+    conv = next(c for c in convs if len(c.utterances) >= 6)
+    q, p = PromptBuilder(tok, 4096), PromptBuilder(tok, 4096, layout="prefix")
+    for kind, prompt in (("emotion", lambda b, u: b.emotion_prompt(conv, u)),
+                         ("cause", lambda b, u: b.cause_prompt(conv, u, _emotions(conv)))):
+        short = [prompt(p, u.id) for u in conv.utterances]
+        long_ = [prompt(q, u.id) for u in conv.utterances]
+        assert all(x.prefix is short[0].prefix for x in short)  # one prefix list for all targets
+        rule = "choose exactly one emotion of" if kind == "emotion" else "find the utterances that cause"
+        assert rule in tok.decode(short[0].prefix) and rule not in tok.decode(short[0].question)
+        for u, s_, l_ in zip(conv.utterances, short, long_):
+            text = tok.decode(s_.question)
+            assert f"utterance_{u.id}" in text and (kind == "emotion" or f"[{u.emotion}]" in text)
+            # the saving: the instruction's tokens move from every question to one prefix
+            assert len(s_.question) <= len(l_.question) - 20
+        # what the engine computes for a conversation: its prefix once, then every question
+        computed = lambda ps: len(ps[0].prefix) + sum(len(x.question) for x in ps)  # noqa: E731
+        assert computed(short) < computed(long_)
+    target = conv.utterances[-1].id
+    budget = len(p.emotion_prompt(conv, target)) - 1
+    cut = PromptBuilder(tok, budget, layout="prefix").emotion_prompt(conv, target)
+    assert len(cut) <= budget and cut.dropped_utterances >= 1
+    assert "choose exactly one emotion of" in tok.decode(cut.prefix)
+    with pytest.raises(ValueError, match="layout 'middle'"):
+        PromptBuilder(tok, 4096, layout="middle")
+
+
 def test_budget_shortening(tok, longest):
     n = len(longest.utterances)
     target = longest.utterances[n // 2].id

@@ -16,8 +16,9 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from mecpe import cluster, storage
+from mecpe import cluster, layout, storage
 from mecpe.config import Config
+from mecpe.errors import ConfigError
 from mecpe.infer.resume import STAGES, assemble, claim_output, done_uids, run_identity
 from mecpe.infer.source import LIGHT_CPUS, list_inputs, read_raw
 from mecpe.layout import InferenceLayout
@@ -65,7 +66,23 @@ def predictor_spec(cfg: Config, settings: storage.S3Settings) -> PredictorSpec:
                          max_new_tokens=inf.max_new_tokens, max_batch_tokens=inf.max_batch_tokens,
                          reuse_prefix=inf.reuse_prefix, storage_settings=settings.as_dict(),
                          merge_adapters=inf.merge_adapters, gpu_memory_gib=inf.gpu_memory_gib,
-                         decode_step=inf.decode_step, prefill_attention=inf.prefill_attention)
+                         decode_step=inf.decode_step, prefill_attention=inf.prefill_attention,
+                         prompt_layout=cfg.prompt.layout)
+
+
+def check_adapter_layouts(cfg: Config) -> None:
+    """An adapter answers the prompt layout it was trained on: refuse one of another layout (``ConfigError`` naming
+    the adapter and both layouts). Adapters trained before ``prompt.layout`` existed record none: ``question``."""
+    inf = cfg.inference
+    for key, uri in (("inference.emotion_adapter", inf.emotion_adapter), ("inference.cause_adapter", inf.cause_adapter)):
+        meta = layout.read_training_meta(uri)
+        if meta is None:  # no adapter, or one mecpe did not train: nothing recorded to compare
+            continue
+        trained = (meta.get("prompt") or {}).get("layout", "question")
+        if trained != cfg.prompt.layout:
+            raise ConfigError(f"{key}={uri} was trained with prompt.layout={trained} ({layout.adapter_meta(uri)}), "
+                              f"and this run asks prompt.layout={cfg.prompt.layout}: set prompt.layout={trained}, or "
+                              f"train adapters with prompt.layout={cfg.prompt.layout}")
 
 
 def _fit_cpu_actors(res: StageResources, pools: int) -> StageResources:
@@ -144,6 +161,7 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
     files = list_inputs(input_uri, exclude=output_uri)
     shas = {f: storage.sha256(f) for f in files}
     ident = run_identity(cfg, files, shas)
+    check_adapter_layouts(cfg)
     cluster.connect(cfg.ray_address)
     inf = cfg.inference
     cluster.check_shared_paths({**cluster.named_by(cfg.output_dir, "output_dir", {"--input": files,

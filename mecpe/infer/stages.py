@@ -135,7 +135,8 @@ class PredictorSpec:
     merge_adapters: bool | str = "auto"  # inference.merge_adapters: each stage its own base, adapter merged
     gpu_memory_gib: float | None = None  # inference.gpu_memory_gib: this actor's CUDA memory cap
     decode_step: str = "dynamic"  # inference.decode_step: how decoding steps run (mecpe.engine.steps)
-    prefill_attention: str = "sdpa"  # inference.prefill_attention: the prefill forwards' attention (sdpa | flex)
+    prefill_attention: str = "sdpa"  # inference.prefill_attention: the prefill forwards' attention (sdpa | flex | compiled)
+    prompt_layout: str = "question"  # prompt.layout: where the instruction goes (mecpe.prompts)
 
 
 class _Predictor:
@@ -165,7 +166,8 @@ class _Predictor:
             model, self.tokenizer = modeling.load(spec.model, spec.quantization, device=self.device,
                                                   adapters=self.adapters)
             self.models = dict.fromkeys(self.stages, model)
-        self.builder = PromptBuilder(self.tokenizer, spec.max_prompt_tokens, cut_target=True)
+        self.builder = PromptBuilder(self.tokenizer, spec.max_prompt_tokens, cut_target=True,
+                                     layout=spec.prompt_layout)
         self._load_s: float | None = round(time.perf_counter() - t0, 2)  # reported once, with the first batch
 
     def _free_memory(self) -> None:

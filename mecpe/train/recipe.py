@@ -348,6 +348,7 @@ def _save_adapter(w: Worker, trainer, tok, metrics: dict, local: str) -> None:
     meta = {"task": spec.task, "run_name": spec.run_name, "config_hash": spec.config_hash,
             "global_step": metrics["global_step"], "base_model": spec.model.base, "revision": spec.model.revision,
             "cause_emotions": spec.training.cause_emotions if spec.task == "cause" else None,
+            "prompt": spec.prompt.model_dump(mode="json"),
             "metrics": {k: v for k, v in metrics.items() if k != "log_history"},
             "log_history": metrics["log_history"]}
     with open(os.path.join(local, layout.TRAIN_META_FILE), "w", encoding="utf-8") as fh:
@@ -375,7 +376,7 @@ def train_loop(config: dict) -> dict:
             raise  # object storage or a hub may be down for a while: Ray Train's restart tries again
         return _unloadable(w, exc)
     load_s = round(time.perf_counter() - t_load, 1)
-    rows, stats = _setup_examples(w, PromptBuilder(tok, w.spec.prompt.max_prompt_tokens))
+    rows, stats = _setup_examples(w, PromptBuilder(tok, w.spec.prompt.max_prompt_tokens, layout=w.spec.prompt.layout))
     grad_ckpt = use_gradient_checkpointing(w.spec.training.gradient_checkpointing, w.device)
     optim = pick_optimizer(w.spec.training.optim, w.device)
     dtype = modeling.compute_dtype(w.spec.quantization, w.device)
