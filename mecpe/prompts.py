@@ -32,8 +32,8 @@ from mecpe.labels import EMOTIONS
 
 MARKER = "::"
 _SENTINEL = "\x00MECPE_CONTENT\x00"
-_INTROS = {"emotion": "Here is a conversation from the TV show Friends, one utterance per line",
-           "cause": "Here is a conversation from the TV show Friends, one utterance per line with its emotion"}
+_INTRO = "Here is a conversation from the TV show Friends, one utterance per line"
+_CAUSE_INTRO = "Here is a conversation from the TV show Friends, one utterance per line with its emotion"
 _OMITTED = "...\n"
 LAYOUTS = ("question", "prefix")
 _EMOTION_RULE = ("For the utterance named after it, choose exactly one emotion of: {labels}. Answer with that utterance "
@@ -84,10 +84,11 @@ def intro(kind: str, layout: str = "question") -> str:
     """The text before the conversation's blocks: what it is, and under the ``prefix`` layout the instruction."""
     if layout not in LAYOUTS:
         raise ValueError(f"prompt layout {layout!r} is not one of {LAYOUTS}")
+    what = _INTRO if kind == "emotion" else _CAUSE_INTRO
     if layout == "question":
-        return _INTROS[kind] + ":\n"
+        return what + ":\n"
     rule = _EMOTION_RULE.format(labels=", ".join(EMOTIONS)) if kind == "emotion" else _CAUSE_RULE
-    return f"{_INTROS[kind]}. {rule}"
+    return f"{what}. {rule}"
 
 
 def emotion_short_question(utt_id: int) -> str:
