@@ -87,7 +87,7 @@ def emotion_stage(cfg, adapter: str, convs: list, a, device: str) -> tuple[list[
     t = time.time()
     model, tok = merged_model(cfg, adapter, device)
     load_s = time.time() - t
-    builder = PromptBuilder(tok, cfg.prompt.max_prompt_tokens, cut_target=True, layout=cfg.prompt.layout)
+    builder = PromptBuilder(tok, **cfg.prompt.builder_kwargs(), cut_target=True)
     keys = [(ci, u.id) for ci, c in enumerate(convs) for u in c.utterances]
     prompts = [builder.emotion_prompt(convs[ci], uid).ids for ci, uid in keys]
     sync(device)
@@ -112,7 +112,7 @@ def cause_stage(cfg, adapter: str, convs: list, emotions: list[dict], a, device:
     t = time.time()
     model, tok = merged_model(cfg, adapter, device)
     load_s = time.time() - t
-    builder = PromptBuilder(tok, cfg.prompt.max_prompt_tokens, cut_target=True, layout=cfg.prompt.layout)
+    builder = PromptBuilder(tok, **cfg.prompt.builder_kwargs(), cut_target=True)
     keys = [(ci, u.id) for ci, c in enumerate(convs) for u in c.utterances if emotions[ci][u.id] != "neutral"]
     prompts = [builder.cause_prompt(convs[ci], uid, emotions[ci]).ids for ci, uid in keys]
     sync(device)

@@ -82,7 +82,7 @@ def unique_prompt_tokens(tok, cfg, test_file: str) -> dict:
     question (emotion: all utterances; cause: the gold non-neutral ones, as in this benchmark)."""
     from mecpe.prompts import PromptBuilder
 
-    builder = PromptBuilder(tok, max_prompt_tokens=cfg.prompt.max_prompt_tokens, layout=cfg.prompt.layout)
+    builder = PromptBuilder(tok, **cfg.prompt.builder_kwargs())
     total = full = 0
     for c in _conversations(test_file):
         gold = {u.id: u.emotion for u in c.utterances}
@@ -103,7 +103,7 @@ def run_reference_style(loaded, test_file: str, sample: int, cause_sample: int, 
     from mecpe.prompts import PromptBuilder
 
     cfg, tok, m = loaded
-    builder = PromptBuilder(tok, max_prompt_tokens=cfg.prompt.max_prompt_tokens, layout=cfg.prompt.layout)
+    builder = PromptBuilder(tok, **cfg.prompt.builder_kwargs())
     convs = _conversations(test_file)
     emo_prompts = [builder.emotion_prompt(c, u.id).ids for c in convs for u in c.utterances][:sample]
     gold = [{u.id: u.emotion for u in c.utterances} for c in convs]
@@ -183,7 +183,7 @@ def t4_fit(model: str, test_file: str) -> dict:
     m = get_peft_model(m, get_peft_config(cfg.lora), adapter_name="emotion")
     m.add_adapter("cause", get_peft_config(cfg.lora))
     m.eval()
-    builder = PromptBuilder(tok, max_prompt_tokens=cfg.prompt.max_prompt_tokens, layout=cfg.prompt.layout)
+    builder = PromptBuilder(tok, **cfg.prompt.builder_kwargs())
     convs = _conversations(test_file, 40)
     gold = [{u.id: u.emotion for u in c.utterances} for c in convs]
     best, results = 0, {}

@@ -82,7 +82,7 @@ def main() -> None:
     model, tok = modeling.load(cfg.model, cfg.quantization, device=device,
                                adapters={"emotion": args.adapter} if args.adapter else None)
     convs = read_split(args.split, args.limit)
-    builder = PromptBuilder(tok, cfg.prompt.max_prompt_tokens, cut_target=True, layout=cfg.prompt.layout)  # as the inference actor builds
+    builder = PromptBuilder(tok, **cfg.prompt.builder_kwargs(), cut_target=True)  # as the inference actor
     gold = [u.emotion for c in convs for u in c.utterances]
     budget = cfg.inference.max_batch_tokens or 16384
     plain = score(model, tok, builder, convs, budget)

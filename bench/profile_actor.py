@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
 
     from mecpe import readers, storage
-    from mecpe.config import ModelConfig, QuantizationConfig
+    from mecpe.config import ModelConfig, PromptConfig, QuantizationConfig
     from mecpe.infer import stages
 
     data_dir = os.environ.get("MECPE_DATA")
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     adapters = random_adapters(Path(args.adapters), base_cfg)
     fields = {f.name for f in dataclasses.fields(stages.PredictorSpec)}
     spec_kw = dict(model=base_cfg, quantization=QuantizationConfig(mode="none"), adapters=adapters,
-                   max_prompt_tokens=1024, emotion_method="score", emotion_bias=None, cause_input="predicted",
+                   prompt=PromptConfig(max_prompt_tokens=1024), emotion_method="score", emotion_bias=None, cause_input="predicted",
                    max_new_tokens=24, max_batch_tokens=args.max_batch_tokens, reuse_prefix=True,
                    storage_settings=storage.S3Settings().as_dict())
     for item in args.set:

@@ -7,15 +7,16 @@ called, without Ray. Not a test: it prints tables (and writes them with ``--out`
 
 Each variant runs the same batches (``--batch-size`` conversations, as ``inference.batch_size``; copies get new
 conversation ids, so no two copies share a batch or a prefix) and reports per stage: utterances, wall seconds
-(synced), utt/s, forward passes, decoding steps, the engine's prefill and decode seconds. A variant sets PredictorSpec
-fields (``max_batch_tokens=16384``, ``prefill_attention=flex``, ``prompt_layout=prefix``: the instruction once in
-the shared prefix; with the base model the cause stage's answers, so its decoding steps, change with the prompt:
-compare its steps), ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``), ``grouped=0`` (decoding steps on
-transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s folded grouped heads) or ``compile=0``
-(with ``prefill_attention=flex``: flex without the compiled decoder, ``mecpe.engine.scoring.COMPILE_DECODER``). A
-variant's first batches carry its compilations: name it twice to see both. The base model is
-SmolLM2-135M-Instruct without adapters (a merged adapter costs what the base costs); the cause stage reads the gold
-emotions (``inference.cause_input=gold``), so its share of utterances is gold's non-neutral share.
+(synced), utt/s, forward passes, decoding steps, the engine's prefill and decode seconds. A variant sets
+PredictorSpec fields (``max_batch_tokens=16384``, ``prefill_attention=flex``), ``prompt_layout=prefix``
+(``prompt.layout``: the instruction once in the shared prefix; with the base model the cause stage's answers, so its
+decoding steps, change with the prompt: compare its steps), ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``),
+``grouped=0`` (decoding steps on transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s
+folded grouped heads) or ``compile=0`` (with ``prefill_attention=flex``: flex without the compiled decoder,
+``mecpe.engine.scoring.COMPILE_DECODER``). A variant's first batches carry its compilations: name it twice to see
+both. The base model is SmolLM2-135M-Instruct without adapters (a merged adapter costs what the base costs); the
+cause stage reads the gold emotions (``inference.cause_input=gold``), so its share of utterances is gold's
+non-neutral share.
 
 ``--torch-profile``: the first variant once more under ``torch.profiler``: the top CUDA kernels by total time, the
 top host operators by self time, and the GPU-busy share (sum of kernel time / wall). ``--forward-check``: one forward
@@ -228,9 +229,9 @@ def main(argv=None) -> int:
         packing.ROW_TOKENS = int(fields.pop("row_tokens", default_rows))
         attention.ENABLED = bool(fields.pop("grouped", True))
         scoring.COMPILE_DECODER = bool(fields.pop("compile", True))
-        actor.spec = dataclasses.replace(spec, **fields)
-        actor.builder = PromptBuilder(actor.tokenizer, actor.spec.max_prompt_tokens, cut_target=True,
-                                      layout=actor.spec.prompt_layout)  # as the actor builds it
+        layout = fields.pop("prompt_layout", spec.prompt.layout)
+        actor.spec = dataclasses.replace(spec, prompt=spec.prompt.model_copy(update={"layout": layout}), **fields)
+        actor.builder = PromptBuilder(actor.tokenizer, **actor.spec.prompt.builder_kwargs(), cut_target=True)
         try:
             got = run_variant(actor, tables, dev)
         except Exception as exc:  # one variant failing (a compile on this GPU) must not lose the others' figures
@@ -239,8 +240,8 @@ def main(argv=None) -> int:
             lines.append(f"{name:<14}failed: {type(exc).__name__}: {str(exc)[:200]}")
             write(args, lines, report)
             continue
-        got["settings"] = {**fields, "row_tokens": packing.ROW_TOKENS, "grouped": attention.ENABLED,
-                           "compile": scoring.COMPILE_DECODER}
+        got["settings"] = {**fields, "prompt_layout": layout, "row_tokens": packing.ROW_TOKENS,
+                           "grouped": attention.ENABLED, "compile": scoring.COMPILE_DECODER}
         answers = got.pop("answers")
         first = first if report["variants"] else answers
         same = [answers.get(k) == v for k, v in first.items()]

@@ -49,7 +49,7 @@ VARIANTS: dict[str, list[str]] = {
     "budget16k": ["training.max_batch_tokens=16384"],
     "r16-qkvo": ["lora.r=16", "lora.alpha=32", "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]"],
     "no-calibration": ["validation.fit_emotion_bias=false"],
-    # the instruction once in the conversation prefix, a few tokens per question (issue #29: ~35 fewer tokens per
+    # the instruction once in the conversation prefix, a few tokens per question (issue #29: ~30 fewer tokens per
     # utterance and stage); does the model learn it as well?
     "prefix": ["prompt.layout=prefix"],
     # class-balanced emotion targets (the model calls ~69% of test utterances neutral, gold 41%)

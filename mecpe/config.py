@@ -116,8 +116,13 @@ class PromptConfig(_Strict):
     layout: Literal["question", "prefix"] = Field(
         "question", description="where the instruction goes: question (the reference's) repeats it in every "
         "utterance's question; prefix states it once in the conversation prefix that the questions share and asks "
-        "each utterance in a few tokens (~35 fewer tokens per utterance and stage to compute). Adapters answer the "
+        "each utterance in a few tokens (~30 fewer tokens per utterance and stage to compute). Adapters answer the "
         "layout they were trained on: inference refuses an adapter of another layout")
+
+    def builder_kwargs(self) -> dict:
+        """``mecpe.prompts.PromptBuilder``'s settings from this section: training, inference and the benchmarks build
+        prompts from the same ones."""
+        return {"max_prompt_tokens": self.max_prompt_tokens, "layout": self.layout}
 
 
 class TrainingConfig(_Strict):

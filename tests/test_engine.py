@@ -59,11 +59,11 @@ def _keep_storage_settings():
 
 def _spec(adapters, merge, quant="none"):
     from mecpe import storage
-    from mecpe.config import ModelConfig, QuantizationConfig
+    from mecpe.config import ModelConfig, PromptConfig, QuantizationConfig
     from mecpe.infer.stages import PredictorSpec
 
     return PredictorSpec(model=ModelConfig(base=_tiny.tiny_model_dir()), quantization=QuantizationConfig(mode=quant),
-                         adapters=adapters, max_prompt_tokens=1024, emotion_method="score", emotion_bias=None,
+                         adapters=adapters, prompt=PromptConfig(max_prompt_tokens=1024), emotion_method="score", emotion_bias=None,
                          cause_input="predicted", max_new_tokens=24, max_batch_tokens=4096, reuse_prefix=True,
                          storage_settings=storage.S3Settings().as_dict(), merge_adapters=merge)
 

@@ -63,7 +63,7 @@ def _infer_and_score(cfg) -> float:
     convs = [data.conversation_from_json(r, source="test.json", location=str(i)) for i, r in enumerate(gold)]
     model, tok = modeling.load(cfg.model, cfg.quantization, device="cpu",
                                adapters={"emotion": cfg.inference.emotion_adapter, "cause": cfg.inference.cause_adapter})
-    builder = PromptBuilder(tok, cfg.prompt.max_prompt_tokens, cut_target=True, layout=cfg.prompt.layout)
+    builder = PromptBuilder(tok, **cfg.prompt.builder_kwargs(), cut_target=True)
     model.set_adapter("emotion")
     emo = predict.predict_emotions(model, tok, builder, convs).results
     labels = []

@@ -61,20 +61,20 @@ def predictor_spec(cfg: Config, settings: storage.S3Settings) -> PredictorSpec:
     bias = inf.bias_vector()
     return PredictorSpec(model=cfg.model, quantization=cfg.quantization,
                          adapters={"emotion": inf.emotion_adapter, "cause": inf.cause_adapter},
-                         max_prompt_tokens=cfg.prompt.max_prompt_tokens, emotion_method=inf.emotion_method,
+                         prompt=cfg.prompt, emotion_method=inf.emotion_method,
                          emotion_bias=tuple(bias) if bias is not None else None, cause_input=inf.cause_input,
                          max_new_tokens=inf.max_new_tokens, max_batch_tokens=inf.max_batch_tokens,
                          reuse_prefix=inf.reuse_prefix, storage_settings=settings.as_dict(),
                          merge_adapters=inf.merge_adapters, gpu_memory_gib=inf.gpu_memory_gib,
-                         decode_step=inf.decode_step, prefill_attention=inf.prefill_attention,
-                         prompt_layout=cfg.prompt.layout)
+                         decode_step=inf.decode_step, prefill_attention=inf.prefill_attention)
 
 
 def check_adapter_layouts(cfg: Config) -> None:
     """An adapter answers the prompt layout it was trained on: refuse one of another layout (``ConfigError`` naming
     the adapter and both layouts). Adapters trained before ``prompt.layout`` existed record none: ``question``."""
     inf = cfg.inference
-    for key, uri in (("inference.emotion_adapter", inf.emotion_adapter), ("inference.cause_adapter", inf.cause_adapter)):
+    for key, uri in (("inference.emotion_adapter", inf.emotion_adapter),
+                     ("inference.cause_adapter", inf.cause_adapter)):
         meta = layout.read_training_meta(uri)
         if meta is None:  # no adapter, or one mecpe did not train: nothing recorded to compare
             continue

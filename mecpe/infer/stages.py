@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from mecpe import data, readers, storage
-from mecpe.config import ModelConfig, QuantizationConfig
+from mecpe.config import ModelConfig, PromptConfig, QuantizationConfig
 from mecpe.engine.stats import StageStats
 from mecpe.infer.rows import (
     ROW_SCHEMA, conversation_of, conversation_row, id_text, merge_engine, reject_of, rows_table, uid,
@@ -124,7 +124,7 @@ class PredictorSpec:
     model: ModelConfig
     quantization: QuantizationConfig
     adapters: dict[str, str]  # stage -> adapter URI; a stage without one runs on the plain base
-    max_prompt_tokens: int
+    prompt: PromptConfig  # the prompt budget and layout the adapters were trained with
     emotion_method: str  # score | generate
     emotion_bias: tuple[float, ...] | None  # added to each label's score, in EMOTIONS order
     cause_input: str  # predicted (the method) | gold (oracle analysis)
@@ -135,8 +135,7 @@ class PredictorSpec:
     merge_adapters: bool | str = "auto"  # inference.merge_adapters: each stage its own base, adapter merged
     gpu_memory_gib: float | None = None  # inference.gpu_memory_gib: this actor's CUDA memory cap
     decode_step: str = "dynamic"  # inference.decode_step: how decoding steps run (mecpe.engine.steps)
-    prefill_attention: str = "sdpa"  # inference.prefill_attention: the prefill forwards' attention (sdpa | flex | compiled)
-    prompt_layout: str = "question"  # prompt.layout: where the instruction goes (mecpe.prompts)
+    prefill_attention: str = "sdpa"  # inference.prefill_attention: the prefill attention (sdpa | flex | compiled)
 
 
 class _Predictor:
@@ -166,8 +165,7 @@ class _Predictor:
             model, self.tokenizer = modeling.load(spec.model, spec.quantization, device=self.device,
                                                   adapters=self.adapters)
             self.models = dict.fromkeys(self.stages, model)
-        self.builder = PromptBuilder(self.tokenizer, spec.max_prompt_tokens, cut_target=True,
-                                     layout=spec.prompt_layout)
+        self.builder = PromptBuilder(self.tokenizer, **spec.prompt.builder_kwargs(), cut_target=True)
         self._load_s: float | None = round(time.perf_counter() - t0, 2)  # reported once, with the first batch
 
     def _free_memory(self) -> None:

@@ -376,7 +376,7 @@ def train_loop(config: dict) -> dict:
             raise  # object storage or a hub may be down for a while: Ray Train's restart tries again
         return _unloadable(w, exc)
     load_s = round(time.perf_counter() - t_load, 1)
-    rows, stats = _setup_examples(w, PromptBuilder(tok, w.spec.prompt.max_prompt_tokens, layout=w.spec.prompt.layout))
+    rows, stats = _setup_examples(w, PromptBuilder(tok, **w.spec.prompt.builder_kwargs()))
     grad_ckpt = use_gradient_checkpointing(w.spec.training.gradient_checkpointing, w.device)
     optim = pick_optimizer(w.spec.training.optim, w.device)
     dtype = modeling.compute_dtype(w.spec.quantization, w.device)
