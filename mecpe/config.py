@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mecpe.errors import ConfigError, MissingInputError
 from mecpe.labels import EMOTIONS
@@ -160,6 +160,9 @@ class TrainingConfig(_Strict):
         "class balance of the emotion training targets: each target of label L is trained round((n_max / n_L) ** "
         "emotion_balance) times (n: targets per label in the training split; as repeated answer blocks, so the "
         "same as a loss weight); 0 = as they come, 0.5 = square-root balance, 1 = every label weighs the same"))
+    emotion_ensemble: int = Field(1, ge=1, description=(
+        "emotion adapters the pipeline trains, identical but for their seed (training.seed + 1000 k for k = 0 .. "
+        "n-1), and averages at inference (inference.emotion_ensemble); 1 = one adapter"))
 
     @field_validator("gradient_checkpointing", mode="before")
     @classmethod
@@ -197,6 +200,11 @@ class InferenceConfig(_Strict):
                                                           "base model only")
     cause_adapter: str | None = Field(None, description="cause LoRA adapter folder (local or s3://); null = base "
                                                         "model only")
+    emotion_ensemble: list[str] = Field(
+        default_factory=list, description="further emotion LoRA adapters (local or s3://), e.g. the same recipe "
+        "trained with other seeds: the emotion stage scores the seven labels with emotion_adapter and each of these on "
+        "the same base and averages them (the mean probability, as a log-probability) before emotion_bias and the "
+        "choice; method score only; the pipeline fills it from training.emotion_ensemble; [] = one adapter")
     share_base: bool = Field(False, description="one 4-bit base with both adapters per actor instead of one model "
                                                 "per stage")
     emotion_method: Literal["score", "generate"] = Field(
@@ -251,6 +259,22 @@ class InferenceConfig(_Strict):
         if unknown:
             raise ValueError(f"emotion_bias: unknown labels {unknown}; the labels are {list(EMOTIONS)}")
         return value
+
+    @model_validator(mode="after")
+    def _ensemble_scores(self):
+        if self.emotion_ensemble and self.emotion_method != "score":
+            raise ValueError("emotion_ensemble averages label scores: it needs emotion_method score, not "
+                             f"{self.emotion_method!r}")
+        if self.emotion_ensemble and not self.emotion_adapter:
+            raise ValueError("emotion_ensemble adds adapters to emotion_adapter, which is not set")
+        return self
+
+    def adapter_keys(self) -> list[tuple[str, str | None]]:
+        """(config key, URI) of every adapter the stages load: the emotion adapter, the ensemble's, the cause
+        adapter."""
+        return [("inference.emotion_adapter", self.emotion_adapter),
+                *((f"inference.emotion_ensemble[{k}]", uri) for k, uri in enumerate(self.emotion_ensemble)),
+                ("inference.cause_adapter", self.cause_adapter)]
 
     def bias_vector(self) -> list[float] | None:
         """``emotion_bias`` in EMOTIONS order (missing labels: 0), or None."""
@@ -358,6 +382,7 @@ def absolute_paths(cfg: Config) -> Config:
     cfg.model.base = local_model(cfg.model.base, cfg.model.build_tiny_if_missing)
     cfg.inference.emotion_adapter = local_model(cfg.inference.emotion_adapter)
     cfg.inference.cause_adapter = local_model(cfg.inference.cause_adapter)
+    cfg.inference.emotion_ensemble = [local_model(u) for u in cfg.inference.emotion_ensemble]
     return cfg
 
 

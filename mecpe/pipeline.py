@@ -116,6 +116,20 @@ def test_split(cfg: Config) -> tuple[str, str | None]:
     return _limited(cfg, "test", cfg.data.limit_test)
 
 
+ENSEMBLE_SEED_STRIDE = 1000  # member k of training.emotion_ensemble trains with training.seed + 1000 k
+
+
+def ensemble_member(cfg: Config, k: int) -> Config:
+    """The config of emotion-ensemble member ``k`` (``training.emotion_ensemble``): the same recipe with seed
+    ``training.seed + 1000 k``, so member 0 is the single-adapter run and two recipes' members never share a seed
+    when their seeds differ by less than 1000."""
+    if k == 0:
+        return cfg
+    member = cfg.model_copy(deep=True)
+    member.training.seed += ENSEMBLE_SEED_STRIDE * k
+    return member
+
+
 def step_train(cfg: Config, task: str):
     from mecpe.sources import require_local
     from mecpe.train import run_training
@@ -153,6 +167,15 @@ def step_infer(cfg: Config, input_uri: str | None = None, output_uri: str | None
     if problem is not None:
         return Inferred(summary, not_scored=problem)
     return Inferred(summary, score_output(out, "mecpe inference (input gold labels)"))
+
+
+def adapter_uris(cfg: Config) -> dict[str, str | list[str]]:
+    """The adapters a run used, as ``pipeline.json`` records them (the ensemble's only when there is one)."""
+    inf = cfg.inference
+    uris: dict[str, str | list[str]] = {"emotion": inf.emotion_adapter, "cause": inf.cause_adapter}
+    if inf.emotion_ensemble:
+        uris["emotion_ensemble"] = list(inf.emotion_ensemble)
+    return uris
 
 
 def adapter_training(cfg: Config) -> dict[str, dict]:
@@ -286,7 +309,7 @@ class PipelineResult:
     metrics: Metrics
     summary: InferenceSummary
     validation: Validation | None
-    adapters: dict[str, str]
+    adapters: dict[str, str | list[str]]  # emotion, cause; emotion_ensemble when training.emotion_ensemble > 1
     emotion_bias: dict[str, float] | None
     timings: dict[str, float]
 
@@ -324,17 +347,19 @@ def run_pipeline(cfg: Config) -> PipelineResult:
         return out
 
     timed("prepare", step_prepare, cfg)
-    emotion = timed("train-emotion", step_train, cfg, "emotion")
+    emotion = [timed(f"train-emotion-{k}" if k else "train-emotion", step_train, ensemble_member(cfg, k), "emotion")
+               for k in range(cfg.training.emotion_ensemble)]
     cause = timed("train-cause", step_train, cfg, "cause")
     cfg = cfg.model_copy(deep=True)
-    cfg.inference.emotion_adapter = emotion.adapter_uri
+    cfg.inference.emotion_adapter = emotion[0].adapter_uri
+    cfg.inference.emotion_ensemble = [member.adapter_uri for member in emotion[1:]]
     cfg.inference.cause_adapter = cause.adapter_uri
     cfg, validation = timed("validate", step_validate, cfg)
     inferred = timed("infer", step_infer, cfg)
     evaluated = timed("evaluate", step_evaluate, cfg, None, None, validation)
     timings["total"] = round(time.time() - t0, 1)
     result = PipelineResult(cfg.output_dir, cfg.data.path(cfg.data.test_file), evaluated.metrics, inferred.summary,
-                            validation, {"emotion": emotion.adapter_uri, "cause": cause.adapter_uri},
+                            validation, adapter_uris(cfg),
                             cfg.inference.emotion_bias, timings)
     run = RunLayout(cfg.output_dir)
     storage.write_json(run.pipeline_record, result.as_json(), indent=2)

@@ -5,6 +5,7 @@ into results; ``mecpe.engine`` runs the blocks. Every call returns its results w
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Mapping, Protocol, Sequence, TypeVar
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ("EmotionResult", "CauseResult", "StageOutput", "StageStats", "PromptSource", "predict_emotions",
-           "pick_label", "predict_causes", "score_emotion_labels", "cause_answer_ids", "prefix_shared_logits")
+           "pick_label", "average_emotions", "predict_causes", "score_emotion_labels", "cause_answer_ids", "prefix_shared_logits")
 
 T = TypeVar("T")
 
@@ -83,6 +84,35 @@ def pick_label(scores: Sequence[float], bias: Sequence[float] | None = None) -> 
     the first in ``EMOTIONS`` order."""
     total = [s + (bias[k] if bias is not None else 0.0) for k, s in enumerate(scores)]
     return EMOTIONS[max(range(len(total)), key=total.__getitem__)]
+
+
+def _log_mean_exp(logs: Sequence[float]) -> float:
+    """log(mean(exp(x))) without overflow: the log of the members' mean probability."""
+    top = max(logs)
+    return top + math.log(sum(math.exp(x - top) for x in logs) / len(logs))
+
+
+def average_emotions(outputs: Sequence[StageOutput[EmotionResult]], bias: Sequence[float] | None = None
+                     ) -> StageOutput[EmotionResult]:
+    """An ensemble's emotions: per utterance, each label's probability averaged over the members' scored results
+    (kept as a log-probability, the scale ``emotion_bias`` is fitted on), then ``pick_label`` with ``bias``. The
+    members scored the same conversations, so their results line up; the work is the sum of theirs."""
+    if not outputs:
+        raise ValueError("an ensemble needs at least one member's results")
+    stats = StageStats()
+    for out in outputs:
+        stats.add(out.stats)
+    results = []
+    for convs in zip(*(out.results for out in outputs)):
+        merged = {}
+        for uid, first in convs[0].items():
+            members = [conv[uid].scores for conv in convs]
+            if any(s is None for s in members):
+                raise ValueError(f"utterance {uid}: an ensemble averages label scores, and a member has none")
+            mean = [_log_mean_exp([s[k] for s in members]) for k in range(len(first.scores))]
+            merged[uid] = EmotionResult(pick_label(mean, bias), "scored", first.dropped, mean)
+        results.append(merged)
+    return StageOutput(results, stats)
 
 
 def score_emotion_labels(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, builder: PromptSource,

@@ -215,4 +215,45 @@ def test_an_adapter_of_another_prompt_layout_is_refused_before_any_work(tmp_path
         err = capsys.readouterr().err
         assert (f"inference.{key}_adapter={adapter} was trained with prompt.layout={trained}" in err
                 and str(adapter / TRAIN_META_FILE) in err and f"asks prompt.layout={layout}" in err), err
+    # an ensemble's further emotion adapters are held to it too
+    assert main(["infer", "--input", str(test_file), f"model.base={tiny_model_dir()}", "prompt.layout=question",
+                 f"inference.emotion_adapter={old}", f"inference.emotion_ensemble=[{new}]",
+                 f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"inference.emotion_ensemble[0]={new} was trained with prompt.layout=prefix" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["inference.emotion_adapter=a", "inference.emotion_ensemble=[b]", "inference.emotion_method=generate"],
+     "emotion_ensemble averages label scores: it needs emotion_method score"),
+    (["inference.emotion_ensemble=[b]"], "emotion_ensemble adds adapters to emotion_adapter, which is not set"),
+    (["training.emotion_ensemble=0"], "training.emotion_ensemble"),
+])
+def test_an_emotion_ensemble_needs_label_scores_and_a_first_adapter(overrides, message):
+    from mecpe.config import load_config
+    from mecpe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_emotion_ensemble_members_differ_by_their_seed_only(tmp_path):
+    """training.emotion_ensemble: member k trains with training.seed + 1000 k and nothing else changed; each is a
+    run of its own, and member 0 is the very run a single-adapter config trains (the count is not hashed), so
+    adding members to a finished recipe trains only the new ones."""
+    from mecpe.config import load_config
+    from mecpe.pipeline import ensemble_member
+    from mecpe.train.driver import run_identity
+
+    train = tmp_path / "train.json"
+    train.write_text("[]")
+    cfg = load_config(None, ["training.seed=3", "training.emotion_ensemble=3"])
+    members = [ensemble_member(cfg, k) for k in range(3)]
+    assert [m.training.seed for m in members] == [3, 1003, 2003] and cfg.training.seed == 3
+    for m in members[1:]:
+        m.training.seed = 3
+        assert m == cfg
+    names = [run_identity(ensemble_member(cfg, k), "emotion", str(train), None)[0] for k in range(3)]
+    assert len(set(names)) == 3
+    assert run_identity(load_config(None, ["training.seed=3"]), "emotion", str(train), None)[0] == names[0]

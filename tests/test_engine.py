@@ -6,6 +6,7 @@ is tests/test_predict.py's."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -57,15 +58,16 @@ def _keep_storage_settings():
     storage.configure(previous)
 
 
-def _spec(adapters, merge, quant="none"):
+def _spec(adapters, merge, quant="none", ensemble=(), bias=None):
     from mecpe import storage
     from mecpe.config import ModelConfig, PromptConfig, QuantizationConfig
     from mecpe.infer.stages import PredictorSpec
 
     return PredictorSpec(model=ModelConfig(base=_tiny.tiny_model_dir()), quantization=QuantizationConfig(mode=quant),
-                         adapters=adapters, prompt=PromptConfig(max_prompt_tokens=1024), emotion_method="score", emotion_bias=None,
-                         cause_input="predicted", max_new_tokens=24, max_batch_tokens=4096, reuse_prefix=True,
-                         storage_settings=storage.S3Settings().as_dict(), merge_adapters=merge)
+                         adapters=adapters, prompt=PromptConfig(max_prompt_tokens=1024), emotion_method="score",
+                         emotion_bias=bias, cause_input="predicted", max_new_tokens=24, max_batch_tokens=4096,
+                         reuse_prefix=True, storage_settings=storage.S3Settings().as_dict(), merge_adapters=merge,
+                         emotion_ensemble=tuple(ensemble))
 
 
 def _both_stages(actor, convs):
@@ -97,6 +99,32 @@ def test_merged_adapters_predict_what_unmerged_do(adapters, convs):
     emo_p, cause_p = _both_stages(plain, convs)
     assert not plain.merged
     assert emo_p != emo_s and cause_p != cause_s
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_emotion_ensemble_averages_the_members_label_probabilities(adapters, convs, merge):
+    """inference.emotion_ensemble: each label's ensemble score is the log of the members' mean probability, each
+    member scoring as it does alone (both adapters on one base, switched, or a merged base each); the bias applies
+    to the average; the members disagree, so the average is neither of them."""
+    from mecpe.infer.stages import EmotionPredictor
+    from mecpe.predict import pick_label
+
+    def emotions(spec):
+        out = EmotionPredictor(spec)._predict("emotion", convs, [None] * len(convs))
+        return out.results, out.stats
+
+    (first, s1), (second, s2) = (emotions(_spec({"emotion": adapters[k]}, merge)) for k in ("emotion", "cause"))
+    bias = tuple(0.5 if e == "joy" else 0.0 for e in EMOTIONS)
+    both, stats = emotions(_spec({"emotion": adapters["emotion"]}, merge, ensemble=[adapters["cause"]], bias=bias))
+    assert stats.prompts == s1.prompts + s2.prompts == 2 * sum(len(c.utterances) for c in convs)
+    differ = 0
+    for a, b, e in zip(first, second, both):
+        for u in e:
+            mean = [math.log((math.exp(x) + math.exp(y)) / 2) for x, y in zip(a[u].scores, b[u].scores)]
+            assert e[u].scores == pytest.approx(mean, abs=1e-4)
+            assert e[u].label == pick_label(e[u].scores, bias) and e[u].status == "scored"
+            differ += max(abs(x - y) for x, y in zip(a[u].scores, b[u].scores)) > 0.1
+    assert differ > 5
 
 
 def test_merge_setting():

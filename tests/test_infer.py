@@ -329,20 +329,25 @@ def test_driver_memory_flat_1x_vs_10x(baseline, tiny, gold40, tmp_path):
 
 
 def test_share_base_nf4_with_adapters(ray_cluster, tiny, gold40, tmp_path):
-    """One 4-bit base holding both (random LoRA) adapters does both stages; with ``cause_input=gold`` the cause
-    stage reads the gold emotions (oracle analysis), so the pairs carry them."""
+    """One 4-bit base holding both (random LoRA) adapters, and a second emotion adapter (inference.emotion_ensemble),
+    does both stages; with ``cause_input=gold`` the cause stage reads the gold emotions (oracle analysis), so the
+    pairs carry them. The ensemble's adapter is part of the run's identity (test_engine.py checks its average)."""
     from mecpe.infer import run_inference
 
     src = tmp_path / "in.json"
     src.write_text(json.dumps(gold40[:10]))
     emo = _make_adapter(tiny, tmp_path / "emotion-adapter", 1)
     cau = _make_adapter(tiny, tmp_path / "cause-adapter", 2)
-    cfg = make_cfg(tiny, share_base=True, emotion_adapter=emo, cause_adapter=cau, cause_input="gold")
+    emo2 = _make_adapter(tiny, tmp_path / "emotion-adapter-2", 3)
+    cfg = make_cfg(tiny, share_base=True, emotion_adapter=emo, cause_adapter=cau, cause_input="gold",
+                   emotion_ensemble=[emo2])
     cfg.quantization.mode = "nf4"
     summary = run_inference(cfg, str(src), str(tmp_path / "out"))
     assert summary.conversations == 10 and summary.rejects == 0
     assert summary.provenance["adapters"]["emotion"] == {"uri": emo, "config_hash": "cfg-1"}
     assert summary.provenance["adapters"]["cause"] == {"uri": cau, "config_hash": "cfg-2"}
+    assert summary.provenance["adapters"]["emotion_ensemble"] == [{"uri": emo2, "config_hash": "cfg-3"}]
+    assert summary.this_run.engine["emotion"]["prompts"] == 2 * sum(len(c["conversation"]) for c in gold40[:10])
     assert summary.this_run.resources.share_base is True
     pred = json.loads((tmp_path / "out" / "Subtask_2_pred.json").read_text())
     assert sorted(c["conversation_ID"] for c in pred) == sorted(c["conversation_ID"] for c in gold40[:10])

