@@ -116,9 +116,16 @@ def run_one(name: str, overrides: list[str], seed: int, args) -> dict:
         calibration=val.get("calibration"), timings=pipe.get("timings_s"),
         baselines={n: b.get("weighted_f1") for n, b in (metrics.get("baselines") or {}).items()},
         predicted_neutral=_neutral(out / "Subtask_2_pred.json"),
-        training={task: _training(Path(uri) / "mecpe_train.json")
-                  for task, uri in (pipe.get("adapters") or {}).items()})
+        training={name: _training(folder / "mecpe_train.json") for name, folder in _adapter_dirs(pipe).items()})
     return rec
+
+
+def _adapter_dirs(pipe: dict) -> dict[str, Path]:
+    """pipeline.json's adapters by name: emotion, cause, and an ensemble's further members as emotion_1, emotion_2."""
+    adapters = dict(pipe.get("adapters") or {})
+    members = adapters.pop("emotion_ensemble", None) or []
+    return {**{k: Path(v) for k, v in adapters.items()},
+            **{f"emotion_{k}": Path(v) for k, v in enumerate(members, 1)}}
 
 
 def _neutral(pred: Path) -> int | None:
@@ -153,10 +160,10 @@ def pack(runs: list[dict], dest: Path, records: Path) -> None:
             shard_files = sorted(out.glob("validation/*/records/*.jsonl")) + sorted(out.glob("inference/records/*.jsonl"))
             for shard in shard_files:
                 shards.add(shard, arcname=f"{out.name}/{shard.relative_to(out)}")
-            for task, uri in ((_read(out / "pipeline.json") or {}).get("adapters") or {}).items():
-                meta = Path(uri) / "mecpe_train.json"
+            for name, folder in _adapter_dirs(_read(out / "pipeline.json") or {}).items():
+                meta = folder / "mecpe_train.json"
                 if meta.exists():
-                    tar.add(meta, arcname=f"{out.name}/{task}_mecpe_train.json")
+                    tar.add(meta, arcname=f"{out.name}/{name}_mecpe_train.json")
 
 
 def _f(x, digits: int = 4) -> str:
