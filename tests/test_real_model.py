@@ -92,7 +92,7 @@ def test_smollm2_pipeline_on_a_slice_of_ecf(ray_local, data_dir, tmp_path):
     assert summary.rejects == 0 and summary.conversations == 1
     status = summary.parse_status
     assert status["emotion"] == {"scored": summary.utterances}
-    assert sum(status["cause"].values()) == summary.this_run.stages.cause.utterances
+    assert sum(status["cause"].values()) == summary.this_run.stages.cause.utterances > 0
     assert "invalid" not in status["cause"]  # constrained decoding: every cause answer is a well-formed list
     pred = storage.read_json(str(out / "Subtask_2_pred.json"))
     gold = storage.read_json(str(out / "data" / "test.json"))[:1]
