@@ -19,9 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def _neutral(pred: Path) -> int:
-    return sum(u["emotion"] == "neutral" for c in json.loads(pred.read_text()) for u in c["conversation"])
+from sweep_smollm2 import _neutral  # noqa: E402 - the sweep's count of predicted-neutral utterances
 
 
 def members_table(run: Path) -> list[dict]:

@@ -164,7 +164,8 @@ def main(argv=None) -> int:
     adapters = random_adapters(Path(args.adapters), base_cfg)
     fields = {f.name for f in dataclasses.fields(stages.PredictorSpec)}
     spec_kw = dict(model=base_cfg, quantization=QuantizationConfig(mode="none"), adapters=adapters,
-                   prompt=PromptConfig(max_prompt_tokens=1024), emotion_method="score", emotion_bias=None, cause_input="predicted",
+                   prompt=PromptConfig(max_prompt_tokens=1024), emotion_method="score", emotion_bias=None,
+                   cause_input="predicted",
                    max_new_tokens=24, max_batch_tokens=args.max_batch_tokens, reuse_prefix=True,
                    storage_settings=storage.S3Settings().as_dict())
     for item in args.set:

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ("EmotionResult", "CauseResult", "StageOutput", "StageStats", "PromptSource", "predict_emotions",
-           "pick_label", "average_emotions", "predict_causes", "score_emotion_labels", "cause_answer_ids", "prefix_shared_logits")
+           "pick_label", "average_emotions", "predict_causes", "score_emotion_labels", "cause_answer_ids",
+           "prefix_shared_logits")
 
 T = TypeVar("T")
 

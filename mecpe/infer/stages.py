@@ -139,15 +139,16 @@ class PredictorSpec:
     emotion_ensemble: tuple[str, ...] = ()  # inference.emotion_ensemble: further emotion adapters, scores averaged
 
 
-def stage_adapters(spec: PredictorSpec, stages: tuple[str, ...]) -> dict[str, list[str]]:
-    """Per stage, the names of the adapters it runs (``emotion``, ``emotion_1``, ...: the ensemble's members;
-    ``cause``); [] for a stage on the plain base."""
-    names = {}
+def stage_adapters(spec: PredictorSpec, stages: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Per stage, the adapters it runs by name: ``emotion`` then the ensemble's ``emotion_1``, ``emotion_2``, ...;
+    ``cause``; {} for a stage on the plain base."""
+    out: dict[str, dict[str, str]] = {}
     for stage in stages:
-        names[stage] = [stage] if spec.adapters.get(stage) else []
-        if stage == "emotion" and names[stage]:
-            names[stage] += [f"emotion_{k}" for k in range(1, len(spec.emotion_ensemble) + 1)]
-    return names
+        uri = spec.adapters.get(stage)
+        out[stage] = {stage: uri} if uri else {}
+        if stage == "emotion" and uri:
+            out[stage].update({f"emotion_{k}": member for k, member in enumerate(spec.emotion_ensemble, 1)})
+    return out
 
 
 class _Predictor:
@@ -166,9 +167,7 @@ class _Predictor:
         storage.configure(spec.storage_settings)
         self.spec = spec
         self.names = stage_adapters(spec, self.stages)
-        members = iter(spec.emotion_ensemble)
-        self.adapters = {name: spec.adapters[name] if name in spec.adapters else next(members)
-                         for names in self.names.values() for name in names}
+        self.adapters = {name: uri for named in self.names.values() for name, uri in named.items()}
         self.device = modeling.pick_device()
         self.memory_fraction = modeling.cap_gpu_memory(self.device, spec.gpu_memory_gib)
         self.merged = bool(self.adapters) and modeling.merges_adapters(spec.merge_adapters, spec.quantization)
