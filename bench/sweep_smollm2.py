@@ -57,6 +57,9 @@ VARIANTS: dict[str, list[str]] = {
     "balance1": ["training.emotion_balance=1.0"],
     # three emotion adapters (seeds S, S+1000, S+2000) on one base, their label probabilities averaged (issue #30)
     "ens3": ["training.emotion_ensemble=3"],
+    # ablations of the config since 2026-12-07 (ensemble of 3 + the rule's self/previous causes added)
+    "ens1": ["training.emotion_ensemble=1"],
+    "no-rule-causes": ["inference.rule_causes=[]"],
     # the reference system's recipe (docs: reference-system.md): r16/alpha16 q,k,v,o, dropout 0.1, 1 epoch, lr 1e-3,
     # 16 examples a step (as one micro-batch: the same token-weighted loss as its 4 x 4), one example per target, no
     # emotion bias

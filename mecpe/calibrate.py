@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from mecpe.errors import ConfigError, InputError
-from mecpe.labels import EMOTIONS
+from mecpe.labels import EMOTIONS, rule_causes
 
 GRID = tuple(float(x) / 4 for x in range(-24, 25))  # -6.0 .. 6.0 in steps of 0.25
 _EPS = 1e-8  # the official scorer's
@@ -63,13 +63,13 @@ def utterances_from_records(records: Iterable[dict]) -> Utterances:
         causes: dict[int, set[int]] = {}
         for pair in g["emotion-cause_pairs"]:
             causes.setdefault(int(str(pair[0]).split("_")[0]), set()).add(int(pair[1]))
-        prev = None
+        rule_of = rule_causes([int(utt["utterance_ID"]) for utt in rec["conversation"]])
         for utt in rec["conversation"]:
             uid = int(utt["utterance_ID"])
             if utt.get("label_scores") is None:
                 raise ConfigError(f"conversation {rec.get('conversation_ID')}, utterance {uid}: no label scores; "
                                  f"calibration needs inference.emotion_method=score")
-            rule = {uid} | ({prev} if prev is not None else set())
+            rule = set(rule_of[uid])
             gold_causes = causes.get(uid, set())
             scores.append(utt["label_scores"])
             gold.append(EMOTIONS.index(g["emotions"][str(uid)]))
@@ -77,7 +77,6 @@ def utterances_from_records(records: Iterable[dict]) -> Utterances:
             n_gold.append(len(gold_causes))
             n_both.append(len(rule & gold_causes))
             convs.append(str(rec["conversation_ID"]))
-            prev = uid
     if not gold:
         raise InputError("no utterances to calibrate on")
     return Utterances(np.asarray(scores, dtype=np.float64), np.asarray(gold), np.asarray(n_rule, dtype=np.float64),

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mecpe.errors import ConfigError, MissingInputError
-from mecpe.labels import EMOTIONS
+from mecpe.labels import EMOTIONS, RuleCause
 
 DEFAULT_DATA_DIR = "../shared/data/ecf"
 DecodeStep = Literal["dynamic", "static", "graph"]  # inference.decode_step (mecpe.engine.steps)
@@ -212,6 +212,11 @@ class InferenceConfig(_Strict):
     emotion_bias: dict[str, float] | None = Field(
         None, description="added to each label's answer log-probability before the choice (score method), e.g. "
                           "{neutral: 0, joy: 0.8}; the pipeline fills it when validation.fit_emotion_bias; null = none")
+    rule_causes: list[RuleCause] = Field(
+        default_factory=list, description="causes added to the cause model's answer of every emotional utterance "
+        "(the union): self (the utterance itself), previous (the one before it); the rule baseline's causes. The "
+        "seed team added self-causes to its system; on ECF validation the rule beat SmolLM2-135M's cause model in "
+        "all 6 runs measured (bench/RESULTS.md); [] = the model's answer alone")
     cause_input: Literal["predicted", "gold"] = Field(
         "predicted", description="emotions read by the cause stage: predicted (the method) or gold (oracle "
                                  "analysis, benchmarks)")

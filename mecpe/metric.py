@@ -22,7 +22,7 @@ import numpy as np
 
 from mecpe import storage
 from mecpe.errors import EvaluationError
-from mecpe.labels import EMOTIONS  # the scorer's index order
+from mecpe.labels import EMOTIONS, rule_causes  # EMOTIONS: the scorer's index order
 
 EMOTION_IDX = MappingProxyType({e: i for i, e in enumerate(EMOTIONS)})
 OFFICIAL_KEYS = (
@@ -333,15 +333,14 @@ def baseline_predictions(gold: list[dict], *, emotions: str = "gold") -> list[di
     out = []
     for conv in gold:
         utts, pairs = [], []
-        prev_uid = None
-        for u in conv.get("conversation", []):
+        turns = conv.get("conversation", [])
+        causes = rule_causes([int(u["utterance_ID"]) for u in turns])
+        for u in turns:
             uid = int(u["utterance_ID"])
             emo = u.get("emotion", "neutral") if emotions == "gold" else (majority or "neutral")
             utts.append({k: u[k] for k in ("utterance_ID", "text", "speaker") if k in u} | {"emotion": emo})
             if emo in EMOTIONS[1:]:
-                pairs.append([f"{uid}_{emo}", str(uid)])
-                if prev_uid is not None:
-                    pairs.append([f"{uid}_{emo}", str(prev_uid)])
-            prev_uid = uid
+                pairs += [[f"{uid}_{emo}", str(c)] for c in causes[uid]]
         out.append({"conversation_ID": conv["conversation_ID"], "conversation": utts, "emotion-cause_pairs": pairs})
     return out
+

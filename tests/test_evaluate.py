@@ -402,6 +402,16 @@ def test_baseline_gold_emotions(gold_test):
     assert m["emotion_accuracy"] == 1.0
 
 
+def test_rule_causes_self_and_previous_in_conversation_order():
+    from mecpe.labels import rule_causes
+
+    assert rule_causes([3, 5, 9]) == {3: [3], 5: [5, 3], 9: [9, 5]}
+    assert rule_causes([3, 5], ["previous"]) == {3: [], 5: [3]}
+    assert rule_causes([3, 5], ["self"]) == {3: [3], 5: [5]}
+    with pytest.raises(ValueError, match="unknown rule causes"):
+        rule_causes([1], ["next"])
+
+
 def test_baseline_majority(gold_test):
     preds = baseline_predictions(gold_test, emotions="majority")
     emos = {u["emotion"] for c in preds for u in c["conversation"]}

@@ -173,6 +173,33 @@ def test_reader_streams_jsonl_lines_and_splits_arrays(ray_cluster, tmp_path):
     assert [r["kind"] for r in rows] == ["error"] and b"unreadable file" in rows[0]["raw"]
 
 
+def test_rule_causes_join_the_models_answer():
+    """``inference.rule_causes``: each emotional utterance's pairs are the model's causes plus itself and the
+    utterance before it, each once; the model's own answer stays in ``model_causes``; neutral utterances get none;
+    without rules the pairs are the model's answer alone."""
+    from mecpe import data
+    from mecpe.infer.rows import ROW_SCHEMA, conversation_row
+    from mecpe.infer.writer import build_record
+
+    raw = {"conversation_ID": 7, "conversation": [{"utterance_ID": i, "text": "x", "speaker": "A"} for i in (1, 2, 3)]}
+    row = {f.name: None for f in ROW_SCHEMA}
+    row.update(uid="u7", key="7", source="s.json", location="index 0", file_index=0, position=0,
+               conversation=conversation_row(data.conversation_from_json(raw, source="s.json")),
+               emotions=[{"utterance": u, "label": label, "status": "scored", "dropped": 0, "scores": None}
+                         for u, label in ((1, "joy"), (2, "neutral"), (3, "anger"))],
+               causes=[{"utterance": 1, "emotion": "joy", "causes": [1], "status": "ok", "dropped": 0},
+                       {"utterance": 3, "emotion": "anger", "causes": [1], "status": "ok", "dropped": 0}])
+    plain = build_record(row)
+    assert sorted(plain["emotion-cause_pairs"]) == [["1_joy", "1"], ["3_anger", "1"]]
+    assert all("model_causes" not in u for u in plain["conversation"])
+    ruled = build_record(row, ("self", "previous"))
+    assert sorted(ruled["emotion-cause_pairs"]) == [["1_joy", "1"], ["3_anger", "1"], ["3_anger", "2"],
+                                                    ["3_anger", "3"]]
+    assert [u.get("model_causes") for u in ruled["conversation"]] == [[1], None, [1]]
+    only_self = build_record(row, ("self",))
+    assert sorted(only_self["emotion-cause_pairs"]) == [["1_joy", "1"], ["3_anger", "1"], ["3_anger", "3"]]
+
+
 def test_assemble_dedupes_copies_and_duplicate_ids(tmp_path):
     from mecpe import storage
     from mecpe.infer.resume import META, assemble
@@ -331,7 +358,8 @@ def test_driver_memory_flat_1x_vs_10x(baseline, tiny, gold40, tmp_path):
 def test_share_base_nf4_with_adapters(ray_cluster, tiny, gold40, tmp_path):
     """One 4-bit base holding both (random LoRA) adapters, and a second emotion adapter (inference.emotion_ensemble),
     does both stages; with ``cause_input=gold`` the cause stage reads the gold emotions (oracle analysis), so the
-    pairs carry them. The ensemble's adapter is part of the run's identity (test_engine.py checks its average)."""
+    pairs carry them. The ensemble's adapter is part of the run's identity (test_engine.py checks its average), and
+    so are the rule causes, which reach the writer: every emotional utterance is its own cause."""
     from mecpe.infer import run_inference
 
     src = tmp_path / "in.json"
@@ -340,7 +368,7 @@ def test_share_base_nf4_with_adapters(ray_cluster, tiny, gold40, tmp_path):
     cau = _make_adapter(tiny, tmp_path / "cause-adapter", 2)
     emo2 = _make_adapter(tiny, tmp_path / "emotion-adapter-2", 3)
     cfg = make_cfg(tiny, share_base=True, emotion_adapter=emo, cause_adapter=cau, cause_input="gold",
-                   emotion_ensemble=[emo2])
+                   emotion_ensemble=[emo2], rule_causes=["self"])
     cfg.quantization.mode = "nf4"
     summary = run_inference(cfg, str(src), str(tmp_path / "out"))
     assert summary.conversations == 10 and summary.rejects == 0
@@ -359,6 +387,10 @@ def test_share_base_nf4_with_adapters(ray_cluster, tiny, gold40, tmp_path):
             assert gold[(c["conversation_ID"], int(uid))] == label
     n_gold_emotional = sum(1 for v in gold.values() if v != "neutral")
     assert sum(summary.parse_status["cause"].values()) == n_gold_emotional
+    selves = {(c["conversation_ID"], int(e.split("_")[0])) for c in pred for e, cause in c["emotion-cause_pairs"]
+              if e.split("_")[0] == cause}
+    assert selves == {k for k, v in gold.items() if v != "neutral"}
+    assert json.loads((tmp_path / "out" / "_run.json").read_text())["inference"]["rule_causes"] == ["self"]
 
 
 def test_s3_input_and_output(ray_cluster, tiny, gold40, s3_server, capsys):

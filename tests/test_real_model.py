@@ -21,8 +21,10 @@ pytestmark = pytest.mark.slow  # Ray, training or subprocess pipelines: outside 
 CONFIG = REPO / "jobs" / "configs" / "ecf-smollm2.yaml"
 # what the config runs on one GPU, shrunk to seconds on 2 CPU cores (SmolLM2 trains at ~50 tokens/s there): 2
 # training conversations, one step of at most 384 tokens per adapter, short prompts (so shortening runs too), one
-# short test conversation (short_test_file); no validation step (minutes on CPU)
-CPU_SLICE = ["data.limit_train=2", "data.limit_val=0", "scaling.use_gpu=false",
+# short test conversation (short_test_file); no validation step (minutes on CPU); one emotion adapter (the config's
+# ensemble of three took this test from 54 s to 111 s; test_infer.py::test_share_base_nf4_with_adapters and
+# test_engine.py's ensemble test cover it on tiny models)
+CPU_SLICE = ["training.emotion_ensemble=1", "data.limit_train=2", "data.limit_val=0", "scaling.use_gpu=false",
              "inference.num_gpus=0", "inference.num_cpus=1", "inference.batch_size=2", "training.max_steps=1",
              "training.max_batch_tokens=384", "training.use_liger_kernel=false", "prompt.max_prompt_tokens=128",
              "inference.max_batch_tokens=2048", "validation.score=false", "validation.fit_emotion_bias=false"]

@@ -127,7 +127,8 @@ def build_dataset(cfg: Config, files: list[str], output_uri: str, done_ref, res:
         ds = ds.map_batches(EmotionPredictor, **predictor_kw)
         ds = ds.map_batches(CausePredictor, **predictor_kw)
     return ds.map_batches(ShardWriter, fn_constructor_kwargs={"output_uri": output_uri,
-                                                              "storage_settings": settings_dict},
+                                                              "storage_settings": settings_dict,
+                                                              "rules": list(cfg.inference.rule_causes)},
                           batch_size=res.batch_size, batch_format="pyarrow", num_cpus=LIGHT_CPUS,
                           compute=ActorPoolStrategy(min_size=1, max_size=max(1, res.num_actors)))
 

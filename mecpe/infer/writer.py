@@ -8,33 +8,40 @@ completion marker for resume), and the driver needs a per-batch signal (counts, 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 import pyarrow as pa
 
 from mecpe import data, storage
 from mecpe.infer.resume import META
-from mecpe.labels import EMOTIONS
+from mecpe.labels import EMOTIONS, RuleCause, rule_causes
 from mecpe.infer.rows import SHARD_SCHEMA, conversation_of, merge_engine, reject_of, rows_table
 from mecpe.layout import InferenceLayout
 
 
-def build_record(row: dict) -> dict:
+def build_record(row: dict, rules: Sequence[RuleCause] = ()) -> dict:
     """Output record of a predicted row: the conversation in input schema with predicted ``emotion`` per
     utterance, official ``emotion-cause_pairs``, per-utterance ``parse_status`` / ``dropped_utterances`` (and
     ``label_scores``, each label's answer log-probability, with the score method), and
-    bookkeeping under ``_mecpe`` (uid, key, source, location, order, gold labels when present)."""
+    bookkeeping under ``_mecpe`` (uid, key, source, location, order, gold labels when present).
+    ``rules`` (``inference.rule_causes``): causes added to the model's answer of each emotional utterance; the
+    model's own answer stays in the utterance's ``model_causes``."""
     conv = conversation_of(row)
     emo = {e["utterance"]: e for e in row["emotions"]}
     cau = {c["utterance"]: c for c in row["causes"] or []}
     labels = {u: (e["label"] if e["label"] in EMOTIONS else "neutral") for u, e in emo.items()}
+    added = rule_causes([u.id for u in conv.utterances], rules) if rules else {}
+    causes = {u: list(dict.fromkeys([*c["causes"], *added.get(u, ())])) for u, c in cau.items()}
     # The pair's emotion is the one the cause stage read: the predicted label, or the gold one with cause_input=gold.
     pairs = [data.Pair(u, cau[u]["emotion"], c) for u in sorted(cau) if cau[u]["emotion"] in EMOTIONS[1:]
-             for c in cau[u]["causes"]]
+             for c in causes[u]]
     rec = data.conversation_to_json(conv, emotions=labels, pairs=pairs)
     for utt in rec["conversation"]:
         u = int(utt["utterance_ID"])
         if u in emo and emo[u]["scores"] is not None:  # what mecpe.calibrate fits a bias on
             utt["label_scores"] = emo[u]["scores"]
+        if rules and u in cau:
+            utt["model_causes"] = list(cau[u]["causes"])
         status = {"emotion": emo[u]["status"]} if u in emo else {}
         dropped = {"emotion": emo[u]["dropped"]} if u in emo else {}
         if u in cau:
@@ -60,9 +67,10 @@ def reject_record(row: dict) -> dict:
 class ShardWriter:
     """One atomic shard per batch (records and, if any, rejects); returns one row of counts and timings."""
 
-    def __init__(self, output_uri: str, storage_settings: dict):
+    def __init__(self, output_uri: str, storage_settings: dict, rules: Sequence[RuleCause] = ()):
         storage.configure(storage_settings)
         self.out = InferenceLayout(output_uri)
+        self.rules = tuple(rules)  # inference.rule_causes
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if batch.num_rows == 0:
@@ -80,7 +88,7 @@ class ShardWriter:
                 rejects.append(reject_record(row))
                 continue
             try:
-                rec = build_record(row)
+                rec = build_record(row, self.rules)
             except Exception as exc:  # noqa: BLE001 - never lose a conversation to a bookkeeping bug
                 row["reject"] = reject_of(row, "write", f"cannot build record: {type(exc).__name__}: {exc}",
                                         retryable=True)
