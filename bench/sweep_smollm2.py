@@ -60,6 +60,8 @@ VARIANTS: dict[str, list[str]] = {
     # ablations of the config since 2026-12-07 (ensemble of 3 + the rule's self/previous causes added)
     "ens1": ["training.emotion_ensemble=1"],
     "no-rule-causes": ["inference.rule_causes=[]"],
+    # the ensemble as one model of the members' mean weights: one emotion scoring pass instead of three (issue #29)
+    "soup": ["inference.emotion_ensemble_mode=soup"],
     # the reference system's recipe (docs: reference-system.md): r16/alpha16 q,k,v,o, dropout 0.1, 1 epoch, lr 1e-3,
     # 16 examples a step (as one micro-batch: the same token-weighted loss as its 4 x 4), one example per target, no
     # emotion bias

@@ -205,6 +205,11 @@ class InferenceConfig(_Strict):
         "trained with other seeds: the emotion stage scores the seven labels with emotion_adapter and each of these on "
         "the same base and averages them (the mean probability, as a log-probability) before emotion_bias and the "
         "choice; method score only; the pipeline fills it from training.emotion_ensemble; [] = one adapter")
+    emotion_ensemble_mode: Literal["average", "soup"] = Field(
+        "average", description="how the emotion ensemble combines its adapters: average (each scores the labels, "
+        "their probabilities averaged: one scoring pass per adapter) or soup (one model whose weights are the base "
+        "plus the mean of the adapters' updates: one pass, as for one adapter; needs merged adapters, so "
+        "quantization.mode none and merge_adapters auto or true)")
     share_base: bool = Field(False, description="one 4-bit base with both adapters per actor instead of one model "
                                                 "per stage")
     emotion_method: Literal["score", "generate"] = Field(
@@ -312,6 +317,15 @@ class Config(_Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+
+    @model_validator(mode="after")
+    def _soup_merges(self):
+        inf = self.inference
+        if inf.emotion_ensemble_mode == "soup" and (self.quantization.mode != "none" or inf.merge_adapters is False):
+            raise ValueError("inference.emotion_ensemble_mode=soup averages the adapters merged into the base's "
+                             f"weights: it needs quantization.mode none (not {self.quantization.mode!r}) and "
+                             f"inference.merge_adapters auto or true (not {inf.merge_adapters!r})")
+        return self
 
     def extras(self) -> set[str]:
         """The pyproject extras its settings need beyond mecpe's dependencies (a config's ``# Install:`` line names

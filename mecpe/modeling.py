@@ -24,7 +24,7 @@ This module knows models, not data: no ECF parsing, no prompts.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -232,6 +232,26 @@ def load_merged(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *,
         model = model.merge_and_unload()
         model.eval()
     return model, tokenizer
+
+
+def load_soup(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, device: str = "cpu",
+              adapters: Sequence[str]):
+    """(model, tokenizer): one plain model whose weights are the mean of the base with each adapter merged in, i.e.
+    the base plus the mean of the adapters' weight updates (a uniform model soup of LoRA fine-tunes of one base):
+    an ensemble that costs one forward pass (``inference.emotion_ensemble_mode=soup``). The members are merged one
+    at a time into a second copy, and the running mean is taken in float32 per tensor."""
+    if not adapters:
+        raise ValueError("a soup needs at least one adapter")
+    soup, tokenizer = load_merged(model_cfg, quant_cfg, device=device, adapter=adapters[0])
+    params = dict(soup.named_parameters())
+    for k, uri in enumerate(adapters[1:], 2):
+        member, _ = load_merged(model_cfg, quant_cfg, device=device, adapter=uri)
+        with torch.no_grad():
+            for name, weight in member.named_parameters():
+                mean = params[name].float()
+                params[name].copy_(mean + (weight.float() - mean) / k)
+        del member
+    return soup, tokenizer
 
 
 def cap_gpu_memory(device: str, gib: float | None) -> float | None:

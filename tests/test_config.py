@@ -229,6 +229,11 @@ def test_an_adapter_of_another_prompt_layout_is_refused_before_any_work(tmp_path
      "emotion_ensemble averages label scores: it needs emotion_method score"),
     (["inference.emotion_ensemble=[b]"], "emotion_ensemble adds adapters to emotion_adapter, which is not set"),
     (["training.emotion_ensemble=0"], "training.emotion_ensemble"),
+    (["inference.emotion_ensemble_mode=soup", "quantization.mode=nf4"],
+     "emotion_ensemble_mode=soup averages the adapters merged into the base's weights: it needs quantization.mode "
+     "none (not 'nf4')"),
+    (["inference.emotion_ensemble_mode=soup", "quantization.mode=none", "inference.merge_adapters=false"],
+     "and inference.merge_adapters auto or true (not False)"),
 ])
 def test_an_emotion_ensemble_needs_label_scores_and_a_first_adapter(overrides, message):
     from mecpe.config import load_config

@@ -58,7 +58,7 @@ def _keep_storage_settings():
     storage.configure(previous)
 
 
-def _spec(adapters, merge, quant="none", ensemble=(), bias=None):
+def _spec(adapters, merge, quant="none", ensemble=(), bias=None, mode="average"):
     from mecpe import storage
     from mecpe.config import ModelConfig, PromptConfig, QuantizationConfig
     from mecpe.infer.stages import PredictorSpec
@@ -67,7 +67,7 @@ def _spec(adapters, merge, quant="none", ensemble=(), bias=None):
                          adapters=adapters, prompt=PromptConfig(max_prompt_tokens=1024), emotion_method="score",
                          emotion_bias=bias, cause_input="predicted", max_new_tokens=24, max_batch_tokens=4096,
                          reuse_prefix=True, storage_settings=storage.S3Settings().as_dict(), merge_adapters=merge,
-                         emotion_ensemble=tuple(ensemble))
+                         emotion_ensemble=tuple(ensemble), emotion_ensemble_mode=mode)
 
 
 def _both_stages(actor, convs):
@@ -125,6 +125,33 @@ def test_emotion_ensemble_averages_the_members_label_probabilities(adapters, con
             assert e[u].label == pick_label(e[u].scores, bias) and e[u].status == "scored"
             differ += max(abs(x - y) for x, y in zip(a[u].scores, b[u].scores)) > 0.1
     assert differ > 5
+
+
+def test_emotion_soup_is_one_model_of_the_members_mean_weights(adapters, convs):
+    """inference.emotion_ensemble_mode=soup: the emotion stage runs one plain model whose every weight is the mean of
+    the members merged alone (the members differ), in one scoring pass rather than one per member, and its labels
+    are that model's."""
+    from mecpe.infer.stages import EmotionPredictor
+    from mecpe.modeling import load_merged
+    from mecpe.predict import predict_emotions
+
+    spec = _spec({"emotion": adapters["emotion"]}, True, ensemble=[adapters["cause"]], mode="soup")
+    actor = EmotionPredictor(spec)
+    soup = actor.models["emotion"]
+    assert list(actor.names["emotion"]) == ["emotion"] and list(actor.models) == ["emotion"]
+    a, b = (dict(load_merged(spec.model, spec.quantization, adapter=adapters[k])[0].named_parameters())
+            for k in ("emotion", "cause"))
+    differ = 0
+    for name, weight in soup.named_parameters():
+        assert torch.allclose(weight.float(), (a[name].float() + b[name].float()) / 2, atol=1e-6), name
+        differ += not torch.equal(a[name], b[name])
+    assert differ > 10
+    out = actor._predict("emotion", convs, [None] * len(convs))
+    assert out.stats.prompts == sum(len(c.utterances) for c in convs)
+    alone = predict_emotions(soup, actor.tokenizer, actor.builder, convs, method="score",
+                             max_batch_tokens=spec.max_batch_tokens, reuse_prefix=True)
+    assert [{u: r.scores for u, r in c.items()} for c in out.results] == \
+        [{u: r.scores for u, r in c.items()} for c in alone.results]
 
 
 def test_merge_setting():

@@ -62,6 +62,7 @@ def predictor_spec(cfg: Config, settings: storage.S3Settings) -> PredictorSpec:
     return PredictorSpec(model=cfg.model, quantization=cfg.quantization,
                          adapters={"emotion": inf.emotion_adapter, "cause": inf.cause_adapter},
                          emotion_ensemble=tuple(inf.emotion_ensemble),
+                         emotion_ensemble_mode=inf.emotion_ensemble_mode,
                          prompt=cfg.prompt, emotion_method=inf.emotion_method,
                          emotion_bias=tuple(bias) if bias is not None else None, cause_input=inf.cause_input,
                          max_new_tokens=inf.max_new_tokens, max_batch_tokens=inf.max_batch_tokens,

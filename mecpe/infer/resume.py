@@ -70,6 +70,8 @@ def run_identity(cfg: Config, files: list[str], shas: dict[str, str]) -> dict:
     }
     if inf.emotion_ensemble:  # absent without one: the identity of runs from before ensembles stays the same
         parts["adapters"]["emotion_ensemble"] = [_adapter_info(uri) for uri in inf.emotion_ensemble]
+        if inf.emotion_ensemble_mode != "average":
+            parts["adapters"]["emotion_ensemble_mode"] = inf.emotion_ensemble_mode
     if inf.rule_causes:  # likewise
         parts["inference"]["rule_causes"] = sorted(inf.rule_causes)
     return {"run_id": runid.run_id(parts, length=16), **parts}

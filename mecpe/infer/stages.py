@@ -137,6 +137,7 @@ class PredictorSpec:
     decode_step: str = "dynamic"  # inference.decode_step: how decoding steps run (mecpe.engine.steps)
     prefill_attention: str = "sdpa"  # inference.prefill_attention: the prefill attention (sdpa | flex | compiled)
     emotion_ensemble: tuple[str, ...] = ()  # inference.emotion_ensemble: further emotion adapters, scores averaged
+    emotion_ensemble_mode: str = "average"  # inference.emotion_ensemble_mode: average | soup (one merged model)
 
 
 def stage_adapters(spec: PredictorSpec, stages: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -154,7 +155,8 @@ def stage_adapters(spec: PredictorSpec, stages: tuple[str, ...]) -> dict[str, di
 class _Predictor:
     """Loads the base model (4-bit per the spec) with the adapters of ``stages`` once, in the actor: one base with
     the adapters switched per stage, or (``merge_adapters``) one base per adapter with it merged in. The emotion
-    stage of an ensemble (``emotion_ensemble``) scores the labels with each of its adapters and averages."""
+    stage of an ensemble (``emotion_ensemble``) scores the labels with each of its adapters and averages, or runs
+    one model holding their mean weights (``emotion_ensemble_mode`` soup, merged adapters only)."""
 
     stages: tuple[str, ...] = ()
 
@@ -173,9 +175,16 @@ class _Predictor:
         self.merged = bool(self.adapters) and modeling.merges_adapters(spec.merge_adapters, spec.quantization)
         if self.merged:
             self.models = {}
+            soup = self.names.get("emotion", {}) if spec.emotion_ensemble_mode == "soup" else {}
+            if len(soup) > 1:  # the ensemble as one model: the emotion stage runs it like a single adapter
+                self.models["emotion"], self.tokenizer = modeling.load_soup(
+                    spec.model, spec.quantization, device=self.device, adapters=list(soup.values()))
+                self.names["emotion"] = {"emotion": soup["emotion"]}
             for name in [n for stage in self.stages for n in (self.names[stage] or [stage])]:
-                self.models[name], self.tokenizer = modeling.load_merged(
-                    spec.model, spec.quantization, device=self.device, adapter=self.adapters.get(name), name=name)
+                if name not in self.models:
+                    self.models[name], self.tokenizer = modeling.load_merged(
+                        spec.model, spec.quantization, device=self.device, adapter=self.adapters.get(name),
+                        name=name)
         else:
             model, self.tokenizer = modeling.load(spec.model, spec.quantization, device=self.device,
                                                   adapters=self.adapters)
