@@ -117,7 +117,7 @@ def run_one(name: str, overrides: list[str], seed: int, args) -> dict:
     rec.update(
         test={k: metrics.get(k) for k in OFFICIAL} | {k: metrics.get(k) for k in ("emotion_accuracy",
                                                                                   "emotion_weighted_f1")},
-        val=val.get("metrics"), val_raw=val.get("before_calibration"),
+        val=val.get("metrics"), val_raw=val.get("before_calibration"), val_rule=val.get("rule_on_own_emotions"),
         calibration=val.get("calibration"), timings=pipe.get("timings_s"),
         baselines={n: b.get("weighted_f1") for n, b in (metrics.get("baselines") or {}).items()},
         predicted_neutral=_neutral(out / "Subtask_2_pred.json"),
@@ -182,12 +182,13 @@ def _emotion_training_s(timings: dict) -> float | None:
 
 
 def table(runs: list[dict]) -> str:
-    rows = ["| variant | seed | status | val wF1 (raw) | val wF1 | test wF1 | test P | test R | emotion acc | "
-            "pred. neutral | train s (emo/cause) | total s |", "|" + "---|" * 12]
+    rows = ["| variant | seed | status | val wF1 (raw) | val wF1 | val: its emotions + rule causes | test wF1 | "
+            "test P | test R | emotion acc | pred. neutral | train s (emo/cause) | total s |", "|" + "---|" * 13]
     for r in runs:
         t, v, raw, tm = r.get("test") or {}, r.get("val") or {}, r.get("val_raw") or {}, r.get("timings") or {}
         rows.append(f"| {r['variant']} | {r['seed']} | {r['status']} | {_f(raw.get('weighted_f1'))} | "
-                    f"{_f(v.get('weighted_f1'))} | {_f(t.get('weighted_f1'))} | {_f(t.get('weighted_precision'))} | "
+                    f"{_f(v.get('weighted_f1'))} | {_f(r.get('val_rule'))} | {_f(t.get('weighted_f1'))} | "
+                    f"{_f(t.get('weighted_precision'))} | "
                     f"{_f(t.get('weighted_recall'))} | {_f(t.get('emotion_accuracy'))} | "
                     f"{_f(r.get('predicted_neutral'))} | "
                     f"{_f(_emotion_training_s(tm), 0)}/{_f(tm.get('train-cause'), 0)}"

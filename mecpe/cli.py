@@ -178,6 +178,9 @@ def _pipeline(args) -> int:
         raw = f" (uncalibrated {before.weighted_f1:.4f})" if before else ""
         print(f"\nvalidation split ({val.conversations} conversations, where choices are made): weighted_f1 "
               f"{val.metrics.weighted_f1:.4f}{raw}")
+        if val.rule_on_own_emotions is not None:
+            print(f"  its emotions with the self/previous rule's causes instead of the cause stage's: "
+                  f"{val.rule_on_own_emotions:.4f}")
         bias = _bias_line(val)
         if bias:
             print(bias)

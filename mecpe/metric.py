@@ -315,7 +315,8 @@ def evaluate_files(pred_path: str, gold_path: str) -> dict:
 def baseline_predictions(gold: list[dict], *, emotions: str = "gold") -> list[dict]:
     """Rule baseline: every emotional utterance is caused by itself and by the utterance before it.
 
-    ``emotions="gold"`` uses the gold utterance emotions (an upper-bound-ish cause baseline).
+    ``emotions="gold"`` uses the conversations' own utterance emotions: of a gold file, the gold ones (an
+    upper-bound-ish cause baseline); of a prediction, the predicted ones (``mecpe.evaluate.rule_on_own_emotions``).
     ``emotions="majority"`` labels *every* utterance with the most frequent **non-neutral**
     emotion of ``gold`` (ties -> scorer order). The plain majority label is neutral, which would
     yield no pairs at all, so the non-neutral majority is the informative trivial baseline.

@@ -24,7 +24,7 @@ from mecpe import layout, storage
 from mecpe.config import Config, dump_config
 from mecpe.errors import ConfigError
 from mecpe.splits import PrepareResult
-from mecpe.evaluate import Metrics, Validation, ValidationScores
+from mecpe.evaluate import Metrics, Validation, ValidationScores, rule_on_own_emotions
 from mecpe.infer.summary import InferenceSummary
 from mecpe.layout import InferenceLayout, RunLayout
 
@@ -255,17 +255,20 @@ def step_validate(cfg: Config) -> tuple[Config, Validation | None]:
         cfg = cfg.model_copy(deep=True)
         cfg.inference.emotion_bias = fitted.bias if fitted.applied else None
     if before is not None and cfg.inference.emotion_bias is None:
-        scores = before  # the uncalibrated run is the system
+        scores, system = before, run.validation_raw  # the uncalibrated run is the system
     else:
-        run_inference(cfg, val_uri, run.validation_inference.root)
-        metrics = score_output(run.validation_inference, "mecpe on the validation split")
+        system = run.validation_inference
+        run_inference(cfg, val_uri, system.root)
+        metrics = score_output(system, "mecpe on the validation split")
         if before is None:  # no bias: this run is the uncalibrated one
             _warn_one_class(metrics)
         scores = ValidationScores.of(metrics)
-    result = Validation(conversations, note, scores, before, fitted)
+    rule = rule_on_own_emotions(storage.read_state(system.pred), storage.read_state(system.gold)).weighted_f1
+    result = Validation(conversations, note, scores, before, fitted, rule)
     storage.write_json(run.validation_metrics, result.as_json(), indent=2)
-    log.info("validation split (%d conversations): weighted_f1 %.4f%s", conversations, scores.weighted_f1,
-             f" (uncalibrated {before.weighted_f1:.4f})" if before is not None else "")
+    log.info("validation split (%d conversations): weighted_f1 %.4f%s; its emotions with the self/previous rule's "
+             "causes instead: %.4f", conversations, scores.weighted_f1,
+             f" (uncalibrated {before.weighted_f1:.4f})" if before is not None else "", rule)
     return cfg, result
 
 

@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from mecpe.evaluate import BASELINES, score  # noqa: E402
+from mecpe.evaluate import BASELINES, OWN_EMOTIONS_RULE, score  # noqa: E402
 from mecpe.labels import EMOTIONS  # noqa: E402
 from mecpe.metric import (  # noqa: E402
     EvaluationError,
@@ -470,11 +470,29 @@ def test_score_is_the_scorer_typed(gold_test):
     pred = baseline_predictions(gold_test, emotions="gold")
     m = score(pred, gold_test, baselines=True, scope="a note")
     assert m.as_json() == score_subtask2(pred, gold_test)
-    assert list(m.baselines) == list(BASELINES) and m.scope == "a note"
+    assert list(m.baselines) == [*BASELINES, OWN_EMOTIONS_RULE] and m.scope == "a note"
     for name, emotions in BASELINES.items():
         assert m.baselines[name].as_json() == score_subtask2(baseline_predictions(gold_test, emotions=emotions),
                                                              gold_test)
     assert m.per_emotion["joy"].tp == score_subtask2(pred, gold_test)["per_emotion"]["joy"]["tp"]
+
+
+def test_the_predictions_own_emotions_with_the_rule_stand_beside_the_baselines(gold_test):
+    """With utterance emotions in the prediction, the baselines gain the rule's causes on the prediction's own
+    emotions (what its cause stage must beat): the gold emotions give the oracle's figures, all-joy the majority
+    baseline's (joy is the test set's majority emotion); without emotion fields it is absent."""
+    majority, oracle = BASELINES
+    self_only = [{**c, "emotion-cause_pairs": [p for p in c["emotion-cause_pairs"] if p[0].split("_")[0] == p[1]]}
+                 for c in gold_test]
+    m = score(self_only, gold_test, baselines=True)
+    assert m.baselines[OWN_EMOTIONS_RULE].as_json() == m.baselines[oracle].as_json()
+    assert m.weighted_f1 != m.baselines[OWN_EMOTIONS_RULE].weighted_f1
+    joyful = [{**c, "conversation": [{**u, "emotion": "joy"} for u in c["conversation"]]} for c in self_only]
+    m = score(joyful, gold_test, baselines=True)
+    assert m.baselines[OWN_EMOTIONS_RULE].as_json() == m.baselines[majority].as_json()
+    bare = [{**c, "conversation": [{k: v for k, v in u.items() if k != "emotion"} for u in c["conversation"]]}
+            for c in self_only]
+    assert list(score(bare, gold_test, baselines=True).baselines) == list(BASELINES)
 
 
 def test_evaluate_files_errors(tmp_path):

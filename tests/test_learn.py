@@ -24,8 +24,9 @@ PASS, MISMATCH = 0.8, 0.3
 def learned(tmp_path_factory):
     """One run of the learn config, every path under a temporary folder (the corpus and the tiny model built there)."""
     tmp = tmp_path_factory.mktemp("learn")
+    # validation.score: the validation step too (not in the config: ~15 s more of README command 1)
     overrides = [f"data.data_dir={tmp}/synth", f"model.base={tmp}/tiny", f"output_dir={tmp}/out",
-                 f"storage.path={tmp}/out/runs"]
+                 f"storage.path={tmp}/out/runs", "validation.score=true"]
     # as a user runs it: torch's threads per core, not the suite's one per process (conftest.py), since this run
     # has the machine to itself (its prepare step pretrains the tiny model in one process)
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
@@ -51,6 +52,22 @@ def test_learn_config_reaches_the_bar(learned):
     assert "cause stage: " in learned["stdout"] and "weighted_f1" in learned["stdout"]
     assert (Path(learned["cfg"].output_dir) / "learning_curves.png").stat().st_size > 0
     assert set(m["adapters"]) == {"emotion", "cause"}
+
+
+def test_validation_step_puts_the_rule_beside_the_system(learned):
+    """validation.score: the validation split scored (where choices are made) and, beside the system, its own
+    emotions with the rule's causes (what the cause stage must beat), from its prediction and gold files; the test
+    report holds the same comparison among its baselines."""
+    from mecpe.evaluate import OWN_EMOTIONS_RULE, rule_on_own_emotions
+    from mecpe.layout import RunLayout
+
+    val = learned["run"]["validation"]
+    out = RunLayout(learned["cfg"].output_dir).validation_inference
+    pred, gold = (json.loads(Path(uri).read_text()) for uri in (out.pred, out.gold))
+    assert val["metrics"]["weighted_f1"] >= PASS
+    assert val["rule_on_own_emotions"] == rule_on_own_emotions(pred, gold).weighted_f1 > 0
+    assert f"rule's causes instead of the cause stage's: {val['rule_on_own_emotions']:.4f}" in learned["stdout"]
+    assert OWN_EMOTIONS_RULE in learned["metrics"]["baselines"]
 
 
 def _infer_and_score(cfg) -> float:
