@@ -55,7 +55,8 @@ VARIANTS: dict[str, list[str]] = {
     # class-balanced emotion targets (the model calls ~69% of test utterances neutral, gold 41%)
     "balance0.5": ["training.emotion_balance=0.5"],
     "balance1": ["training.emotion_balance=1.0"],
-    # three emotion adapters (seeds S, S+1000, S+2000) on one base, their label probabilities averaged (issue #30)
+    # three emotion adapters (seeds S, S+1000, S+2000) on one base, their label probabilities averaged (issue #30;
+    # the config itself since 2026-12-07)
     "ens3": ["training.emotion_ensemble=3"],
     # ablations of the config since 2026-12-07 (ensemble of 3 + the rule's self/previous causes added)
     "ens1": ["training.emotion_ensemble=1"],

@@ -344,4 +344,3 @@ def baseline_predictions(gold: list[dict], *, emotions: str = "gold") -> list[di
                 pairs += [[f"{uid}_{emo}", str(c)] for c in causes[uid]]
         out.append({"conversation_ID": conv["conversation_ID"], "conversation": utts, "emotion-cause_pairs": pairs})
     return out
-
