@@ -311,7 +311,7 @@ def train_with_worker_kill(fit: Callable[[], object], ready: Callable[[], object
     return box["res"], {"pid": pids[0], "pids": pids, "ready": value, "at": killed_at}
 
 
-def kill_busy_actor_task(class_substring: str, alive: Callable[[], bool], timeout: float = 300, tries: int = 3):
+def kill_busy_actor_task(class_substring: str, alive: Callable[[], bool], timeout: float = 300, tries: int = 5):
     """SIGKILL the process of an actor of ``class_substring`` *while it runs a task* (Ray's state API: a RUNNING
     actor task), so the kill takes work with it. Returns that task attempt (task_id, attempt_number, worker_pid).
     If the attempt had finished by the time the signal landed (the state API lags a little), or its process was

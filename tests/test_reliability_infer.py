@@ -114,7 +114,10 @@ def test_actor_sigkill_mid_batch(ray_address, tiny, input_file, gold, baseline, 
 
     def job():
         try:
-            box["summary"] = run_inference(load_config(None, _overrides(tiny)), str(input_file), str(out))
+            # batches of 4 (6 of them): each lasts long enough for a kill to land inside it, with tries to spare
+            # (at 2 a batch, all 3 tries once landed after their batch had finished: CI-style run at e9c5a20)
+            box["summary"] = run_inference(load_config(None, _overrides(tiny, **{"inference.batch_size": 4})),
+                                           str(input_file), str(out))
         except BaseException as exc:  # noqa: BLE001 - re-raised below
             box["err"] = exc
 
