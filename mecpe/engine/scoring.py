@@ -10,7 +10,7 @@ import torch
 from torch.profiler import record_function
 
 from mecpe.engine.attention import allow_static_shapes
-from mecpe.engine.packing import (Block, Segment, batches, layout, prefill_visible, row_width, segments,
+from mecpe.engine.packing import (Block, Layout, Segment, batches, layout, prefill_visible, row_width, segments,
                                   static_shape, to_device)
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
 from mecpe.engine.stats import StageStats
@@ -52,6 +52,15 @@ def compiled_decoder(model: Any, dev: torch.device):
         del inner.forward
 
 
+def label_targets(lay: Layout) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """What label scoring reads from a batch's forward: the distinct (row, column) positions whose logits it needs,
+    sorted, and per target token (a host tensor, n x 4) its position's index among them, the token, its block and
+    its label + 1 (0: the block's shared answer start)."""
+    at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
+    index = {p: k for k, p in enumerate(at)}
+    return at, torch.tensor([(index[(i, c)], tok, g, j + 1) for i, c, tok, g, j in lay.targets])
+
+
 def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev, prefill: str = "sdpa"
                  ) -> dict[Hashable, list[float]]:
     """One forward without cache over packed rows; total answer log-probability of every candidate of every block
@@ -63,14 +72,13 @@ def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev, prefill:
     with record_function("mecpe.score.layout"):  # named ranges: bench/profile_gpu.py --torch-profile
         # compiled: padded to a bucket of static shapes, so each bucket compiles once (attention.py)
         lay = layout(batch, pad, dev, static_shape(len(batch), row_width(batch)) if static else None)
-        at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
-        index = {p: k for k, p in enumerate(at)}
+        at, targets = label_targets(lay)
         mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive_dtype(model, dev),
                               mask_kind(prefill))
     with record_function("mecpe.score.forward"), (compiled_decoder(model, dev) if static
                                                   else contextlib.nullcontext()):
         logits, _ = forward_at(model, lay.ids, mask, lay.pos, None, at, use_cache=False)
-    t = to_device(torch.tensor([(index[(i, c)], tok, g, j + 1) for i, c, tok, g, j in lay.targets]), dev)
+    t = to_device(targets, dev)
     logits = logits.float()
     lp = logits[t[:, 0], t[:, 1]] - logits.logsumexp(-1)[t[:, 0]]
     scores = torch.zeros((len(lay.blocks), len(lay.blocks[0].conts) + 1), dtype=torch.float64, device=dev)

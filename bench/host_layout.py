@@ -1,0 +1,108 @@
+"""Host time of a label-scoring batch's layout (issue #29): what the actor's CPU does between two GPU forwards while
+the GPU waits (``mecpe.engine.scoring._score_batch``: ``packing.layout`` and ``scoring.label_targets``), on real
+prompts: the first ``--conversations`` ECF test conversations with the tokenizer and prompt settings of a config
+(default the SmolLM2 one, whose packaged model gives the tokenizer; no model is run). Not a test: prints a table.
+
+    MECPE_DATA=../shared/data/ecf python bench/host_layout.py [--config FILE] [--conversations 256] [--json FILE]
+
+The batch is built as the emotion stage builds it (``inference.max_batch_tokens`` 262,144: 256 conversations are
+one batch). Times are the median of ``--repeats`` runs on the CPU (the device copy is not included: the layout is
+made on the host either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from mecpe import modeling  # noqa: E402
+from mecpe.config import load_config  # noqa: E402
+from mecpe.engine.packing import Block, batches, common_prefix, layout, segments  # noqa: E402
+from mecpe.engine.scoring import label_targets  # noqa: E402
+from mecpe.labels import EMOTIONS  # noqa: E402
+from mecpe.prompts import PromptBuilder  # noqa: E402
+from mecpe.readers import read_conversations  # noqa: E402
+
+TEST_FILE = "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json"
+
+
+def emotion_items(builder, convs) -> list:
+    """(prefix, Block) per utterance, as ``mecpe.predict.score_emotion_labels`` builds them."""
+    items, parts = [], {}
+    for ci, conv in enumerate(convs):
+        for u in conv.utterances:
+            p = builder.emotion_prompt(conv, u.id)
+            if u.id not in parts:
+                answers = [list(builder.emotion_answer(u.id, lab)) for lab in EMOTIONS]
+                common = common_prefix(answers)
+                parts[u.id] = (common, [a[len(common):] for a in answers])
+            common, conts = parts[u.id]
+            items.append((tuple(p.prefix), Block((ci, u.id), list(p.question), common, conts)))
+    return items
+
+
+def timed(fn, repeats: int) -> float:
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - t0)
+    return statistics.median(runs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default=str(REPO / "jobs/configs/ecf-smollm2.yaml"))
+    ap.add_argument("--data", default=os.environ.get("MECPE_DATA", str(REPO.parent / "shared/data/ecf")))
+    ap.add_argument("--conversations", type=int, default=256)
+    ap.add_argument("--max-batch-tokens", type=int, default=262144)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    cfg = load_config(args.config)
+    tok = modeling.load_base_tokenizer(cfg.model, for_inference=True)
+    builder = PromptBuilder(tok, **cfg.prompt.builder_kwargs(), cut_target=True)
+    convs = read_conversations(os.path.join(args.data, TEST_FILE)).conversations[:args.conversations]
+    items = emotion_items(builder, convs)
+    batch_list = batches(segments(items, True, args.max_batch_tokens), args.max_batch_tokens)
+    cpu = torch.device("cpu")
+    rows = []
+    for k, batch in enumerate(batch_list):
+        lay = layout(batch, 0, cpu)
+        rows.append({"batch": k, "rows": lay.ids.shape[0], "columns": lay.ids.numel(), "blocks": len(lay.blocks),
+                     "targets": len(lay.targets),
+                     "layout_ms": round(1000 * timed(lambda: layout(batch, 0, cpu), args.repeats), 1),
+                     "label_targets_ms": round(1000 * timed(lambda: label_targets(lay), args.repeats), 1)})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip())
+    out = {"commit": commit.strip(), "dirty": dirty, "cpu": platform.processor() or platform.machine(),
+           "cpus": os.cpu_count(), "torch": torch.__version__, "config": args.config,
+           "conversations": len(convs), "utterances": len(items), "repeats": args.repeats, "batches": rows}
+    print(f"# host_layout at {out['commit']}{' (dirty)' if dirty else ''}: {len(convs)} ECF test conversations, "
+          f"{len(items)} utterances, {out['cpus']} CPUs, median of {args.repeats}")
+    print(f"{'batch':>5} {'rows':>5} {'columns':>8} {'blocks':>6} {'targets':>7} {'layout ms':>10} "
+          f"{'targets ms':>10} {'total ms':>9}")
+    for r in rows:
+        print(f"{r['batch']:5d} {r['rows']:5d} {r['columns']:8d} {r['blocks']:6d} {r['targets']:7d} "
+              f"{r['layout_ms']:10.1f} {r['label_targets_ms']:10.1f} {r['layout_ms'] + r['label_targets_ms']:9.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
