@@ -35,14 +35,14 @@ activations / KV cache, plus a rows x columns^2 boolean mask; lm_head runs only 
 next token is read (``runtime.forward_at``), not at whole columns of every row.
 
 Host cost (issue #29: the GPU engine was bound by Python and kernel launches, not FLOPs): prompt pieces are
-tokenized once per conversation / utterance id (``mecpe.prompts``), a batch's layout goes to the device as one
-tensor, and a decoding step syncs once (the chosen tokens, which the state machines read) with a constant number of
-tensor operations whatever the number of live blocks. Decoding steps attend through ``attention.grouped_sdpa``: the
-query heads sharing a key/value head stacked on the query axis, so no layer repeats the KV cache (transformers'
-SDPA does whenever a mask is given). A step is still bound by the host issuing its operators (~30 ms against ~10 ms
-of kernels on an H100: ``bench/results/2026-12-06-decode-h100``); ``inference.decode_step: graph`` runs the steps at
-fixed shapes (``steps.py``) and replays each as one CUDA graph (exact on CPU in its static form; not yet measured on
-a GPU).
+tokenized once per conversation / utterance id (``mecpe.prompts``), a batch's layout is filled by numpy from its
+pieces' lengths and goes to the device as one tensor, and a decoding step syncs once (the chosen tokens, which the
+state machines read) with a constant number of tensor operations whatever the number of live blocks. Decoding steps
+attend through ``attention.grouped_sdpa``: the query heads sharing a key/value head stacked on the query axis, so no
+layer repeats the KV cache (transformers' SDPA does whenever a mask is given). A step is still bound by the host
+issuing its operators (~30 ms against ~10 ms of kernels on an H100: ``bench/results/2026-12-06-decode-h100``);
+``inference.decode_step: graph`` runs the steps at fixed shapes (``steps.py``) and replays each as one CUDA graph
+(the same answers, half the decoding time on an H100: ``bench/results/2026-12-06-engine-h100``).
 
 Exactness: in fp32 the packed computation equals running every full prompt alone up to float reassociation
 (tests: 1e-4). Padding keys are always masked; padding queries attend to themselves only, so no fully-masked

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Hashable, Sequence
 
+import numpy as np
 import torch
 from torch.profiler import record_function
 
@@ -56,9 +57,10 @@ def label_targets(lay: Layout) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """What label scoring reads from a batch's forward: the distinct (row, column) positions whose logits it needs,
     sorted, and per target token (a host tensor, n x 4) its position's index among them, the token, its block and
     its label + 1 (0: the block's shared answer start)."""
-    at = sorted({(i, c) for i, c, _, _, _ in lay.targets})
-    index = {p: k for k, p in enumerate(at)}
-    return at, torch.tensor([(index[(i, c)], tok, g, j + 1) for i, c, tok, g, j in lay.targets])
+    tg, width = lay.targets, lay.ids.shape[1]
+    where, index = np.unique(tg[:, 0] * width + tg[:, 1], return_inverse=True)
+    at = list(zip(*(x.tolist() for x in divmod(where, width))))
+    return at, torch.from_numpy(np.stack([index.reshape(-1), tg[:, 2], tg[:, 3], tg[:, 4] + 1], axis=1))
 
 
 def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev, prefill: str = "sdpa"
