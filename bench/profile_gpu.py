@@ -12,11 +12,12 @@ PredictorSpec fields (``max_batch_tokens=16384``, ``prefill_attention=flex``), `
 (``prompt.layout``: the instruction once in the shared prefix; with the base model the cause stage's answers, so its
 decoding steps, change with the prompt: compare its steps), ``row_tokens`` (``mecpe.engine.packing.ROW_TOKENS``),
 ``grouped=0`` (decoding steps on transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s
-folded grouped heads) or ``compile=0`` (with ``prefill_attention=flex``: flex without the compiled decoder,
-``mecpe.engine.scoring.COMPILE_DECODER``). A variant's first batches carry its compilations: name it twice to see
-both. The base model is SmolLM2-135M-Instruct without adapters (a merged adapter costs what the base costs); the
-cause stage reads the gold emotions (``inference.cause_input=gold``), so its share of utterances is gold's
-non-neutral share.
+folded grouped heads), ``liger=1`` (``inference.liger_kernels``: Liger's fused RMSNorm, SwiGLU and RoPE patched into
+the actor's models; they stay patched for the variants after it, so name it last) or ``compile=0`` (with
+``prefill_attention=flex``: flex without the compiled decoder, ``mecpe.engine.scoring.COMPILE_DECODER``). A
+variant's first batches carry its compilations: name it twice to see both. The base model is SmolLM2-135M-Instruct
+without adapters (a merged adapter costs what the base costs); the cause stage reads the gold emotions
+(``inference.cause_input=gold``), so its share of utterances is gold's non-neutral share.
 
 ``--torch-profile``: the first variant once more under ``torch.profiler``: the top CUDA kernels by total time, the
 top host operators by self time, and the GPU-busy share (sum of kernel time / wall). ``--forward-check``: one forward
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from mecpe import readers, storage
+    from mecpe import modeling, readers, storage
     from mecpe.config import load_config
     from mecpe.engine import attention, packing, scoring
     from mecpe.infer.driver import predictor_spec
@@ -217,7 +218,8 @@ def main(argv=None) -> int:
     actor(tables[0])  # warm-up: vocabulary pieces, decoder tables, allocator, kernels
     variants = [parse_variant(v) for v in (args.variant or ["base"])]
     default_rows = packing.ROW_TOKENS
-    report = {"gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu", "torch": torch.__version__, "load_s": round(load_s, 1),
+    report = {"gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+              "torch": torch.__version__, "load_s": round(load_s, 1),
               "conversations": len(convs) * args.copies, "batch_size": args.batch_size, "variants": {}}
     lines = [f"# profile_gpu: {report['gpu']}, torch {torch.__version__}, {platform.node()}, actor load {load_s:.1f} s",
              f"# {len(convs)} x {args.copies} ECF test conversations in batches of {args.batch_size}; "
@@ -230,6 +232,9 @@ def main(argv=None) -> int:
         attention.ENABLED = bool(fields.pop("grouped", True))
         scoring.COMPILE_DECODER = bool(fields.pop("compile", True))
         layout = fields.pop("prompt_layout", spec.prompt.layout)
+        if fields.pop("liger", 0):  # the actor's models from here on: list liger variants last
+            fused = [modeling.fuse_kernels(m, actor.device) for m in {id(m): m for m in actor.models.values()}.values()]
+            fields["liger_kernels"] = all(fused)
         actor.spec = dataclasses.replace(spec, prompt=spec.prompt.model_copy(update={"layout": layout}), **fields)
         actor.builder = PromptBuilder(actor.tokenizer, **actor.spec.prompt.builder_kwargs(), cut_target=True)
         try:

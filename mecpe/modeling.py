@@ -254,6 +254,32 @@ def load_soup(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, d
     return soup, tokenizer
 
 
+def fuse_kernels(model, device: str) -> bool:
+    """``inference.liger_kernels``: Liger's fused Triton kernels for ``model``'s forwards: RMSNorm, SwiGLU (or
+    Gemma's GeGLU) and RoPE, each one kernel instead of several elementwise ones (RMSNorm alone is eight: casts, pow,
+    mean, add, rsqrt, two multiplies), no loss kernels (inference computes none). The norms and MLPs are patched on
+    this model's modules; RoPE through the model family's module function, so for every model of that family in
+    this process (a predictor actor holds one family). CUDA only, and needs liger-kernel (the gpu extra): elsewhere
+    the model is left as it is, with a log line. Returns whether the kernels were applied."""
+    import importlib.util
+    import logging
+
+    log = logging.getLogger("mecpe.modeling")
+    if not str(device).startswith("cuda"):
+        log.info("inference.liger_kernels: Triton kernels need CUDA; %s runs without them", device)
+        return False
+    if importlib.util.find_spec("liger_kernel") is None:
+        log.warning("inference.liger_kernels: liger-kernel is not installed here (pip install -e '.[gpu]'); the "
+                    "forwards run without its fused kernels")
+        return False
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _apply_liger_kernel_to_instance(base, rope=True, rms_norm=True, swiglu=True, geglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    return True
+
+
 def cap_gpu_memory(device: str, gib: float | None) -> float | None:
     """``inference.gpu_memory_gib``: limit this process's CUDA caching allocator on ``device`` to ``gib`` GiB
     (``torch.cuda.set_per_process_memory_fraction``; an allocation beyond it raises out-of-memory, as on a GPU of

@@ -154,6 +154,47 @@ def test_emotion_soup_is_one_model_of_the_members_mean_weights(adapters, convs):
         [{u: r.scores for u, r in c.items()} for c in alone.results]
 
 
+def _liger_actor(adapters, liger: bool):
+    import dataclasses
+
+    from mecpe.infer.stages import EmotionCausePredictor
+
+    return EmotionCausePredictor(dataclasses.replace(_spec(adapters, merge=True), liger_kernels=liger))
+
+
+def test_liger_kernels_leave_a_cpu_model_as_it_is(adapters, convs):
+    """``inference.liger_kernels`` on the CPU (the embedded default): Triton kernels need CUDA, so the actor reports
+    them not applied, no module's forward is replaced, and the answers are the plain actor's."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device: the kernels apply (test_liger_kernels_predict_what_plain_kernels_do)")
+    fused, plain = _liger_actor(adapters, True), _liger_actor(adapters, False)
+    assert fused.fused_kernels is False
+    for model in fused.models.values():
+        for module in model.modules():
+            assert "forward" not in module.__dict__, f"{type(module).__name__}.forward was replaced on the CPU"
+    assert _both_stages(fused, convs) == _both_stages(plain, convs)
+
+
+def test_liger_kernels_predict_what_plain_kernels_do(adapters, convs):
+    """On a GPU with liger-kernel: the fused RMSNorm, SwiGLU and RoPE give the plain kernels' answers (fp32 tiny
+    model: the scores agree to rounding)."""
+    import importlib.util
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+        pytest.skip("needs a CUDA device and liger-kernel (the gpu extra)")
+    plain = _liger_actor(adapters, False)
+    want = _both_stages(plain, convs)
+    fused = _liger_actor(adapters, True)  # patches modeling_llama's RoPE for the rest of this process (equivalent)
+    assert fused.fused_kernels is True
+    assert any("forward" in m.__dict__ for model in fused.models.values() for m in model.modules())
+    emo, causes = _both_stages(fused, convs)
+    assert [{u: r.label for u, r in c.items()} for c in emo] == [{u: r.label for u, r in c.items()} for c in want[0]]
+    for got, ref in zip(emo, want[0]):
+        for u in ref:
+            assert got[u].scores == pytest.approx(ref[u].scores, abs=1e-3)
+    assert causes == want[1]
+
+
 def test_merge_setting():
     from mecpe.config import QuantizationConfig
     from mecpe.modeling import merges_adapters
@@ -171,10 +212,12 @@ def test_new_inference_keys_reach_the_actor_spec():
     from mecpe.infer.driver import predictor_spec
 
     cfg = load_config(None, ["inference.gpu_memory_gib=15", "inference.merge_adapters=false",
-                             "inference.decode_step=graph", "inference.prefill_attention=flex"])
+                             "inference.decode_step=graph", "inference.prefill_attention=flex",
+                             "inference.liger_kernels=true"])
     spec = predictor_spec(cfg, storage.S3Settings())
     assert spec.gpu_memory_gib == 15 and spec.merge_adapters is False and spec.decode_step == "graph"
-    assert spec.prefill_attention == "flex"
+    assert spec.prefill_attention == "flex" and spec.liger_kernels is True
+    assert predictor_spec(load_config(None, []), storage.S3Settings()).liger_kernels is False
     assert predictor_spec(load_config(None, []), storage.S3Settings()).merge_adapters == "auto"
 
 

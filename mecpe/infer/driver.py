@@ -68,7 +68,8 @@ def predictor_spec(cfg: Config, settings: storage.S3Settings) -> PredictorSpec:
                          max_new_tokens=inf.max_new_tokens, max_batch_tokens=inf.max_batch_tokens,
                          reuse_prefix=inf.reuse_prefix, storage_settings=settings.as_dict(),
                          merge_adapters=inf.merge_adapters, gpu_memory_gib=inf.gpu_memory_gib,
-                         decode_step=inf.decode_step, prefill_attention=inf.prefill_attention)
+                         decode_step=inf.decode_step, prefill_attention=inf.prefill_attention,
+                         liger_kernels=inf.liger_kernels)
 
 
 def check_adapter_layouts(cfg: Config) -> None:

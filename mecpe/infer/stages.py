@@ -138,6 +138,7 @@ class PredictorSpec:
     prefill_attention: str = "sdpa"  # inference.prefill_attention: the prefill attention (sdpa | flex | compiled)
     emotion_ensemble: tuple[str, ...] = ()  # inference.emotion_ensemble: further emotion adapters, scores averaged
     emotion_ensemble_mode: str = "average"  # inference.emotion_ensemble_mode: average | soup (one merged model)
+    liger_kernels: bool = False  # inference.liger_kernels: Liger's fused kernels in the forwards (CUDA)
 
 
 def stage_adapters(spec: PredictorSpec, stages: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -189,6 +190,8 @@ class _Predictor:
             model, self.tokenizer = modeling.load(spec.model, spec.quantization, device=self.device,
                                                   adapters=self.adapters)
             self.models = dict.fromkeys([*self.stages, *self.adapters], model)
+        self.fused_kernels = spec.liger_kernels and all(
+            [modeling.fuse_kernels(m, self.device) for m in {id(m): m for m in self.models.values()}.values()])
         self.builder = PromptBuilder(self.tokenizer, **spec.prompt.builder_kwargs(), cut_target=True)
         self._load_s: float | None = round(time.perf_counter() - t0, 2)  # reported once, with the first batch
 
