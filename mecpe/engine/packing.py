@@ -141,8 +141,8 @@ def layout(batch: list[list[Segment]], pad: int, dev, shape: tuple[int, int] | N
     width = max(widths + ([shape[1]] if shape else []))
     n_rows = max(len(batch), shape[0] if shape else 0)
     tokens: list[int] = []
-    # per piece: (length, first position, segment, block, alt, the column predicting its first token, or -1 where
-    # the piece is no answer); an answer token's other tokens are predicted by the column before them
+    # per piece: (length, first position, segment, block, alt, the column that predicts its first token, -1 for a
+    # piece that is no answer); each later token of an answer piece is predicted by the column before it
     pieces: list[tuple[int, int, int, int, int, int]] = []
     blocks, ends, block_seg, next_pos = [], [], [], []
     nseg = 0
