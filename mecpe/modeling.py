@@ -24,6 +24,7 @@ This module knows models, not data: no ECF parsing, no prompts.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -33,7 +34,11 @@ from mecpe.special_tokens import set_eos_and_pad
 from mecpe.config import LoraSettings, ModelConfig, QuantizationConfig
 
 
+log = logging.getLogger("mecpe.modeling")
+
+
 # ---------------------------------------------------------------- device, dtype, quantization
+
 
 def pick_device(local_rank: int | None = None) -> str:
     """``cuda:<local_rank>`` (or ``cuda:0``) when a GPU is visible, else ``cpu``."""
@@ -254,6 +259,18 @@ def load_soup(model_cfg: ModelConfig, quant_cfg: QuantizationConfig | None, *, d
     return soup, tokenizer
 
 
+def liger_installed(setting: str) -> bool:
+    """Whether Liger's kernels can be used; without the package (the `gpu` extra) the job goes on without them,
+    exact but slower, after one warning naming ``setting`` (the config key that asked for them)."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        return True
+    log.warning("%s: liger-kernel is not installed here (pip install -e '.[gpu]'); running without its fused "
+                "kernels: the same method, slower and with more GPU memory", setting)
+    return False
+
+
 def fuse_kernels(model, device: str) -> bool:
     """``inference.liger_kernels``: Liger's fused Triton kernels for ``model``'s forwards: RMSNorm, SwiGLU (or
     Gemma's GeGLU) and RoPE, each one kernel instead of several elementwise ones (RMSNorm alone is eight: casts, pow,
@@ -261,16 +278,10 @@ def fuse_kernels(model, device: str) -> bool:
     this model's modules; RoPE through the model family's module function, so for every model of that family in
     this process (a predictor actor holds one family). CUDA only, and needs liger-kernel (the gpu extra): elsewhere
     the model is left as it is, with a log line. Returns whether the kernels were applied."""
-    import importlib.util
-    import logging
-
-    log = logging.getLogger("mecpe.modeling")
     if not str(device).startswith("cuda"):
         log.info("inference.liger_kernels: Triton kernels need CUDA; %s runs without them", device)
         return False
-    if importlib.util.find_spec("liger_kernel") is None:
-        log.warning("inference.liger_kernels: liger-kernel is not installed here (pip install -e '.[gpu]'); the "
-                    "forwards run without its fused kernels")
+    if not liger_installed("inference.liger_kernels"):
         return False
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 

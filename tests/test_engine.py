@@ -175,6 +175,24 @@ def test_liger_kernels_leave_a_cpu_model_as_it_is(adapters, convs):
     assert _both_stages(fused, convs) == _both_stages(plain, convs)
 
 
+def test_liger_kernels_without_their_package_warn_and_change_nothing(caplog):
+    """A CUDA actor asked for ``inference.liger_kernels`` where liger-kernel is missing: one warning naming the key
+    and the extra, the model left as it is (the predictions go on without the kernels)."""
+    import importlib.util
+    import logging
+
+    from mecpe import modeling
+    from mecpe.config import ModelConfig
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    model, _ = modeling.load(ModelConfig(base=_tiny.tiny_model_dir()), None)
+    with caplog.at_level(logging.WARNING, logger="mecpe.modeling"):
+        assert modeling.fuse_kernels(model, "cuda:0") is False
+    assert [r for r in caplog.records if "inference.liger_kernels" in r.getMessage() and ".[gpu]" in r.getMessage()]
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
 def test_liger_kernels_predict_what_plain_kernels_do(adapters, convs):
     """On a GPU with liger-kernel: the fused RMSNorm, SwiGLU and RoPE give the plain kernels' answers (fp32 tiny
     model: the scores agree to rounding)."""

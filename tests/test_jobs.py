@@ -116,12 +116,12 @@ def test_liger_without_its_package_warns_once_and_trains_without_it(caplog):
     import importlib.util
     import logging
 
-    from mecpe.train import recipe
+    from mecpe import modeling
 
     if importlib.util.find_spec("liger_kernel") is not None:
         pytest.skip("liger-kernel is installed here")
-    with caplog.at_level(logging.WARNING, logger="mecpe.train"):
-        assert recipe._liger_installed() is False
+    with caplog.at_level(logging.WARNING, logger="mecpe.modeling"):
+        assert modeling.liger_installed("training.use_liger_kernel") is False
     assert [r.getMessage() for r in caplog.records if ".[gpu]" in r.getMessage()], caplog.text
 
 

@@ -178,7 +178,8 @@ def _sft_config(w: Worker, out_dir: str, *, grad_ckpt: bool, optim: str, has_val
         **_renamed_args(SFTConfig, checkpointing=grad_ckpt, warmup_ratio=tcfg.warmup_ratio,
                         group_by_length=tcfg.group_by_length),
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
-        use_liger_kernel=tcfg.use_liger_kernel and cuda and _liger_installed(),  # Triton kernels: CUDA only
+        # Triton kernels: CUDA only
+        use_liger_kernel=tcfg.use_liger_kernel and cuda and modeling.liger_installed("training.use_liger_kernel"),
         logging_strategy="steps", logging_steps=tcfg.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=tcfg.save_steps,
         save_total_limit=1,  # local copies only; storage keeps training.num_to_keep (CheckpointConfig)
@@ -190,18 +191,6 @@ def _sft_config(w: Worker, out_dir: str, *, grad_ckpt: bool, optim: str, has_val
         dataloader_num_workers=0, dataloader_pin_memory=cuda,
         ddp_find_unused_parameters=False,  # LoRA uses every adapter weight in every step
     )
-
-
-def _liger_installed() -> bool:
-    """Whether Liger's kernels can be used; without the package (the `gpu` extra) training goes on without them, as
-    exact but slower, after one warning instead of transformers' ImportError."""
-    import importlib.util
-
-    if importlib.util.find_spec("liger_kernel") is not None:
-        return True
-    log.warning("training.use_liger_kernel: liger-kernel is not installed here (pip install -e '.[gpu]'); training "
-                "without its fused kernels: the same method, slower and with more GPU memory")
-    return False
 
 
 def _trainer_class(max_batch_tokens: int | None):
