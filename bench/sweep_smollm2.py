@@ -61,6 +61,8 @@ VARIANTS: dict[str, list[str]] = {
     # ablations of the config since 2026-12-07 (ensemble of 3 + the rule's self/previous causes added)
     "ens1": ["training.emotion_ensemble=1"],
     "no-rule-causes": ["inference.rule_causes=[]"],
+    # five members instead of three (seeds S .. S+4000): the next lever of issue #30 (the config: test 0.2670 over 2 seeds)
+    "ens5": ["training.emotion_ensemble=5"],
     # the ensemble as one model of the members' mean weights: one emotion scoring pass instead of three (issue #29)
     "soup": ["inference.emotion_ensemble_mode=soup"],
     # the reference system's recipe (docs: reference-system.md): r16/alpha16 q,k,v,o, dropout 0.1, 1 epoch, lr 1e-3,
