@@ -259,12 +259,10 @@ class InferenceConfig(_Strict):
                             "scoring's decoder compiled for those static shapes, elementwise work fused, without "
                             "flex); needs the model on attn_implementation sdpa; decoding steps keep SDPA")
     liger_kernels: bool = Field(
-        False, description="Liger's fused Triton kernels in the predictor actors' forwards (RMSNorm, SwiGLU/GeGLU, "
-                           "RoPE: one kernel each instead of several elementwise ones; elementwise operators were 35% "
-                           "of an actor's GPU kernel time in the H100 profile of bench/results/2026-12-06-engine-h100); "
-                           "measured on an H100 it was slower (SmolLM2 actor 954.2 -> 756.9 utt/s, first use "
-                           "including Triton's compiling) and answered 5% of conversations otherwise, so off; CUDA "
-                           "only (the CPU runs without them), needs liger-kernel (the gpu extra)")
+        False, description="Liger's fused Triton kernels (RMSNorm, SwiGLU/GeGLU, RoPE) in the predictor actors' "
+                           "forwards; on an H100 slower (SmolLM2 actor 954.2 -> 756.9 utt/s, first use including "
+                           "Triton's compiling) with 5% of conversations answered otherwise "
+                           "(bench/results/2026-12-07-liger-h100), so off; CUDA only; needs liger-kernel (gpu extra)")
     gpu_memory_gib: float | None = Field(
         None, description="cap each predictor actor's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. "
                           "15 to run fractional actors on one large GPU as T4-sized ones; null = no cap")
