@@ -5,10 +5,9 @@ prompts: the first ``--conversations`` ECF test conversations with the tokenizer
 
     MECPE_DATA=../shared/data/ecf python bench/host_layout.py [--config FILE] [--conversations 256] [--json FILE]
 
-The batch is built as the emotion stage builds it (``inference.max_batch_tokens`` 262,144: 256 conversations are
-one batch). Times are the median of ``--repeats`` runs on the CPU (the device copy is not included: the layout is
-made on the host either way).
-"""
+The batch is built as the emotion stage builds it (``mecpe.predict.label_blocks``, ``inference.max_batch_tokens``
+262,144: 256 conversations are one batch). Times are the median of ``--repeats`` runs on the CPU (the device copy is
+not included: the layout is made on the host either way)."""
 
 from __future__ import annotations
 
@@ -29,28 +28,13 @@ import torch  # noqa: E402
 
 from mecpe import modeling  # noqa: E402
 from mecpe.config import load_config  # noqa: E402
-from mecpe.engine.packing import Block, batches, common_prefix, layout, segments  # noqa: E402
+from mecpe.engine.packing import batches, layout, segments  # noqa: E402
 from mecpe.engine.scoring import label_targets  # noqa: E402
-from mecpe.labels import EMOTIONS  # noqa: E402
+from mecpe.predict import label_blocks  # noqa: E402
 from mecpe.prompts import PromptBuilder  # noqa: E402
 from mecpe.readers import read_conversations  # noqa: E402
 
 TEST_FILE = "NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json"
-
-
-def emotion_items(builder, convs) -> list:
-    """(prefix, Block) per utterance, as ``mecpe.predict.score_emotion_labels`` builds them."""
-    items, parts = [], {}
-    for ci, conv in enumerate(convs):
-        for u in conv.utterances:
-            p = builder.emotion_prompt(conv, u.id)
-            if u.id not in parts:
-                answers = [list(builder.emotion_answer(u.id, lab)) for lab in EMOTIONS]
-                common = common_prefix(answers)
-                parts[u.id] = (common, [a[len(common):] for a in answers])
-            common, conts = parts[u.id]
-            items.append((tuple(p.prefix), Block((ci, u.id), list(p.question), common, conts)))
-    return items
 
 
 def timed(fn, repeats: int) -> float:
@@ -76,7 +60,7 @@ def main() -> int:
     tok = modeling.load_base_tokenizer(cfg.model, for_inference=True)
     builder = PromptBuilder(tok, **cfg.prompt.builder_kwargs(), cut_target=True)
     convs = read_conversations(os.path.join(args.data, TEST_FILE)).conversations[:args.conversations]
-    items = emotion_items(builder, convs)
+    items, _, _ = label_blocks(builder, convs)
     batch_list = batches(segments(items, True, args.max_batch_tokens), args.max_batch_tokens)
     cpu = torch.device("cpu")
     rows = []

@@ -116,17 +116,12 @@ def average_emotions(outputs: Sequence[StageOutput[EmotionResult]], bias: Sequen
     return StageOutput(results, stats)
 
 
-def score_emotion_labels(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, builder: PromptSource,
-                         conversations: Sequence[Conversation], *, labels: Sequence[str] = EMOTIONS,
-                         max_batch_tokens: int = 16384, reuse_prefix: bool = True, prefill_attention: str = "sdpa"
-                         ) -> StageOutput[tuple[list[float], int]]:
-    """Total log-probability of each label's whole answer (``builder.emotion_answer``, EOS included) for every
-    utterance: per conversation ``{utt_id: ([logprob per label], dropped)}``. ``reuse_prefix=False``: every
-    utterance's full prompt on its own (for comparison). ``prefill_attention``: sdpa or flex
-    (``inference.prefill_attention``)."""
-    stats = StageStats()
-    start = time.perf_counter()
-    items, dropped = [], {}
+def label_blocks(builder: PromptSource, conversations: Sequence[Conversation], labels: Sequence[str] = EMOTIONS
+                 ) -> tuple[list[tuple[tuple[int, ...], Block]], dict[Key, int], int]:
+    """Label scoring's work for the engine: per utterance (prefix ids, ``Block`` keyed (conversation index, utterance
+    id) with its question, the labels' common answer start and one continuation per label); the utterances each
+    prompt dropped, by key; and the prompt tokens an unshared run would feed."""
+    items, dropped, prompt_tokens = [], {}, 0
     prefix_key = _PrefixKeys()
     parts: dict[int, tuple[list[int], list[list[int]]]] = {}  # utterance id -> (common answer start, continuations)
     for ci, conv in enumerate(conversations):
@@ -142,8 +137,23 @@ def score_emotion_labels(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             common, conts = parts[u.id]
             items.append((prefix_key(p.prefix), Block((ci, u.id), list(p.question), common, conts)))
             dropped[(ci, u.id)] = p.dropped_utterances
-            stats.prompts += 1
-            stats.prompt_tokens += len(p)
+            prompt_tokens += len(p)
+    return items, dropped, prompt_tokens
+
+
+def score_emotion_labels(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, builder: PromptSource,
+                         conversations: Sequence[Conversation], *, labels: Sequence[str] = EMOTIONS,
+                         max_batch_tokens: int = 16384, reuse_prefix: bool = True, prefill_attention: str = "sdpa"
+                         ) -> StageOutput[tuple[list[float], int]]:
+    """Total log-probability of each label's whole answer (``builder.emotion_answer``, EOS included) for every
+    utterance: per conversation ``{utt_id: ([logprob per label], dropped)}``. ``reuse_prefix=False``: every
+    utterance's full prompt on its own (for comparison). ``prefill_attention``: sdpa or flex
+    (``inference.prefill_attention``)."""
+    stats = StageStats()
+    start = time.perf_counter()
+    items, dropped, prompt_tokens = label_blocks(builder, conversations, labels)
+    stats.prompts += len(items)
+    stats.prompt_tokens += prompt_tokens
     got = scoring.score_blocks(model, tokenizer, items, reuse_prefix=reuse_prefix, max_batch_tokens=max_batch_tokens,
                                stats=stats, prefill=prefill_attention)
     stats.seconds += time.perf_counter() - start
