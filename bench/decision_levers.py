@@ -24,7 +24,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+from cause_sources import read_records  # noqa: E402
 from mecpe.calibrate import rule_weighted_f1, utterances_from_records  # noqa: E402
 from mecpe.readers import read_conversations  # noqa: E402
 from mecpe.splits import split_train_val  # noqa: E402
@@ -60,11 +62,6 @@ def cause_offsets(train) -> dict:
                                                  for k, v in by_emotion[e].most_common(6)}} for e in sorted(count)},
             "neighbour_is_cause": {k: {"neighbours": seen[k], "share": round(hits[k] / seen[k], 3)}
                                    for k in sorted(seen)}}
-
-
-def read_records(folder: Path) -> list[dict]:
-    return [json.loads(line) for f in sorted(folder.glob("*.jsonl")) for line in f.read_text().splitlines()
-            if line.strip()]
 
 
 def neighbours(records: list[dict]) -> dict[str, np.ndarray]:
