@@ -29,7 +29,7 @@ from mecpe.labels import EMOTIONS, RuleCause
 
 DEFAULT_DATA_DIR = "../shared/data/ecf"
 DecodeStep = Literal["dynamic", "static", "graph"]  # inference.decode_step (mecpe.engine.steps)
-PrefillAttention = Literal["sdpa", "flex", "compiled"]  # inference.prefill_attention (mecpe.engine.scoring)
+PrefillAttention = Literal["sdpa", "ragged", "flex", "compiled"]  # inference.prefill_attention (mecpe.engine.scoring)
 
 
 class _Strict(BaseModel):
@@ -248,16 +248,12 @@ class InferenceConfig(_Strict):
                                "CUDA graph replay on a GPU: the host issues one launch instead of every operator); "
                                "models with sliding-window layers always run dynamic")
     prefill_attention: PrefillAttention = Field(
-        "sdpa", description="attention of the prefill forwards (label scoring, the pass before decoding steps): sdpa "
-                            "(the dense mask of the packed rows) or flex (torch's FlexAttention over a block mask: "
-                            "skips the blocks the mask hides; one SmolLM2-shaped call on 8 rows x 2048 on an H100 "
-                            "0.303 -> 0.112 ms, causal SDPA 0.109; on a GPU label scoring's batches are padded to a "
-                            "few static shapes and its decoder compiled for them, elementwise work fused; SmolLM2 on "
-                            "an H100: 938 -> 947 utt/s once compiled, after ~90 s of compiling, 6% of conversations "
-                            "answered otherwise in bf16, peak 13.0 -> 18.7 GiB, so not the default; flex alone was 2x "
-                            "slower than sdpa there: the gain was the compiled decoder's) or compiled (sdpa, label "
-                            "scoring's decoder compiled for those static shapes, elementwise work fused, without "
-                            "flex); needs the model on attn_implementation sdpa; decoding steps keep SDPA")
+        "sdpa", description="attention of label scoring's forwards: sdpa (packed rows' dense mask), ragged (one flat "
+                            "sequence, FlashAttention varlen calls without a mask; sm80+ GPUs; no sliding-window "
+                            "models; mecpe.engine.ragged), flex (FlexAttention block masks, decoder compiled at static "
+                            "buckets: SmolLM2 on an H100 938 -> 947 utt/s after ~90 s of compiling, 6% of "
+                            "conversations answered otherwise in bf16, peak 13.0 -> 18.7 GiB) or compiled (sdpa, "
+                            "decoder compiled); the decoding prefill keeps sdpa except under flex; model on sdpa")
     liger_kernels: bool = Field(
         False, description="Liger's fused Triton kernels (RMSNorm, SwiGLU/GeGLU, RoPE) in the predictor actors' "
                            "forwards; on an H100 slower (SmolLM2 actor 954.2 -> 756.9 utt/s, first use including "

@@ -250,6 +250,77 @@ def test_flex_prefill_scores_equal_sdpa(tok, builder, tight, sharp, convs, arch,
             predict.score_emotion_labels(_load("eager"), tok, builder, convs[:1], prefill_attention="flex")
 
 
+def test_ragged_scores_equal_brute_force(tok, builder, tight, sharp, convs, monkeypatch):
+    """Label scoring over one flat sequence (``prefill_attention="ragged"``: six variable-length attention calls
+    per layer, merged by log-sum-exp, no mask) gives every label's total log-probability of each full prompt run
+    alone, with shared prefixes and without, in one batch and in many, with shortened prompts; every layer of every
+    forward ran through the ragged function. A model it cannot compute exactly is refused, not run: sliding-window
+    layers (Gemma-3), eager attention."""
+    from mecpe import predict
+    from mecpe.engine import ragged
+
+    model = sharp("llama")
+    calls = []
+    real = ragged.RaggedPlan.attend
+    monkeypatch.setattr(ragged.RaggedPlan, "attend", lambda *a: calls.append(1) or real(*a))
+    for bld, sub in ((builder, convs[:4]), (tight, convs[2:])):
+        ref = {(ci, u.id): [_full_logprob(model, bld.emotion_prompt(c, u.id).ids, bld.emotion_answer(u.id, lab))
+                            for lab in EMOTIONS]
+               for ci, c in enumerate(sub) for u in c.utterances}
+        for reuse, budget in ((True, 16384), (True, 600), (False, 16384)):
+            got = predict.score_emotion_labels(model, tok, bld, sub, reuse_prefix=reuse, max_batch_tokens=budget,
+                                               prefill_attention="ragged")
+            assert len(calls) == model.config.num_hidden_layers * got.stats.forward_passes > 0
+            calls.clear()
+            diff = max(abs(a - b) for (ci, uid), r in ref.items() for a, b in zip(got.results[ci][uid][0], r))
+            assert diff < 1e-4, (reuse, budget, diff)
+    assert model.config._attn_implementation == "sdpa"  # switched back after scoring
+    with pytest.raises(ValueError, match="ragged: gemma3_text has sliding-window layers"):
+        predict.score_emotion_labels(sharp("gemma3"), tok, builder, convs[:1], prefill_attention="ragged")
+    with pytest.raises(ValueError, match="ragged needs a model on attn_implementation 'sdpa', not 'eager'"):
+        predict.score_emotion_labels(_load("eager"), tok, builder, convs[:1], prefill_attention="ragged")
+
+
+def test_ragged_on_cuda_scores_what_sdpa_does(tok, builder, convs, model):
+    """On a GPU the ragged calls are FlashAttention's varlen kernel: in bf16 its label scores match SDPA's dense
+    mask to bf16 rounding, with the same labels; an fp32 model is refused (flash takes bf16/fp16 only)."""
+    from mecpe import predict
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device: the ragged path's kernel is FlashAttention's")
+    m = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    want = predict.score_emotion_labels(m, tok, builder, convs, max_batch_tokens=4096).results
+    got = predict.score_emotion_labels(m, tok, builder, convs, max_batch_tokens=4096, prefill_attention="ragged")
+    pairs = [(w[u][0], g[u][0]) for w, g in zip(want, got.results) for u in w]
+    diff = max(abs(a - b) for x, y in pairs for a, b in zip(x, y))
+    same = sum(max(range(7), key=x.__getitem__) == max(range(7), key=y.__getitem__) for x, y in pairs) / len(pairs)
+    assert diff < 0.05 and same >= 0.95, (diff, same)
+    with pytest.raises(ValueError, match="needs an sm80\\+ GPU and bf16/fp16"):
+        predict.score_emotion_labels(copy.deepcopy(model).to("cuda"), tok, builder, convs[:1],
+                                     prefill_attention="ragged")
+
+
+def test_ragged_merge_is_the_softmax_over_the_union():
+    """``ragged._merge`` of attention over disjoint key sets equals attention over their union (the identity the
+    ragged calls rest on), with grouped query heads; the CPU reference's causal calls see earlier keys only."""
+    from mecpe.engine import ragged
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(5, 4, 8, generator=g), torch.randn(9, 2, 8, generator=g), torch.randn(9, 2, 8, generator=g)
+    one = ragged._seqs([5], "cpu")
+    parts = [ragged._attend(q, k[a:b], v[a:b], one, ragged._seqs([b - a], "cpu"), False, 0.3) for a, b in ((0, 4), (4, 9))]
+    whole, _ = ragged._attend(q, k, v, one, ragged._seqs([9], "cpu"), False, 0.3)
+    assert torch.allclose(ragged._merge(parts), whole, atol=1e-6)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
+                                                           v.repeat_interleave(2, 1).transpose(0, 1), scale=0.3)
+    assert torch.allclose(whole, ref.transpose(0, 1), atol=1e-6)
+    causal, _ = ragged._attend(q, k[:5], v[:5], one, one, True, 0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k[:5].repeat_interleave(2, 1).transpose(0, 1), v[:5].repeat_interleave(2, 1).transpose(0, 1),
+        is_causal=True, scale=0.3)
+    assert torch.allclose(causal, ref.transpose(0, 1), atol=1e-6)
+
+
 @pytest.mark.parametrize("prefill", ["flex", "compiled"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_compiled_decoder_scores_equal_sdpa(tok, builder, sharp, convs, arch, prefill, monkeypatch):

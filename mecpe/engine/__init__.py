@@ -9,6 +9,8 @@ wraps that in actors). One module per concern:
     steps.py      decoding steps at fixed shapes (``inference.decode_step``: static, or one CUDA graph replay)
     attention.py  grouped-query SDPA over the engine's masks (no per-layer copy of the KV cache); FlexAttention
                   prefills over block masks (``inference.prefill_attention: flex``)
+    ragged.py     label scoring over one flat sequence, variable-length attention calls without a mask
+                  (``inference.prefill_attention: ragged``)
     stats.py      ``StageStats``: the work counters each call returns
 
 Everything runs on *packed rows*: a row holds a conversation prefix (``PromptIds.prefix``: chat head +

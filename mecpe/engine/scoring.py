@@ -14,6 +14,7 @@ from mecpe.engine.attention import allow_static_shapes
 from mecpe.engine.packing import (Block, Layout, Segment, batches, layout, prefill_visible, row_width, segments,
                                   static_shape, to_device)
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
+from mecpe.engine.ragged import RaggedLayout, attending, ragged_layout
 from mecpe.engine.stats import StageStats
 
 
@@ -53,7 +54,7 @@ def compiled_decoder(model: Any, dev: torch.device):
         del inner.forward
 
 
-def label_targets(lay: Layout) -> tuple[list[tuple[int, int]], torch.Tensor]:
+def label_targets(lay: Layout | RaggedLayout) -> tuple[list[tuple[int, int]], torch.Tensor]:
     """What label scoring reads from a batch's forward: the distinct (row, column) positions whose logits it needs,
     sorted, and per target token (a host tensor, n x 4) its position's index among them, the token, its block and
     its label + 1 (0: the block's shared answer start)."""
@@ -69,7 +70,15 @@ def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev, prefill:
     (shared tokens + the candidate's continuation, EOS included). Only the predicting positions go through lm_head,
     and each one's log-normalizer is computed once (a position predicts the first token of all seven labels).
     ``prefill``: how the forward runs (``inference.prefill_attention``): sdpa, flex (FlexAttention, the decoder
-    compiled), compiled (SDPA, the decoder compiled); the last two at static buckets."""
+    compiled), compiled (SDPA, the decoder compiled); the last two at static buckets; ragged (one flat sequence,
+    variable-length attention calls without a mask: ``mecpe.engine.ragged``)."""
+    if prefill == "ragged":  # one flat sequence, no mask (mecpe.engine.ragged)
+        with record_function("mecpe.score.layout"):
+            lay = ragged_layout(batch, dev)
+            at, targets = label_targets(lay)
+        with record_function("mecpe.score.forward"), attending(model, lay.plan):
+            logits, _ = forward_at(model, lay.ids, None, lay.pos, None, at, use_cache=False)
+        return _label_scores(logits, targets, lay.blocks, dev)
     static = prefill in STATIC_PREFILLS
     with record_function("mecpe.score.layout"):  # named ranges: bench/profile_gpu.py --torch-profile
         # compiled: padded to a bucket of static shapes, so each bucket compiles once (attention.py)
@@ -80,12 +89,17 @@ def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev, prefill:
     with record_function("mecpe.score.forward"), (compiled_decoder(model, dev) if static
                                                   else contextlib.nullcontext()):
         logits, _ = forward_at(model, lay.ids, mask, lay.pos, None, at, use_cache=False)
+    return _label_scores(logits, targets, lay.blocks, dev)
+
+
+def _label_scores(logits: torch.Tensor, targets: torch.Tensor, blocks: list[Block], dev) -> dict[Hashable, list[float]]:
+    """Each block's label totals from the logits at ``label_targets``' positions."""
     t = to_device(targets, dev)
     logits = logits.float()
     lp = logits[t[:, 0], t[:, 1]] - logits.logsumexp(-1)[t[:, 0]]
-    scores = torch.zeros((len(lay.blocks), len(lay.blocks[0].conts) + 1), dtype=torch.float64, device=dev)
+    scores = torch.zeros((len(blocks), len(blocks[0].conts) + 1), dtype=torch.float64, device=dev)
     scores.index_put_((t[:, 2], t[:, 3]), lp.double(), accumulate=True)  # column 0: the shared tokens
-    return dict(zip((b.key for b in lay.blocks), (scores[:, 1:] + scores[:, :1]).tolist()))
+    return dict(zip((b.key for b in blocks), (scores[:, 1:] + scores[:, :1]).tolist()))
 
 
 def score_blocks(model: Any, tokenizer: Any, items: Sequence[tuple[tuple[int, ...], Block]], *, reuse_prefix: bool,

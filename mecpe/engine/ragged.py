@@ -1,0 +1,245 @@
+"""Label scoring over ragged sequences instead of packed rows' dense masks (``inference.prefill_attention: ragged``).
+
+A packed row's mask lets each block see its prefix and itself, but SDPA's masked kernel still computes every query
+against every key of the row: a row of ~2,000 columns holding two or three conversations does ~(prefix + blocks)^2
+work per conversation where prefix^2 / 2 + blocks x prefix is needed (SmolLM2 on the ECF test set: prefixes of ~240
+tokens, ~9 blocks of ~64; ~9x the attention FLOPs, and the mem-efficient kernel, since flash takes no mask). Here a
+batch is one flat sequence without padding, ordered by kind of token: every prefix, then every block's shared tokens
+(question + common answer start), then every label continuation. Each layer attends in six variable-length calls,
+each a contiguous slice against a contiguous slice with no mask (causal or not), and merges a token's parts by their
+log-sum-exp (the softmax over the union of the key sets, exactly):
+
+    prefix tokens        its prefix, causal
+    shared tokens        their conversation's prefix  +  their block's shared tokens, causal
+    continuation tokens  their conversation's prefix  +  their block's shared tokens  +  their continuation, causal
+
+On CUDA the calls are FlashAttention's varlen kernel (``aten._flash_attention_forward``: sm80+, bf16/fp16, grouped
+query heads natively); on the CPU a reference loop computes the same (exactness tests on tiny models). Positions
+come from position ids, so each token sits where it would in its own full prompt. Models with sliding-window layers
+or attention softcapping are refused (the kernels here apply neither by position). Decoding prefills keep SDPA."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mecpe.engine.packing import Block, Segment, to_device
+
+NAME = "mecpe_ragged"  # the attention implementation's name in transformers' registry
+_PLAN: contextvars.ContextVar["RaggedPlan | None"] = contextvars.ContextVar("mecpe_ragged_plan", default=None)
+
+
+@dataclass(frozen=True)
+class Seqs:
+    """Variable-length sequences within one region of the flat batch: boundaries on the device (int32, for the
+    kernel) and on the host (for the reference), and the longest length."""
+
+    cu: torch.Tensor
+    host: tuple[int, ...]
+    longest: int
+
+
+def _seqs(lengths: Sequence[int], dev) -> Seqs:
+    host = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+    return Seqs(to_device(torch.from_numpy(host.astype(np.int32)), dev), tuple(host.tolist()), int(max(lengths)))
+
+
+@dataclass(frozen=True)
+class RaggedPlan:
+    """Which slice attends to which, for every layer of one forward: token counts of the three regions (prefixes,
+    shared, continuations) and the sequences of each call (by segment, block or continuation)."""
+
+    regions: tuple[int, int, int]
+    prefix: Seqs  # per segment, in the prefix region
+    shared_seg: Seqs  # per segment, in the shared region
+    shared_blk: Seqs  # per block, in the shared region
+    cont_seg: Seqs  # per segment, in the continuation region
+    cont_blk: Seqs  # per block, in the continuation region
+    cont: Seqs  # per continuation
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """(T, H, D) queries, (T, H_kv, D) keys and values of the flat batch -> (T, H, D) attention output."""
+        n_p, n_s, _ = self.regions
+        cut = (slice(0, n_p), slice(n_p, n_p + n_s), slice(n_p + n_s, None))
+        (qp, qs, qc), (kp, ks, kc), (vp, vs, vc) = ([t[c] for c in cut] for t in (q, k, v))
+        op, _ = _attend(qp, kp, vp, self.prefix, self.prefix, True, scale)
+        os_ = _merge([_attend(qs, kp, vp, self.shared_seg, self.prefix, False, scale),
+                      _attend(qs, ks, vs, self.shared_blk, self.shared_blk, True, scale)])
+        oc = _merge([_attend(qc, kp, vp, self.cont_seg, self.prefix, False, scale),
+                     _attend(qc, ks, vs, self.cont_blk, self.shared_blk, False, scale),
+                     _attend(qc, kc, vc, self.cont, self.cont, True, scale)])
+        return torch.cat([op, os_, oc])
+
+
+@dataclass
+class RaggedLayout:
+    """A batch as one flat sequence (``ids``, ``pos``: (1, T)), its ``plan``, the blocks in order, and the scoring
+    targets in ``packing.Layout``'s form (row 0, predicting column, token, block, label or -1), which
+    ``scoring.label_targets`` reads."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    plan: RaggedPlan
+    blocks: list[Block]
+    targets: np.ndarray
+
+
+def ragged_layout(batch: list[list[Segment]], dev) -> RaggedLayout:
+    """The flat layout of a batch of packed rows (``packing.batches``' output; rows only group segments here)."""
+    segs = [s for row in batch for s in row]
+    blocks = [b for _, bl in segs for b in bl]
+    if not blocks or any(not b.conts for b in blocks):
+        raise ValueError("ragged label scoring needs blocks with label continuations")
+    n_p = sum(len(p) for p, _ in segs)
+    n_s = sum(len(b.question) + len(b.common) for b in blocks)
+    ids: list[int] = []
+    pos: list[np.ndarray] = []
+    for prefix, _ in segs:
+        ids += prefix
+        pos.append(np.arange(len(prefix)))
+    cont_ids: list[int] = []
+    cont_pos: list[np.ndarray] = []
+    targets: list[tuple[int, int, int, int]] = []  # predicting column, token, block, label
+    s_at, c_at = n_p, n_p + n_s  # the next shared / continuation column
+    g = 0
+    for prefix, bl in segs:
+        plen = len(prefix)
+        for b in bl:
+            qlen, shared = len(b.question), len(b.question) + len(b.common)
+            ids += b.question
+            ids += b.common
+            pos.append(np.arange(plen, plen + shared))
+            targets += [(s_at + qlen - 1 + j, t, g, -1) for j, t in enumerate(b.common)]
+            last_shared = s_at + shared - 1
+            for lab, cont in enumerate(b.conts):
+                targets.append((last_shared, cont[0], g, lab))
+                targets += [(c_at + j - 1, t, g, lab) for j, t in enumerate(cont) if j]
+                cont_ids += cont
+                cont_pos.append(np.arange(plen + shared, plen + shared + len(cont)))
+                c_at += len(cont)
+            s_at += shared
+            g += 1
+    ids += cont_ids
+    pos += cont_pos
+    n_c = len(cont_ids)
+    plan = RaggedPlan(
+        (n_p, n_s, n_c),
+        _seqs([len(p) for p, _ in segs], dev),
+        _seqs([sum(len(b.question) + len(b.common) for b in bl) for _, bl in segs], dev),
+        _seqs([len(b.question) + len(b.common) for b in blocks], dev),
+        _seqs([sum(sum(map(len, b.conts)) for b in bl) for _, bl in segs], dev),
+        _seqs([sum(map(len, b.conts)) for b in blocks], dev),
+        _seqs([len(c) for b in blocks for c in b.conts], dev))
+    flat = torch.from_numpy(np.stack([np.asarray(ids, dtype=np.int64), np.concatenate(pos).astype(np.int64)]))
+    ids_t, pos_t = to_device(flat, dev)[:, None, :].unbind(0)
+    tg = np.asarray(targets, dtype=np.int64).reshape(-1, 4)
+    return RaggedLayout(ids_t, pos_t, plan, blocks, np.concatenate([np.zeros((len(tg), 1), np.int64), tg], axis=1))
+
+
+def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Attention outputs of one set of queries over disjoint key sets, (out (T, H, D), lse (H, T)) each, combined
+    into the output over their union: each part weighted by exp(its lse - the union's lse)."""
+    lse = torch.stack([lse for _, lse in parts])
+    w = torch.exp(lse - torch.logsumexp(lse, 0)).transpose(1, 2)[..., None]  # (n, T, H, 1)
+    out = sum(w[i] * o.float() for i, (o, _) in enumerate(parts))
+    return out.to(parts[0][0].dtype)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: Seqs, ks: Seqs, causal: bool, scale: float
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence i of ``q`` (rows qs.host[i]:qs.host[i+1]) attends to sequence i of ``k``/``v``; (out, lse (H, T))."""
+    if q.device.type == "cuda":
+        return _flash(q, k, v, qs, ks, causal, scale)
+    return _reference(q, k, v, qs, ks, causal, scale)
+
+
+def _flash(q, k, v, qs: Seqs, ks: Seqs, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(q.device) < (8, 0):
+        raise ValueError(f"inference.prefill_attention=ragged runs FlashAttention's varlen kernel, which needs an sm80+ "
+                         f"GPU and bf16/fp16 (got {torch.cuda.get_device_name(q.device)}, {q.dtype}); use sdpa")
+    out, lse, *_ = torch.ops.aten._flash_attention_forward(
+        q, k.to(q.dtype), v.to(q.dtype), qs.cu, ks.cu, qs.longest,
+        ks.longest, 0.0, causal, False, scale=scale)
+    if lse.shape != (q.shape[1], q.shape[0]):
+        raise RuntimeError(f"FlashAttention's varlen log-sum-exp has shape {tuple(lse.shape)}, expected "
+                           f"{(q.shape[1], q.shape[0])} (this torch's kernel differs); use prefill_attention=sdpa")
+    return out, lse
+
+
+def _reference(q, k, v, qs: Seqs, ks: Seqs, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in plain torch, one sequence at a time (CPU: exact, slow; for tests and tiny models)."""
+    g = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
+    for i in range(len(qs.host) - 1):
+        a, b, c, d = qs.host[i], qs.host[i + 1], ks.host[i], ks.host[i + 1]
+        qq = q[a:b].transpose(0, 1).float()
+        kk, vv = (t[c:d].repeat_interleave(g, 1).transpose(0, 1).float() for t in (k, v))
+        s = qq @ kk.transpose(1, 2) * scale  # (H, n, m)
+        if causal:  # queries and keys are the same positions here
+            s = s.masked_fill(torch.ones(b - a, d - c, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+        lse[:, a:b] = s.logsumexp(-1)
+        out[a:b] = (s.softmax(-1) @ vv).transpose(0, 1).to(out.dtype)
+    return out, lse
+
+
+def ragged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+                     dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature; the layout comes from ``attending``'s plan, not from a mask.
+    Output in transformers' (1, T, H, D)."""
+    plan = _PLAN.get()
+    if plan is None:
+        raise RuntimeError("mecpe's ragged attention ran outside ragged.attending (no layout to attend by)")
+    unsupported = [k for k in ("softcap", "s_aux", "position_bias", "sliding_window") if kwargs.get(k) is not None]
+    if dropout or unsupported or query.shape[0] != 1:
+        raise ValueError(f"inference.prefill_attention=ragged: {type(module).__name__} asks for "
+                         f"{unsupported or ['dropout' if dropout else 'a batch of rows']}; use prefill_attention=sdpa")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # (T, H, D) contiguous once per layer, so each call's slice along T is contiguous as the kernel wants it
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    out = plan.attend(q, k, v, scale)
+    return out[None], None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The registered mask function: transformers builds no mask (the plan says who sees whom)."""
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def register() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, ragged_attention)
+    AttentionMaskInterface.register(NAME, _no_mask)
+    return NAME
+
+
+@contextlib.contextmanager
+def attending(model: Any, plan: RaggedPlan):
+    """Within the block the model attends by ``plan`` (its attention implementation switched to ``NAME``, restored
+    after). Refuses models this cannot compute exactly: sliding-window layers, attention other than SDPA."""
+    from mecpe.engine.attention import NAME as GROUPED_SDPA
+    from mecpe.engine.runtime import sliding_window
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    was = getattr(base.config, "_attn_implementation", None)
+    if sliding_window(base.config) is not None:
+        raise ValueError(f"inference.prefill_attention=ragged: {base.config.model_type} has sliding-window layers, "
+                         "which the ragged kernels do not window by position; use prefill_attention=sdpa")
+    if was not in ("sdpa", GROUPED_SDPA):
+        raise ValueError(f"inference.prefill_attention=ragged needs a model on attn_implementation 'sdpa', not {was!r}")
+    base.set_attn_implementation(register())
+    token = _PLAN.set(plan)
+    try:
+        yield
+    finally:
+        _PLAN.reset(token)
+        base.set_attn_implementation(was)
