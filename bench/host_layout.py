@@ -1,5 +1,6 @@
 """Host time of a label-scoring batch's layout (issue #29): what the actor's CPU does between two GPU forwards while
-the GPU waits (``mecpe.engine.scoring._score_batch``: ``packing.layout`` and ``scoring.label_targets``), on real
+the GPU waits (``mecpe.engine.scoring._score_batch``: ``packing.layout`` and ``scoring.label_targets``; with
+``inference.prefill_attention=ragged`` ``ragged.ragged_layout`` and ``label_targets`` instead), on real
 prompts: the first ``--conversations`` ECF test conversations with the tokenizer and prompt settings of a config
 (default the SmolLM2 one, whose packaged model gives the tokenizer; no model is run). Not a test: prints a table.
 
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 from mecpe import modeling  # noqa: E402
 from mecpe.config import load_config  # noqa: E402
 from mecpe.engine.packing import batches, layout, segments  # noqa: E402
+from mecpe.engine.ragged import ragged_layout  # noqa: E402
 from mecpe.engine.scoring import label_targets  # noqa: E402
 from mecpe.predict import label_blocks  # noqa: E402
 from mecpe.prompts import PromptBuilder  # noqa: E402
@@ -69,7 +71,9 @@ def main() -> int:
         rows.append({"batch": k, "rows": lay.ids.shape[0], "columns": lay.ids.numel(), "blocks": len(lay.blocks),
                      "targets": len(lay.targets),
                      "layout_ms": round(1000 * timed(lambda: layout(batch, 0, cpu), args.repeats), 1),
-                     "label_targets_ms": round(1000 * timed(lambda: label_targets(lay), args.repeats), 1)})
+                     "label_targets_ms": round(1000 * timed(lambda: label_targets(lay), args.repeats), 1),
+                     # inference.prefill_attention=ragged: the flat layout and its targets instead of both
+                     "ragged_ms": round(1000 * timed(lambda: label_targets(ragged_layout(batch, cpu)), args.repeats), 1)})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                 capture_output=True, text=True).stdout.strip())
@@ -79,10 +83,11 @@ def main() -> int:
     print(f"# host_layout at {out['commit']}{' (dirty)' if dirty else ''}: {len(convs)} ECF test conversations, "
           f"{len(items)} utterances, {out['cpus']} CPUs, median of {args.repeats}")
     print(f"{'batch':>5} {'rows':>5} {'columns':>8} {'blocks':>6} {'targets':>7} {'layout ms':>10} "
-          f"{'targets ms':>10} {'total ms':>9}")
+          f"{'targets ms':>10} {'total ms':>9} {'ragged ms':>10}")
     for r in rows:
         print(f"{r['batch']:5d} {r['rows']:5d} {r['columns']:8d} {r['blocks']:6d} {r['targets']:7d} "
-              f"{r['layout_ms']:10.1f} {r['label_targets_ms']:10.1f} {r['layout_ms'] + r['label_targets_ms']:9.1f}")
+              f"{r['layout_ms']:10.1f} {r['label_targets_ms']:10.1f} {r['layout_ms'] + r['label_targets_ms']:9.1f} "
+              f"{r['ragged_ms']:10.1f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -45,9 +46,9 @@ class Seqs:
     longest: int
 
 
-def _seqs(lengths: Sequence[int], dev) -> Seqs:
+def _seqs(lengths: Sequence[int] | np.ndarray, dev) -> Seqs:
     host = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
-    return Seqs(to_device(torch.from_numpy(host.astype(np.int32)), dev), tuple(host.tolist()), int(max(lengths)))
+    return Seqs(to_device(torch.from_numpy(host.astype(np.int32)), dev), tuple(host.tolist()), int(np.max(lengths)))
 
 
 @dataclass(frozen=True)
@@ -90,56 +91,57 @@ class RaggedLayout:
     targets: np.ndarray
 
 
+def _within(lengths: np.ndarray) -> np.ndarray:
+    """Each element's index within its run, for runs of ``lengths`` laid end to end."""
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
 def ragged_layout(batch: list[list[Segment]], dev) -> RaggedLayout:
-    """The flat layout of a batch of packed rows (``packing.batches``' output; rows only group segments here)."""
+    """The flat layout of a batch of packed rows (``packing.batches``' output; rows only group segments here).
+    Host cost: one Python step per segment, block and continuation to collect lengths and ids; numpy does the rest
+    (it runs between two GPU forwards, as ``packing.layout`` does)."""
     segs = [s for row in batch for s in row]
     blocks = [b for _, bl in segs for b in bl]
     if not blocks or any(not b.conts for b in blocks):
         raise ValueError("ragged label scoring needs blocks with label continuations")
-    n_p = sum(len(p) for p, _ in segs)
-    n_s = sum(len(b.question) + len(b.common) for b in blocks)
-    ids: list[int] = []
-    pos: list[np.ndarray] = []
-    for prefix, _ in segs:
-        ids += prefix
-        pos.append(np.arange(len(prefix)))
-    cont_ids: list[int] = []
-    cont_pos: list[np.ndarray] = []
-    targets: list[tuple[int, int, int, int]] = []  # predicting column, token, block, label
-    s_at, c_at = n_p, n_p + n_s  # the next shared / continuation column
-    g = 0
-    for prefix, bl in segs:
-        plen = len(prefix)
-        for b in bl:
-            qlen, shared = len(b.question), len(b.question) + len(b.common)
-            ids += b.question
-            ids += b.common
-            pos.append(np.arange(plen, plen + shared))
-            targets += [(s_at + qlen - 1 + j, t, g, -1) for j, t in enumerate(b.common)]
-            last_shared = s_at + shared - 1
-            for lab, cont in enumerate(b.conts):
-                targets.append((last_shared, cont[0], g, lab))
-                targets += [(c_at + j - 1, t, g, lab) for j, t in enumerate(cont) if j]
-                cont_ids += cont
-                cont_pos.append(np.arange(plen + shared, plen + shared + len(cont)))
-                c_at += len(cont)
-            s_at += shared
-            g += 1
-    ids += cont_ids
-    pos += cont_pos
-    n_c = len(cont_ids)
-    plan = RaggedPlan(
-        (n_p, n_s, n_c),
-        _seqs([len(p) for p, _ in segs], dev),
-        _seqs([sum(len(b.question) + len(b.common) for b in bl) for _, bl in segs], dev),
-        _seqs([len(b.question) + len(b.common) for b in blocks], dev),
-        _seqs([sum(sum(map(len, b.conts)) for b in bl) for _, bl in segs], dev),
-        _seqs([sum(map(len, b.conts)) for b in blocks], dev),
-        _seqs([len(c) for b in blocks for c in b.conts], dev))
-    flat = torch.from_numpy(np.stack([np.asarray(ids, dtype=np.int64), np.concatenate(pos).astype(np.int64)]))
-    ids_t, pos_t = to_device(flat, dev)[:, None, :].unbind(0)
-    tg = np.asarray(targets, dtype=np.int64).reshape(-1, 4)
-    return RaggedLayout(ids_t, pos_t, plan, blocks, np.concatenate([np.zeros((len(tg), 1), np.int64), tg], axis=1))
+    plen = np.fromiter((len(p) for p, _ in segs), np.int64, len(segs))
+    per_seg = np.fromiter((len(bl) for _, bl in segs), np.int64, len(segs))
+    qlen = np.fromiter((len(b.question) for b in blocks), np.int64, len(blocks))
+    shared = qlen + np.fromiter((len(b.common) for b in blocks), np.int64, len(blocks))
+    n_conts = np.fromiter((len(b.conts) for b in blocks), np.int64, len(blocks))
+    clen = np.fromiter((len(c) for b in blocks for c in b.conts), np.int64, int(n_conts.sum()))
+    ids = np.fromiter(itertools.chain(itertools.chain.from_iterable(p for p, _ in segs),
+                                      itertools.chain.from_iterable(itertools.chain(b.question, b.common)
+                                                                    for b in blocks),
+                                      itertools.chain.from_iterable(c for b in blocks for c in b.conts)), np.int64)
+    n_p, n_s, n_c = int(plen.sum()), int(shared.sum()), int(clen.sum())
+    blk_plen = np.repeat(plen, per_seg)  # each block's prefix length
+    cont_blk = np.repeat(np.arange(len(blocks)), n_conts)  # each continuation's block
+    cont_start = blk_plen[cont_blk] + shared[cont_blk]  # the position of each continuation's first token
+    pos = np.concatenate([_within(plen), np.repeat(blk_plen, shared) + _within(shared),
+                          np.repeat(cont_start, clen) + _within(clen)])
+    # scoring targets (row 0, predicting column, token, block, label or -1): the common answer tokens, predicted by
+    # the token before them; a continuation's first token by its block's last shared token, the others by theirs
+    s_blk = np.repeat(np.arange(len(blocks)), shared)
+    s_off = _within(shared)
+    common = np.nonzero(s_off >= qlen[s_blk])[0]
+    c_blk = np.repeat(cont_blk, clen)
+    c_off = _within(clen)
+    last_shared = n_p + np.cumsum(shared) - 1
+    c_col = n_p + n_s + np.arange(n_c)
+    c_label = np.repeat(np.arange(len(clen)) - np.repeat(np.cumsum(n_conts) - n_conts, n_conts), clen)
+    targets = np.concatenate([
+        np.stack([np.zeros_like(common), n_p + common - 1, ids[n_p + common], s_blk[common], np.full_like(common, -1)],
+                 axis=1),
+        np.stack([np.zeros(n_c, np.int64), np.where(c_off == 0, last_shared[c_blk], c_col - 1), ids[n_p + n_s:],
+                  c_blk, c_label], axis=1)])
+    blk_conts = np.add.reduceat(clen, np.cumsum(n_conts) - n_conts)  # continuation tokens per block
+    first_blk = np.cumsum(per_seg) - per_seg
+    plan = RaggedPlan((n_p, n_s, n_c), _seqs(plen, dev), _seqs(np.add.reduceat(shared, first_blk), dev),
+                      _seqs(shared, dev), _seqs(np.add.reduceat(blk_conts, first_blk), dev), _seqs(blk_conts, dev),
+                      _seqs(clen, dev))
+    ids_t, pos_t = to_device(torch.from_numpy(np.stack([ids, pos])), dev)[:, None, :].unbind(0)
+    return RaggedLayout(ids_t, pos_t, plan, blocks, targets)
 
 
 def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
