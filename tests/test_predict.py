@@ -283,7 +283,8 @@ def test_ragged_scores_equal_brute_force(tok, builder, tight, sharp, convs, monk
 
 def test_ragged_on_cuda_scores_what_sdpa_does(tok, builder, convs, model):
     """On a GPU the ragged calls are FlashAttention's varlen kernel: in bf16 its label scores match SDPA's dense
-    mask to bf16 rounding, with the same labels; an fp32 model is refused (flash takes bf16/fp16 only)."""
+    mask to bf16 rounding, with the same labels, and decoding after a ragged prefill gives the same answers; an fp32
+    model is refused (flash takes bf16/fp16 only)."""
     from mecpe import predict
 
     if not torch.cuda.is_available():
@@ -295,6 +296,11 @@ def test_ragged_on_cuda_scores_what_sdpa_does(tok, builder, convs, model):
     diff = max(abs(a - b) for x, y in pairs for a, b in zip(x, y))
     same = sum(max(range(7), key=x.__getitem__) == max(range(7), key=y.__getitem__) for x, y in pairs) / len(pairs)
     assert diff < 0.05 and same >= 0.95, (diff, same)
+    emos = _gold(convs)
+    want, got = (predict.cause_answer_ids(m, tok, builder, convs, emos, max_batch_tokens=4096, decode_step="graph",
+                                          prefill_attention=p).results for p in ("sdpa", "ragged"))
+    answers = [(w[u], g[u]) for w, g in zip(want, got) for u in w]
+    assert sum(a == b for a, b in answers) >= 0.95 * len(answers), answers
     with pytest.raises(ValueError, match="needs an sm80\\+ GPU and bf16/fp16"):
         predict.score_emotion_labels(copy.deepcopy(model).to("cuda"), tok, builder, convs[:1],
                                      prefill_attention="ragged")
@@ -444,18 +450,29 @@ def _brute_greedy(model, prompt_ids, steps, allowed_fn, advance_fn, state):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("constrained", [True, False])
 @pytest.mark.parametrize("step,prefill", [("dynamic", "sdpa"), ("static", "sdpa"), ("graph", "sdpa"),
-                                          ("dynamic", "flex"), ("static", "flex"), ("graph", "compiled")])
+                                          ("dynamic", "flex"), ("static", "flex"), ("graph", "compiled"),
+                                          ("dynamic", "ragged"), ("graph", "ragged")])
 def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, constrained, arch, step, prefill,
                                                  monkeypatch):
     """Packed rows + shared prefix cache + one token per question per step == full-prompt greedy decoding (on
     Gemma-3, a step's sliding layers see the cached keys of the last 24 positions only). ``static``: the steps at
     fixed shapes (mecpe.engine.steps; what a CUDA graph replays; ``graph`` without CUDA runs them eagerly), which a
     model with sliding layers declines. ``flex``: the prefill through FlexAttention, every layer of it and nothing
-    else (the steps after it attend as after an SDPA prefill, over the cache it filled)."""
+    else (the steps after it attend as after an SDPA prefill, over the cache it filled). ``ragged``: the prefill
+    over one flat sequence (``mecpe.engine.ragged``), every layer of it, its cache then laid out in the rows for the
+    steps; refused on Gemma-3 (sliding layers)."""
     from mecpe import predict
-    from mecpe.engine import decoding
+    from mecpe.engine import decoding, ragged
     from mecpe.engine.packing import Block
 
+    if prefill == "ragged" and arch == "gemma3":
+        with pytest.raises(ValueError, match="ragged: gemma3_text has sliding-window layers"):
+            predict.cause_answer_ids(sharp(arch), tok, builder, convs[:1], _gold(convs[:1]), decode_step=step,
+                                     prefill_attention=prefill)
+        return
+    flat = []
+    real_attend = ragged.RaggedPlan.attend
+    monkeypatch.setattr(ragged.RaggedPlan, "attend", lambda *a: flat.append(1) or real_attend(*a))
     fixed = []
     monkeypatch.setattr(decoding, "FixedStep", lambda *a, **k: fixed.append(1) or FixedStep(*a, **k))
     flex = _flex_calls(monkeypatch)
@@ -477,6 +494,7 @@ def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, con
     assert bool(fixed) == (step != "dynamic" and arch == "llama"), (len(fixed), step, arch)
     prefills = stats.forward_passes - stats.decode_steps
     assert len(flex) == (model.config.num_hidden_layers * prefills if prefill == "flex" else 0), (len(flex), prefills)
+    assert len(flat) == (model.config.num_hidden_layers * prefills if prefill == "ragged" else 0), (len(flat), prefills)
     bucket = [(1 << (r - 1).bit_length(), -(-w // 128) * 128) if prefill == "flex" else None for r, w, _ in shapes]
     assert [sh for *_, sh in shapes] == bucket, shapes
     assert prefill != "flex" or any(sh[0] > r for (r, _, _), sh in zip(shapes, bucket)), shapes  # rows padded too

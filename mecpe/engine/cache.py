@@ -46,6 +46,12 @@ def _room_layer_class() -> type:
             self.keys, self.values = self._kb[:, :, :used + n], self._vb[:, :, :used + n]
             return self.keys, self.values
 
+        def adopt(self, keys, values, used):
+            """Take ``keys``/``values`` (B, H_kv, used + room, D) as the cache, its first ``used`` columns filled."""
+            self._kb, self._vb = keys, values
+            self.keys, self.values = keys[:, :, :used], values[:, :, :used]
+            self.is_initialized, self.device, self.dtype = True, keys.device, keys.dtype
+
         def batch_select_indices(self, indices):
             if getattr(self, "_kb", None) is None or not self.is_initialized:
                 return super().batch_select_indices(indices)
@@ -70,6 +76,24 @@ def room_cache(model: Any, reserve: int) -> Any:
     cache = DynamicCache()
     cache.layers = layers
     return cache
+
+
+def rows_from_flat(model: Any, flat: Any, rows: int, width: int, reserve: int, cells: torch.Tensor) -> Any:
+    """The ``room_cache`` of packed rows (``rows`` x ``width`` columns + ``reserve`` of room) from the cache of a
+    forward over one flat sequence (``mecpe.engine.ragged``): flat token t goes to (row, column) ``cells[t]``, the
+    other columns are zeros (padding, masked; zeros so no NaN of uninitialised memory reaches a softmax). Layer by
+    layer, each flat layer freed once copied, so the peak is the flat cache plus one layer."""
+    out = room_cache(model, reserve)
+    r, c = cells[:, 0], cells[:, 1]
+    for src, dst in zip(flat.layers, out.layers):
+        k, v = src.keys[0].transpose(0, 1), src.values[0].transpose(0, 1)  # (T, H_kv, D)
+        kb = k.new_zeros((rows, k.shape[1], width + reserve, k.shape[2]))
+        vb = v.new_zeros((rows, v.shape[1], width + reserve, v.shape[2]))
+        kb[r, :, c] = k
+        vb[r, :, c] = v
+        dst.adopt(kb, vb, width)
+        src.keys = src.values = src._kb = src._vb = None
+    return out
 
 
 def fix_room(cache: Any, write_at: torch.Tensor) -> int:

@@ -16,7 +16,11 @@ log-sum-exp (the softmax over the union of the key sets, exactly):
 On CUDA the calls are FlashAttention's varlen kernel (``aten._flash_attention_forward``: sm80+, bf16/fp16, grouped
 query heads natively); on the CPU a reference loop computes the same (exactness tests on tiny models). Positions
 come from position ids, so each token sits where it would in its own full prompt. Models with sliding-window layers
-or attention softcapping are refused (the kernels here apply neither by position). Decoding prefills keep SDPA."""
+or attention softcapping are refused (the kernels here apply neither by position).
+
+A decoding prefill (blocks without continuations) runs the same way; its flat cache is then copied into the packed
+rows' cache (``prefill_rows``, ``cache.rows_from_flat``), over which the decoding steps attend with their masks as
+after a dense-mask prefill."""
 
 from __future__ import annotations
 
@@ -60,9 +64,9 @@ class RaggedPlan:
     prefix: Seqs  # per segment, in the prefix region
     shared_seg: Seqs  # per segment, in the shared region
     shared_blk: Seqs  # per block, in the shared region
-    cont_seg: Seqs  # per segment, in the continuation region
-    cont_blk: Seqs  # per block, in the continuation region
-    cont: Seqs  # per continuation
+    cont_seg: Seqs | None  # per segment, in the continuation region (None: no continuations)
+    cont_blk: Seqs | None  # per block, in the continuation region
+    cont: Seqs | None  # per continuation
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """(T, H, D) queries, (T, H_kv, D) keys and values of the flat batch -> (T, H, D) attention output."""
@@ -72,6 +76,8 @@ class RaggedPlan:
         op, _ = _attend(qp, kp, vp, self.prefix, self.prefix, True, scale)
         os_ = _merge([_attend(qs, kp, vp, self.shared_seg, self.prefix, False, scale),
                       _attend(qs, ks, vs, self.shared_blk, self.shared_blk, True, scale)])
+        if self.cont is None:  # decoding prefills: no label continuations
+            return torch.cat([op, os_])
         oc = _merge([_attend(qc, kp, vp, self.cont_seg, self.prefix, False, scale),
                      _attend(qc, ks, vs, self.cont_blk, self.shared_blk, False, scale),
                      _attend(qc, kc, vc, self.cont, self.cont, True, scale)])
@@ -80,15 +86,17 @@ class RaggedPlan:
 
 @dataclass
 class RaggedLayout:
-    """A batch as one flat sequence (``ids``, ``pos``: (1, T)), its ``plan``, the blocks in order, and the scoring
-    targets in ``packing.Layout``'s form (row 0, predicting column, token, block, label or -1), which
-    ``scoring.label_targets`` reads."""
+    """A batch as one flat sequence (``ids``, ``pos``: (1, T)), its ``plan``, the blocks in order (``packing.layout``'s
+    order), the scoring targets in ``packing.Layout``'s form (row 0, predicting column, token, block, label or -1),
+    which ``scoring.label_targets`` reads, and for a decoding prefill where each token sits in the packed rows."""
 
     ids: torch.Tensor
     pos: torch.Tensor
     plan: RaggedPlan
     blocks: list[Block]
     targets: np.ndarray
+    ends: np.ndarray  # each block's last question token (its column in the flat sequence)
+    cells: np.ndarray | None  # (T, 2): each token's (row, column) in ``packing.layout``'s rows, where asked for
 
 
 def _within(lengths: np.ndarray) -> np.ndarray:
@@ -96,14 +104,15 @@ def _within(lengths: np.ndarray) -> np.ndarray:
     return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
-def ragged_layout(batch: list[list[Segment]], dev) -> RaggedLayout:
+def ragged_layout(batch: list[list[Segment]], dev, width: int | None = None) -> RaggedLayout:
     """The flat layout of a batch of packed rows (``packing.batches``' output; rows only group segments here).
-    Host cost: one Python step per segment, block and continuation to collect lengths and ids; numpy does the rest
-    (it runs between two GPU forwards, as ``packing.layout`` does)."""
+    ``width``: the rows' width in ``packing.layout`` (right-aligned rows), to fill ``cells``. Host cost: one Python
+    step per segment, block and continuation to collect lengths and ids; numpy does the rest (it runs between two GPU
+    forwards, as ``packing.layout`` does)."""
     segs = [s for row in batch for s in row]
     blocks = [b for _, bl in segs for b in bl]
-    if not blocks or any(not b.conts for b in blocks):
-        raise ValueError("ragged label scoring needs blocks with label continuations")
+    if not blocks:
+        raise ValueError("ragged layout of an empty batch")
     plen = np.fromiter((len(p) for p, _ in segs), np.int64, len(segs))
     per_seg = np.fromiter((len(bl) for _, bl in segs), np.int64, len(segs))
     qlen = np.fromiter((len(b.question) for b in blocks), np.int64, len(blocks))
@@ -135,13 +144,47 @@ def ragged_layout(batch: list[list[Segment]], dev) -> RaggedLayout:
                  axis=1),
         np.stack([np.zeros(n_c, np.int64), np.where(c_off == 0, last_shared[c_blk], c_col - 1), ids[n_p + n_s:],
                   c_blk, c_label], axis=1)])
-    blk_conts = np.add.reduceat(clen, np.cumsum(n_conts) - n_conts)  # continuation tokens per block
+    blk_conts = np.bincount(cont_blk, weights=clen, minlength=len(blocks)).astype(np.int64)  # per block
     first_blk = np.cumsum(per_seg) - per_seg
+    if n_c and not n_conts.all():
+        raise ValueError("ragged layout: every block or none must have label continuations")
+    conts = ((_seqs(np.add.reduceat(blk_conts, first_blk), dev), _seqs(blk_conts, dev), _seqs(clen, dev)) if n_c
+             else (None, None, None))
     plan = RaggedPlan((n_p, n_s, n_c), _seqs(plen, dev), _seqs(np.add.reduceat(shared, first_blk), dev),
-                      _seqs(shared, dev), _seqs(np.add.reduceat(blk_conts, first_blk), dev), _seqs(blk_conts, dev),
-                      _seqs(clen, dev))
+                      _seqs(shared, dev), *conts)
+    ends = n_p + np.cumsum(shared) - shared + qlen - 1
+    cells = None if width is None else _cells(batch, width, plen, per_seg, shared, clen, cont_blk)
     ids_t, pos_t = to_device(torch.from_numpy(np.stack([ids, pos])), dev)[:, None, :].unbind(0)
-    return RaggedLayout(ids_t, pos_t, plan, blocks, targets)
+    return RaggedLayout(ids_t, pos_t, plan, blocks, targets, ends, cells)
+
+
+def _cells(batch: list[list[Segment]], width: int, plen: np.ndarray, per_seg: np.ndarray, shared: np.ndarray,
+           clen: np.ndarray, cont_blk: np.ndarray) -> np.ndarray:
+    """(row, column) in ``packing.layout``'s right-aligned rows of each flat token (prefixes, shared, continuations
+    in the flat order): in a row, each segment's prefix, then its blocks, each block's shared tokens followed by its
+    continuations."""
+    seg_row = np.repeat(np.arange(len(batch)), [len(row) for row in batch])
+    blk_width = shared + np.bincount(cont_blk, weights=clen, minlength=len(shared)).astype(np.int64)
+    seg_width = plen + np.add.reduceat(blk_width, np.cumsum(per_seg) - per_seg)
+    row_width = np.bincount(seg_row, weights=seg_width, minlength=len(batch)).astype(np.int64)
+    # a segment's first column: its row's first column + the segments before it in the row
+    seg_col = (width - row_width)[seg_row] + _within_runs(seg_width, np.asarray([len(row) for row in batch]))
+    blk_seg = np.repeat(np.arange(len(plen)), per_seg)
+    blk_col = seg_col[blk_seg] + plen[blk_seg] + _within_runs(blk_width, per_seg)
+    cont_col = blk_col[cont_blk] + shared[cont_blk] + _within_runs(clen, np.bincount(cont_blk, minlength=len(shared)))
+    rows = np.concatenate([np.repeat(seg_row, plen), np.repeat(seg_row[blk_seg], shared),
+                           np.repeat(seg_row[blk_seg][cont_blk], clen)])
+    cols = np.concatenate([np.repeat(seg_col, plen) + _within(plen), np.repeat(blk_col, shared) + _within(shared),
+                           np.repeat(cont_col, clen) + _within(clen)])
+    return np.stack([rows, cols], axis=1)
+
+
+def _within_runs(values: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """For ``values`` grouped in consecutive runs of ``runs`` elements: the sum of the values before each one in its
+    run (an exclusive cumulative sum restarting at every run)."""
+    total = np.cumsum(values) - values
+    first = np.cumsum(runs) - runs
+    return total - np.repeat(total[first[runs > 0]], runs[runs > 0])
 
 
 def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -245,3 +288,22 @@ def attending(model: Any, plan: RaggedPlan):
     finally:
         _PLAN.reset(token)
         base.set_attn_implementation(was)
+
+
+def prefill_rows(model: Any, batch: list[list[Segment]], lay: Any, at: list[tuple[int, int]], reserve: int, dev
+                 ) -> tuple[torch.Tensor, Any]:
+    """A decoding prefill through the ragged calls: the next-token logits at the (row, column) positions ``at``
+    (``lay``'s block ends, sorted), in that order, and the ``room_cache`` of ``lay``'s packed rows with ``reserve``
+    columns of room, which the decoding steps then extend as after a dense-mask prefill."""
+    from mecpe.engine.cache import room_cache, rows_from_flat
+    from mecpe.engine.runtime import forward_at
+
+    rl = ragged_layout(batch, dev, lay.ids.shape[1])
+    flat_end = {tuple(lay.ends[g]): int(e) for g, e in enumerate(rl.ends)}
+    flat_at = sorted(flat_end[p] for p in at)
+    with attending(model, rl.plan):
+        logits, flat = forward_at(model, rl.ids, None, rl.pos, room_cache(model, 0), [(0, e) for e in flat_at])
+    order = {e: k for k, e in enumerate(flat_at)}
+    logits = logits[to_device(torch.tensor([order[flat_end[p]] for p in at]), dev)]
+    cells = to_device(torch.from_numpy(rl.cells), dev)
+    return logits, rows_from_flat(model, flat, lay.ids.shape[0], lay.ids.shape[1], reserve, cells)
