@@ -249,11 +249,12 @@ class InferenceConfig(_Strict):
                                "models with sliding-window layers always run dynamic")
     prefill_attention: PrefillAttention = Field(
         "sdpa", description="attention of the prefill forwards (label scoring; the pass before decoding steps): sdpa "
-                            "(packed rows' dense mask), ragged (one flat sequence, FlashAttention varlen calls without "
-                            "a mask; sm80+ GPUs; no sliding-window models; mecpe.engine.ragged), flex (FlexAttention "
-                            "block masks, label scoring's decoder compiled at static buckets: SmolLM2 on an H100 938 -> "
-                            "947 utt/s after ~90 s of compiling, 6% of conversations answered otherwise in bf16, peak "
-                            "13.0 -> 18.7 GiB) or compiled (sdpa, label scoring's decoder compiled); model on sdpa")
+                            "(packed rows' dense mask), ragged (one flat sequence, varlen attention calls without a "
+                            "mask, FlashAttention's or the mem-efficient kernel's; no sliding-window models; "
+                            "mecpe.engine.ragged), flex (FlexAttention block masks, label scoring's decoder compiled "
+                            "at static buckets: SmolLM2 on an H100 938 -> 947 utt/s after ~90 s of compiling, 6% of "
+                            "conversations answered otherwise in bf16, peak 13.0 -> 18.7 GiB) or compiled (sdpa, "
+                            "label scoring's decoder compiled); model on sdpa")
     liger_kernels: bool = Field(
         False, description="Liger's fused Triton kernels (RMSNorm, SwiGLU/GeGLU, RoPE) in the predictor actors' "
                            "forwards; on an H100 slower (SmolLM2 actor 954.2 -> 756.9 utt/s, first use including "

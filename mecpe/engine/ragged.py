@@ -14,7 +14,8 @@ log-sum-exp (the softmax over the union of the key sets, exactly):
     continuation tokens  their conversation's prefix  +  their block's shared tokens  +  their continuation, causal
 
 On CUDA the calls are FlashAttention's varlen kernel (``aten._flash_attention_forward``: sm80+, bf16/fp16, grouped
-query heads natively); on the CPU a reference loop computes the same (exactness tests on tiny models). Positions
+query heads natively), elsewhere the mem-efficient kernel's varlen mode (a T4); on the CPU a reference loop computes
+the same (exactness tests on tiny models). Positions
 come from position ids, so each token sits where it would in its own full prompt. Models with sliding-window layers
 or attention softcapping are refused (the kernels here apply neither by position).
 
@@ -37,6 +38,7 @@ import torch
 from mecpe.engine.packing import Block, Segment, to_device
 
 NAME = "mecpe_ragged"  # the attention implementation's name in transformers' registry
+CUDA_KERNEL = "auto"  # auto (flash on sm80+ in bf16/fp16, else mem-efficient) | flash | efficient: tests' A/B switch
 _PLAN: contextvars.ContextVar["RaggedPlan | None"] = contextvars.ContextVar("mecpe_ragged_plan", default=None)
 
 
@@ -199,15 +201,15 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, qs: Seqs, ks: Seqs, causal: bool, scale: float
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence i of ``q`` (rows qs.host[i]:qs.host[i+1]) attends to sequence i of ``k``/``v``; (out, lse (H, T))."""
-    if q.device.type == "cuda":
+    if q.device.type != "cuda":
+        return _reference(q, k, v, qs, ks, causal, scale)
+    flash = q.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    if CUDA_KERNEL == "flash" or (CUDA_KERNEL == "auto" and flash):
         return _flash(q, k, v, qs, ks, causal, scale)
-    return _reference(q, k, v, qs, ks, causal, scale)
+    return _efficient(q, k, v, qs, ks, causal, scale)
 
 
 def _flash(q, k, v, qs: Seqs, ks: Seqs, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if q.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(q.device) < (8, 0):
-        raise ValueError(f"inference.prefill_attention=ragged runs FlashAttention's varlen kernel, which needs an sm80+ "
-                         f"GPU and bf16/fp16 (got {torch.cuda.get_device_name(q.device)}, {q.dtype}); use sdpa")
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         q, k.to(q.dtype), v.to(q.dtype), qs.cu, ks.cu, qs.longest,
         ks.longest, 0.0, causal, False, scale=scale)
@@ -215,6 +217,17 @@ def _flash(q, k, v, qs: Seqs, ks: Seqs, causal: bool, scale: float) -> tuple[tor
         raise RuntimeError(f"FlashAttention's varlen log-sum-exp has shape {tuple(lse.shape)}, expected "
                            f"{(q.shape[1], q.shape[0])} (this torch's kernel differs); use prefill_attention=sdpa")
     return out, lse
+
+
+def _efficient(q, k, v, qs: Seqs, ks: Seqs, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mem-efficient (cutlass) kernel's varlen mode, for GPUs flash does not serve (a T4: sm75, fp16). It takes
+    as many key/value heads as query heads, so grouped heads are repeated; its log-sum-exp rows are padded to 32."""
+    g = q.shape[1] // k.shape[1]
+    k, v = (t.to(q.dtype).repeat_interleave(g, 1) if g > 1 else t.to(q.dtype) for t in (k, v))
+    out, lse, *_ = torch.ops.aten._efficient_attention_forward(
+        q[None], k[None], v[None], None, qs.cu, ks.cu, qs.longest, ks.longest, 0.0, 1 if causal else 0, True,
+        scale=scale)
+    return out[0], lse[0, :, :q.shape[0]]
 
 
 def _reference(q, k, v, qs: Seqs, ks: Seqs, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
