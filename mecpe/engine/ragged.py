@@ -259,8 +259,10 @@ def ragged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
         raise ValueError(f"inference.prefill_attention=ragged: {type(module).__name__} asks for "
                          f"{unsupported or ['dropout' if dropout else 'a batch of rows']}; use prefill_attention=sdpa")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    # (T, H, D) contiguous once per layer, so each call's slice along T is contiguous as the kernel wants it
-    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    # (T, H, D) contiguous once per layer, so each call's slice along T is contiguous as the kernel wants it; in the
+    # autocast dtype where one is on (SDPA is on autocast's lower-precision list: the dense path computes in it too)
+    dt = torch.get_autocast_dtype("cuda") if query.is_cuda and torch.is_autocast_enabled("cuda") else query.dtype
+    q, k, v = (t[0].transpose(0, 1).to(dt).contiguous() for t in (query, key, value))
     out = plan.attend(q, k, v, scale)
     return out[None], None
 
