@@ -48,6 +48,18 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(runs)
 
 
+def ragged_scores(plan) -> float:
+    """(query, key) pairs of a ``ragged.RaggedPlan``'s six calls: n^2 / 2 for a causal one, n_q x n_k otherwise."""
+    def lens(seqs):
+        return [] if seqs is None else [b - a for a, b in zip(seqs.host, seqs.host[1:])]
+
+    def full(qs, ks):
+        return sum(a * b for a, b in zip(lens(qs), lens(ks)))
+
+    return (sum(n * n / 2 for s in (plan.prefix, plan.shared_blk, plan.cont) for n in lens(s))
+            + full(plan.shared_seg, plan.prefix) + full(plan.cont_seg, plan.prefix) + full(plan.cont_blk, plan.shared_blk))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default=str(REPO / "jobs/configs/ecf-smollm2.yaml"))
@@ -68,12 +80,17 @@ def main() -> int:
     rows = []
     for k, batch in enumerate(batch_list):
         lay = layout(batch, 0, cpu)
+        plan = ragged_layout(batch, cpu).plan
         rows.append({"batch": k, "rows": lay.ids.shape[0], "columns": lay.ids.numel(), "blocks": len(lay.blocks),
                      "targets": len(lay.targets),
                      "layout_ms": round(1000 * timed(lambda: layout(batch, 0, cpu), args.repeats), 1),
                      "label_targets_ms": round(1000 * timed(lambda: label_targets(lay), args.repeats), 1),
                      # inference.prefill_attention=ragged: the flat layout and its targets instead of both
-                     "ragged_ms": round(1000 * timed(lambda: label_targets(ragged_layout(batch, cpu)), args.repeats), 1)})
+                     "ragged_ms": round(1000 * timed(lambda: label_targets(ragged_layout(batch, cpu)), args.repeats), 1),
+                     # attention scores a forward computes per head and layer: SDPA's masked kernel every (query,
+                     # key) of a row; the ragged calls their own pairs (causal ones about half)
+                     "dense_scores_M": round(lay.ids.shape[0] * lay.ids.shape[1] ** 2 / 1e6, 1),
+                     "ragged_scores_M": round(ragged_scores(plan) / 1e6, 1)})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                                 capture_output=True, text=True).stdout.strip())
@@ -83,11 +100,11 @@ def main() -> int:
     print(f"# host_layout at {out['commit']}{' (dirty)' if dirty else ''}: {len(convs)} ECF test conversations, "
           f"{len(items)} utterances, {out['cpus']} CPUs, median of {args.repeats}")
     print(f"{'batch':>5} {'rows':>5} {'columns':>8} {'blocks':>6} {'targets':>7} {'layout ms':>10} "
-          f"{'targets ms':>10} {'total ms':>9} {'ragged ms':>10}")
+          f"{'targets ms':>10} {'total ms':>9} {'ragged ms':>10} {'dense scores M':>15} {'ragged scores M':>16}")
     for r in rows:
         print(f"{r['batch']:5d} {r['rows']:5d} {r['columns']:8d} {r['blocks']:6d} {r['targets']:7d} "
               f"{r['layout_ms']:10.1f} {r['label_targets_ms']:10.1f} {r['layout_ms'] + r['label_targets_ms']:9.1f} "
-              f"{r['ragged_ms']:10.1f}")
+              f"{r['ragged_ms']:10.1f} {r['dense_scores_M']:15.1f} {r['ragged_scores_M']:16.1f}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
