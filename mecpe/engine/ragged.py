@@ -296,6 +296,9 @@ def attending(model: Any, plan: RaggedPlan):
                          "which the ragged kernels do not window by position; use prefill_attention=sdpa")
     if was not in ("sdpa", GROUPED_SDPA):
         raise ValueError(f"inference.prefill_attention=ragged needs a model on attn_implementation 'sdpa', not {was!r}")
+    if not getattr(base, "_can_set_attn_implementation", lambda: False)():
+        raise ValueError(f"inference.prefill_attention=ragged: {type(base).__name__} cannot switch its attention "
+                         "implementation; use prefill_attention=sdpa")
     base.set_attn_implementation(register())
     token = _PLAN.set(plan)
     try:
