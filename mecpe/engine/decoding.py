@@ -214,7 +214,7 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     t0 = synced(dev)
     with record_function("mecpe.decode.prefill"):
         if prefill == "ragged":  # one flat sequence, no mask; its cache then laid out in the rows (engine.ragged)
-            logits, cache = prefill_rows(model, batch, lay, at, n_slots * max_new_tokens, dev)
+            logits, cache = prefill_rows(model, batch, lay, n_slots * max_new_tokens, dev)
         else:
             logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay), lay.pos, lay.pos,
                                                                       additive, mask_kind(prefill)), lay.pos, cache, at)

@@ -173,7 +173,7 @@ def layout(batch: list[list[Segment]], pad: int, dev, shape: tuple[int, int] | N
             nseg += 1
     n, pos0, seg, blk, alt, first = np.asarray(pieces, dtype=np.int64).reshape(-1, 6).T
     total = int(n.sum())
-    offset = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)  # each token's index in its piece
+    offset = within(n)  # each token's index in its piece
     # each token's flat column (row * width + column): a row's tokens are contiguous and right-aligned
     row_len = np.asarray(widths, dtype=np.int64)
     row_first = np.arange(len(batch), dtype=np.int64) * width + (width - row_len)
@@ -191,6 +191,12 @@ def layout(batch: list[list[Segment]], pad: int, dev, shape: tuple[int, int] | N
     targets = np.stack([at // width, col, grid[0, at], grid[3, at], grid[4, at] - 1], axis=1)
     packed = to_device(torch.from_numpy(grid.reshape(5, n_rows, width)), dev)
     return Layout(*packed.unbind(0), blocks, ends, block_seg, next_pos, targets)
+
+
+def within(lengths: np.ndarray) -> np.ndarray:
+    """Each element's index within its run, for runs of ``lengths`` laid end to end (numpy layouts, no Python step
+    per token: ``layout`` and ``mecpe.engine.ragged``)."""
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def to_device(t: torch.Tensor, dev) -> torch.Tensor:

@@ -35,7 +35,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from mecpe.engine.packing import Block, Segment, to_device
+from mecpe.engine.attention import NAME as GROUPED_SDPA
+from mecpe.engine.cache import room_cache, rows_from_flat
+from mecpe.engine.packing import Block, Segment, to_device, within
+from mecpe.engine.runtime import forward_at, sliding_window
 
 NAME = "mecpe_ragged"  # the attention implementation's name in transformers' registry
 CUDA_KERNEL = "auto"  # auto (flash on sm80+ in bf16/fp16, else mem-efficient) | flash | efficient: tests' A/B switch
@@ -101,11 +104,6 @@ class RaggedLayout:
     cells: np.ndarray | None  # (T, 2): each token's (row, column) in ``packing.layout``'s rows, where asked for
 
 
-def _within(lengths: np.ndarray) -> np.ndarray:
-    """Each element's index within its run, for runs of ``lengths`` laid end to end."""
-    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-
-
 def ragged_layout(batch: list[list[Segment]], dev, width: int | None = None) -> RaggedLayout:
     """The flat layout of a batch of packed rows (``packing.batches``' output; rows only group segments here).
     ``width``: the rows' width in ``packing.layout`` (right-aligned rows), to fill ``cells``. Host cost: one Python
@@ -129,15 +127,15 @@ def ragged_layout(batch: list[list[Segment]], dev, width: int | None = None) -> 
     blk_plen = np.repeat(plen, per_seg)  # each block's prefix length
     cont_blk = np.repeat(np.arange(len(blocks)), n_conts)  # each continuation's block
     cont_start = blk_plen[cont_blk] + shared[cont_blk]  # the position of each continuation's first token
-    pos = np.concatenate([_within(plen), np.repeat(blk_plen, shared) + _within(shared),
-                          np.repeat(cont_start, clen) + _within(clen)])
+    pos = np.concatenate([within(plen), np.repeat(blk_plen, shared) + within(shared),
+                          np.repeat(cont_start, clen) + within(clen)])
     # scoring targets (row 0, predicting column, token, block, label or -1): the common answer tokens, predicted by
     # the token before them; a continuation's first token by its block's last shared token, the others by theirs
     s_blk = np.repeat(np.arange(len(blocks)), shared)
-    s_off = _within(shared)
+    s_off = within(shared)
     common = np.nonzero(s_off >= qlen[s_blk])[0]
     c_blk = np.repeat(cont_blk, clen)
-    c_off = _within(clen)
+    c_off = within(clen)
     last_shared = n_p + np.cumsum(shared) - 1
     c_col = n_p + n_s + np.arange(n_c)
     c_label = np.repeat(np.arange(len(clen)) - np.repeat(np.cumsum(n_conts) - n_conts, n_conts), clen)
@@ -176,8 +174,8 @@ def _cells(batch: list[list[Segment]], width: int, plen: np.ndarray, per_seg: np
     cont_col = blk_col[cont_blk] + shared[cont_blk] + _within_runs(clen, np.bincount(cont_blk, minlength=len(shared)))
     rows = np.concatenate([np.repeat(seg_row, plen), np.repeat(seg_row[blk_seg], shared),
                            np.repeat(seg_row[blk_seg][cont_blk], clen)])
-    cols = np.concatenate([np.repeat(seg_col, plen) + _within(plen), np.repeat(blk_col, shared) + _within(shared),
-                           np.repeat(cont_col, clen) + _within(clen)])
+    cols = np.concatenate([np.repeat(seg_col, plen) + within(plen), np.repeat(blk_col, shared) + within(shared),
+                           np.repeat(cont_col, clen) + within(clen)])
     return np.stack([rows, cols], axis=1)
 
 
@@ -286,9 +284,6 @@ def register() -> str:
 def attending(model: Any, plan: RaggedPlan):
     """Within the block the model attends by ``plan`` (its attention implementation switched to ``NAME``, restored
     after). Refuses models this cannot compute exactly: sliding-window layers, attention other than SDPA."""
-    from mecpe.engine.attention import NAME as GROUPED_SDPA
-    from mecpe.engine.runtime import sliding_window
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     was = getattr(base.config, "_attn_implementation", None)
     if sliding_window(base.config) is not None:
@@ -308,20 +303,14 @@ def attending(model: Any, plan: RaggedPlan):
         base.set_attn_implementation(was)
 
 
-def prefill_rows(model: Any, batch: list[list[Segment]], lay: Any, at: list[tuple[int, int]], reserve: int, dev
-                 ) -> tuple[torch.Tensor, Any]:
-    """A decoding prefill through the ragged calls: the next-token logits at the (row, column) positions ``at``
-    (``lay``'s block ends, sorted), in that order, and the ``room_cache`` of ``lay``'s packed rows with ``reserve``
-    columns of room, which the decoding steps then extend as after a dense-mask prefill."""
-    from mecpe.engine.cache import room_cache, rows_from_flat
-    from mecpe.engine.runtime import forward_at
-
+def prefill_rows(model: Any, batch: list[list[Segment]], lay: Any, reserve: int, dev) -> tuple[torch.Tensor, Any]:
+    """A decoding prefill through the ragged calls: the next-token logits at every block's end, in the order of
+    ``sorted(lay.ends)`` (as the dense prefill's ``forward_at`` returns them), and the ``room_cache`` of ``lay``'s
+    packed rows with ``reserve`` columns of room, which the decoding steps then extend as after a dense prefill."""
     rl = ragged_layout(batch, dev, lay.ids.shape[1])
-    flat_end = {tuple(lay.ends[g]): int(e) for g, e in enumerate(rl.ends)}
-    flat_at = sorted(flat_end[p] for p in at)
-    with attending(model, rl.plan):
-        logits, flat = forward_at(model, rl.ids, None, rl.pos, room_cache(model, 0), [(0, e) for e in flat_at])
-    order = {e: k for k, e in enumerate(flat_at)}
-    logits = logits[to_device(torch.tensor([order[flat_end[p]] for p in at]), dev)]
+    with attending(model, rl.plan):  # the flat ends are in block order, increasing
+        logits, flat = forward_at(model, rl.ids, None, rl.pos, room_cache(model, 0), [(0, int(e)) for e in rl.ends])
+    order = sorted(range(len(rl.ends)), key=lambda g: tuple(lay.ends[g]))  # block order -> (row, column) order
+    logits = logits[to_device(torch.tensor(order), dev)]
     cells = to_device(torch.from_numpy(rl.cells), dev)
     return logits, rows_from_flat(model, flat, lay.ids.shape[0], lay.ids.shape[1], reserve, cells)
