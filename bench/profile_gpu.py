@@ -14,7 +14,8 @@ decoding steps, change with the prompt: compare its steps), ``row_tokens`` (``me
 ``grouped=0`` (decoding steps on transformers' SDPA with its KV repeat instead of ``mecpe.engine.attention``'s
 folded grouped heads), ``liger=1`` (``inference.liger_kernels``: Liger's fused RMSNorm, SwiGLU and RoPE patched into
 the actor's models; they stay patched for the variants after it, so name it last) or ``compile=0`` (with
-``prefill_attention=flex``: flex without the compiled decoder, ``mecpe.engine.scoring.COMPILE_DECODER``). A
+``prefill_attention=flex``: flex without the compiled decoder, ``mecpe.engine.compiled.ENABLED``) or ``cpu_backend=inductor``
+(on the CPU, compile where a GPU would: ``mecpe.engine.compiled.CPU_BACKEND``; uncompiled by default). A
 variant's first batches carry its compilations: name it twice to see both. The base model is SmolLM2-135M-Instruct
 without adapters (a merged adapter costs what the base costs); the cause stage reads the gold emotions
 (``inference.cause_input=gold``), so its share of utterances is gold's non-neutral share.
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
 
     from mecpe import modeling, readers, storage
     from mecpe.config import load_config
-    from mecpe.engine import attention, packing, scoring
+    from mecpe.engine import attention, compiled, packing
     from mecpe.infer.driver import predictor_spec
     from mecpe.infer.stages import EmotionCausePredictor
     from mecpe.prompts import PromptBuilder
@@ -230,7 +231,8 @@ def main(argv=None) -> int:
     for name, fields in variants:
         packing.ROW_TOKENS = int(fields.pop("row_tokens", default_rows))
         attention.ENABLED = bool(fields.pop("grouped", True))
-        scoring.COMPILE_DECODER = bool(fields.pop("compile", True))
+        compiled.ENABLED = bool(fields.pop("compile", True))
+        compiled.CPU_BACKEND = fields.pop("cpu_backend", None)
         layout = fields.pop("prompt_layout", spec.prompt.layout)
         if fields.pop("liger", 0):  # the actor's models from here on: list liger variants last
             fused = [modeling.fuse_kernels(m, actor.device) for m in {id(m): m for m in actor.models.values()}.values()]
@@ -246,7 +248,8 @@ def main(argv=None) -> int:
             write(args, lines, report)
             continue
         got["settings"] = {**fields, "prompt_layout": layout, "row_tokens": packing.ROW_TOKENS,
-                           "grouped": attention.ENABLED, "compile": scoring.COMPILE_DECODER}
+                           "grouped": attention.ENABLED, "compile": compiled.ENABLED,
+                           "cpu_backend": compiled.CPU_BACKEND}
         answers = got.pop("answers")
         first = first if report["variants"] else answers
         same = [answers.get(k) == v for k, v in first.items()]
@@ -268,7 +271,7 @@ def main(argv=None) -> int:
         write(args, lines, report)  # so far: a run cut off by its time limit keeps the variants it finished
     packing.ROW_TOKENS = default_rows
     attention.ENABLED = True
-    scoring.COMPILE_DECODER = True
+    compiled.ENABLED, compiled.CPU_BACKEND = True, None
     actor.spec = spec
     if args.forward_check:
         model = next(iter(actor.models.values()))

@@ -29,7 +29,7 @@ from mecpe.labels import EMOTIONS, RuleCause
 
 DEFAULT_DATA_DIR = "../shared/data/ecf"
 DecodeStep = Literal["dynamic", "static", "graph"]  # inference.decode_step (mecpe.engine.steps)
-PrefillAttention = Literal["sdpa", "ragged", "flex", "compiled"]  # inference.prefill_attention (mecpe.engine.scoring)
+PrefillAttention = Literal["sdpa", "ragged", "ragged_compiled", "flex", "compiled"]  # inference.prefill_attention (mecpe.engine.scoring)
 
 
 class _Strict(BaseModel):
@@ -251,7 +251,8 @@ class InferenceConfig(_Strict):
         "sdpa", description="attention of the prefill forwards (label scoring; the pass before decoding steps): sdpa "
                             "(packed rows' dense mask), ragged (one flat sequence, varlen attention calls without a "
                             "mask, FlashAttention's or the mem-efficient kernel's; no sliding-window models; "
-                            "mecpe.engine.ragged), flex (FlexAttention block masks, label scoring's decoder compiled "
+                            "mecpe.engine.ragged), ragged_compiled (ragged, the decoder compiled for dynamic lengths: "
+                            "mecpe.engine.compiled), flex (FlexAttention block masks, label scoring's decoder compiled "
                             "at static buckets: SmolLM2 on an H100 938 -> 947 utt/s after ~90 s of compiling, 6% of "
                             "conversations answered otherwise in bf16, peak 13.0 -> 18.7 GiB) or compiled (sdpa, "
                             "label scoring's decoder compiled); model on sdpa")

@@ -147,8 +147,8 @@ def score_emotion_labels(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                          ) -> StageOutput[tuple[list[float], int]]:
     """Total log-probability of each label's whole answer (``builder.emotion_answer``, EOS included) for every
     utterance: per conversation ``{utt_id: ([logprob per label], dropped)}``. ``reuse_prefix=False``: every
-    utterance's full prompt on its own (for comparison). ``prefill_attention``: sdpa, ragged, flex or compiled
-    (``inference.prefill_attention``)."""
+    utterance's full prompt on its own (for comparison). ``prefill_attention``: how the prefills attend
+    (``inference.prefill_attention``'s values)."""
     stats = StageStats()
     start = time.perf_counter()
     items, dropped, prompt_tokens = label_blocks(builder, conversations, labels)
@@ -171,7 +171,7 @@ def predict_emotions(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     order; a calibration fitted on validation data, ``mecpe.calibrate``), status "scored", the raw scores kept.
     ``generate``: greedy decoding until EOS/newline, parsed by ``parse_emotion`` (unparseable -> "neutral",
     "invalid"). ``constrained_generate``: greedy decoding restricted to the seven answers (a trie), status "ok".
-    ``prefill_attention``: sdpa, ragged, flex or compiled (``inference.prefill_attention``)."""
+    ``prefill_attention``: how the prefills attend (``inference.prefill_attention``'s values)."""
     if method == "score":
         scored = score_emotion_labels(model, tokenizer, builder, conversations, max_batch_tokens=max_batch_tokens,
                                       reuse_prefix=reuse_prefix, prefill_attention=prefill_attention)

@@ -281,11 +281,12 @@ def test_ragged_scores_equal_brute_force(tok, builder, tight, sharp, convs, monk
         predict.score_emotion_labels(_load("eager"), tok, builder, convs[:1], prefill_attention="ragged")
 
 
-@pytest.mark.parametrize("kernel", ["flash", "efficient"])
-def test_ragged_on_cuda_scores_what_sdpa_does(tok, builder, convs, model, kernel, monkeypatch):
+@pytest.mark.parametrize("kernel,prefill", [("flash", "ragged"), ("efficient", "ragged"), ("flash", "ragged_compiled")])
+def test_ragged_on_cuda_scores_what_sdpa_does(tok, builder, convs, model, kernel, prefill, monkeypatch):
     """On a GPU the ragged calls run FlashAttention's varlen kernel (sm80+, bf16/fp16) or the mem-efficient one's (a
     T4, or fp32): in bf16 the label scores match SDPA's dense mask to bf16 rounding, with the same labels, and
-    decoding after a ragged prefill gives the same answers; in fp32 (mem-efficient only) the scores match to 1e-3."""
+    decoding after a ragged prefill gives the same answers; in fp32 (mem-efficient only) the scores match to 1e-3.
+    ``ragged_compiled``: the same with the decoder compiled by inductor for dynamic lengths."""
     from mecpe import predict
     from mecpe.engine import ragged
 
@@ -296,13 +297,13 @@ def test_ragged_on_cuda_scores_what_sdpa_does(tok, builder, convs, model, kernel
     for dtype, tol in ((torch.bfloat16, 0.05), (torch.float32, 1e-3)) if kernel == "efficient" else ((torch.bfloat16, 0.05),):
         m = copy.deepcopy(model).to("cuda", dtype)
         want = predict.score_emotion_labels(m, tok, builder, convs, max_batch_tokens=4096).results
-        got = predict.score_emotion_labels(m, tok, builder, convs, max_batch_tokens=4096, prefill_attention="ragged")
+        got = predict.score_emotion_labels(m, tok, builder, convs, max_batch_tokens=4096, prefill_attention=prefill)
         pairs = [(w[u][0], g[u][0]) for w, g in zip(want, got.results) for u in w]
         diff = max(abs(a - b) for x, y in pairs for a, b in zip(x, y))
         same = sum(max(range(7), key=x.__getitem__) == max(range(7), key=y.__getitem__) for x, y in pairs) / len(pairs)
         assert diff < tol and same >= 0.95, (dtype, diff, same)
         want, got = (predict.cause_answer_ids(m, tok, builder, convs, emos, max_batch_tokens=4096, decode_step="graph",
-                                              prefill_attention=p).results for p in ("sdpa", "ragged"))
+                                              prefill_attention=p).results for p in ("sdpa", prefill))
         answers = [(w[u], g[u]) for w, g in zip(want, got) for u in w]
         assert sum(a == b for a, b in answers) >= 0.95 * len(answers), (dtype, answers)
 
@@ -331,16 +332,16 @@ def test_ragged_merge_is_the_softmax_over_the_union():
 @pytest.mark.parametrize("prefill", ["flex", "compiled"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_compiled_decoder_scores_equal_sdpa(tok, builder, sharp, convs, arch, prefill, monkeypatch):
-    """The decoder compiled for label scoring's static buckets (``scoring.compiled_decoder``; on the CPU through
+    """The decoder compiled for label scoring's static buckets (``compiled.compiled_decoder``; on the CPU through
     dynamo with the eager backend, so the graph dynamo captures is what runs), attending through flex or through
     SDPA's dense mask (``compiled``), gives the uncompiled SDPA scores; the module's own forward is back after each
     call (decoding must not run the compiled graph)."""
     import torch._dynamo
 
     from mecpe import predict
-    from mecpe.engine import scoring
+    from mecpe.engine import compiled
 
-    monkeypatch.setattr(scoring, "CPU_BACKEND", "eager")
+    monkeypatch.setattr(compiled, "CPU_BACKEND", "eager")
     model = sharp(arch)
     inner = model.model
     want = predict.score_emotion_labels(model, tok, builder, convs[:2])
@@ -349,10 +350,44 @@ def test_compiled_decoder_scores_equal_sdpa(tok, builder, sharp, convs, arch, pr
     before = frames["ok"]
     got = predict.score_emotion_labels(model, tok, builder, convs[:2], prefill_attention=prefill)
     assert frames["ok"] > before  # dynamo compiled a frame: the decoder ran as a captured graph
-    assert "eager" in inner.__dict__["_mecpe_compiled"] and "forward" not in inner.__dict__
+    assert ("eager", False) in inner.__dict__["_mecpe_compiled"] and "forward" not in inner.__dict__
     diff = max(abs(a - b) for cw, cg in zip(want.results, got.results) for u in cw
                for a, b in zip(cw[u][0], cg[u][0]))
     assert diff < 1e-4, diff
+    torch._dynamo.reset()
+
+
+def test_ragged_compiled_scores_as_ragged_and_compiles_once(tok, builder, tight, sharp, convs, monkeypatch):
+    """``ragged_compiled``: the decoder traced by dynamo for the flat sequence's dynamic length (here with the eager
+    backend, so the captured graphs are what runs), the ragged attention outside them, every layer of every forward.
+    Scores equal the uncompiled ragged path's, and batches of other lengths (other budgets, shortened prompts) run
+    the graphs of the first batch: no recompiling per batch."""
+    import torch._dynamo
+
+    from mecpe import predict
+    from mecpe.engine import compiled, ragged
+
+    monkeypatch.setattr(compiled, "CPU_BACKEND", "eager")
+    model = sharp("llama")
+    calls = []
+    real = ragged.RaggedPlan.attend
+    monkeypatch.setattr(ragged.RaggedPlan, "attend", lambda *a: calls.append(1) or real(*a))
+    torch._dynamo.reset()
+    stats = torch._dynamo.utils.counters["stats"]
+    graphs = []
+    for bld, sub, budget in ((builder, convs[:3], 16384), (builder, convs, 16384), (builder, convs, 900),
+                             (tight, convs[2:], 16384)):
+        want = predict.score_emotion_labels(model, tok, bld, sub, max_batch_tokens=budget, prefill_attention="ragged")
+        calls.clear()
+        got = predict.score_emotion_labels(model, tok, bld, sub, max_batch_tokens=budget,
+                                           prefill_attention="ragged_compiled")
+        assert len(calls) == model.config.num_hidden_layers * got.stats.forward_passes > 0
+        diff = max(abs(a - b) for cw, cg in zip(want.results, got.results) for u in cw
+                   for a, b in zip(cw[u][0], cg[u][0]))
+        assert diff < 1e-5, (budget, diff)
+        graphs.append(stats["unique_graphs"])
+    assert graphs[0] > 0 and len(set(graphs)) == 1, graphs  # compiled at the first batch, never again
+    assert "forward" not in model.model.__dict__  # the module's own forward is back
     torch._dynamo.reset()
 
 
@@ -452,7 +487,7 @@ def _brute_greedy(model, prompt_ids, steps, allowed_fn, advance_fn, state):
 @pytest.mark.parametrize("constrained", [True, False])
 @pytest.mark.parametrize("step,prefill", [("dynamic", "sdpa"), ("static", "sdpa"), ("graph", "sdpa"),
                                           ("dynamic", "flex"), ("static", "flex"), ("graph", "compiled"),
-                                          ("dynamic", "ragged"), ("graph", "ragged")])
+                                          ("dynamic", "ragged"), ("graph", "ragged"), ("graph", "ragged_compiled")])
 def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, constrained, arch, step, prefill,
                                                  monkeypatch):
     """Packed rows + shared prefix cache + one token per question per step == full-prompt greedy decoding (on
@@ -460,13 +495,19 @@ def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, con
     fixed shapes (mecpe.engine.steps; what a CUDA graph replays; ``graph`` without CUDA runs them eagerly), which a
     model with sliding layers declines. ``flex``: the prefill through FlexAttention, every layer of it and nothing
     else (the steps after it attend as after an SDPA prefill, over the cache it filled). ``ragged``: the prefill
-    over one flat sequence (``mecpe.engine.ragged``), every layer of it, its cache then laid out in the rows for the
-    steps; refused on Gemma-3 (sliding layers)."""
+    over one flat sequence (``mecpe.engine.ragged``), every layer of it, its keys and values laid out in the rows for
+    the steps (``ragged_compiled``: the decoder compiled around it, here by dynamo with the eager backend); refused on
+    Gemma-3 (sliding layers)."""
+    import torch._dynamo
+
     from mecpe import predict
-    from mecpe.engine import decoding, ragged
+    from mecpe.engine import compiled, decoding, ragged
     from mecpe.engine.packing import Block
 
-    if prefill == "ragged" and arch == "gemma3":
+    monkeypatch.setattr(compiled, "CPU_BACKEND", "eager")
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    if prefill in ragged.RAGGED and arch == "gemma3":
         with pytest.raises(ValueError, match="ragged: gemma3_text has sliding-window layers"):
             predict.cause_answer_ids(sharp(arch), tok, builder, convs[:1], _gold(convs[:1]), decode_step=step,
                                      prefill_attention=prefill)
@@ -495,7 +536,10 @@ def test_tree_decoding_equals_brute_force_greedy(tok, builder, sharp, convs, con
     assert bool(fixed) == (step != "dynamic" and arch == "llama"), (len(fixed), step, arch)
     prefills = stats.forward_passes - stats.decode_steps
     assert len(flex) == (model.config.num_hidden_layers * prefills if prefill == "flex" else 0), (len(flex), prefills)
-    assert len(flat) == (model.config.num_hidden_layers * prefills if prefill == "ragged" else 0), (len(flat), prefills)
+    assert len(flat) == (model.config.num_hidden_layers * prefills if prefill in ragged.RAGGED else 0), (len(flat),
+                                                                                                      prefills)
+    if prefill in ragged.RAGGED:  # dynamo captured the decoder for ragged_compiled only (flex traces on its own)
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs) == (prefill == "ragged_compiled")
     bucket = [(1 << (r - 1).bit_length(), -(-w // 128) * 128) if prefill == "flex" else None for r, w, _ in shapes]
     assert [sh for *_, sh in shapes] == bucket, shapes
     assert prefill != "flex" or any(sh[0] > r for (r, _, _), sh in zip(shapes, bucket)), shapes  # rows padded too

@@ -11,6 +11,8 @@ wraps that in actors). One module per concern:
                   prefills over block masks (``inference.prefill_attention: flex``)
     ragged.py     label scoring over one flat sequence, variable-length attention calls without a mask
                   (``inference.prefill_attention: ragged``)
+    compiled.py   the decoder stack under torch.compile for prefills: static buckets (flex, compiled) or the ragged
+                  sequence's dynamic length (``ragged_compiled``)
     stats.py      ``StageStats``: the work counters each call returns
 
 Everything runs on *packed rows*: a row holds a conversation prefix (``PromptIds.prefix``: chat head +

@@ -78,22 +78,36 @@ def room_cache(model: Any, reserve: int) -> Any:
     return cache
 
 
-def rows_from_flat(model: Any, flat: Any, rows: int, width: int, reserve: int, cells: torch.Tensor) -> Any:
-    """The ``room_cache`` of packed rows (``rows`` x ``width`` columns + ``reserve`` of room) from the cache of a
-    forward over one flat sequence (``mecpe.engine.ragged``): flat token t goes to (row, column) ``cells[t]``, the
-    other columns are zeros (padding, masked; zeros so no NaN of uninitialised memory reaches a softmax). Layer by
-    layer, each flat layer freed once copied, so the peak is the flat cache plus one layer."""
-    out = room_cache(model, reserve)
-    r, c = cells[:, 0], cells[:, 1]
-    for src, dst in zip(flat.layers, out.layers):
-        k, v = src.keys[0].transpose(0, 1), src.values[0].transpose(0, 1)  # (T, H_kv, D)
-        kb = k.new_zeros((rows, k.shape[1], width + reserve, k.shape[2]))
-        vb = v.new_zeros((rows, v.shape[1], width + reserve, v.shape[2]))
-        kb[r, :, c] = k
-        vb[r, :, c] = v
-        dst.adopt(kb, vb, width)
-        src.keys = src.values = src._kb = src._vb = None
-    return out
+class RowWriter:
+    """The ``room_cache`` of packed rows (``rows`` x ``width`` columns + ``reserve`` of room), filled layer by layer
+    from a forward over one flat sequence (``mecpe.engine.ragged``): ``put`` takes a layer's keys and values as the
+    attention receives them and writes flat token t at (row, column) ``cells[t]``; the other columns are zeros
+    (padding, masked; zeros so no NaN of uninitialised memory reaches a softmax). The flat keys and values are never
+    held beyond their layer's attention call, so the peak is the rows' cache plus one layer."""
+
+    def __init__(self, model: Any, rows: int, width: int, reserve: int, cells: torch.Tensor):
+        self.cache = room_cache(model, reserve)
+        self.shape, self.width, self.cells = (rows, width + reserve), width, cells
+        self.filled: set[int] = set()
+
+    def put(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """``keys``/``values``: (1, H_kv, T, D), the flat sequence's, of layer ``layer``."""
+        r, c = self.cells[:, 0], self.cells[:, 1]
+        out = []
+        for t in (keys, values):
+            flat = t[0].transpose(0, 1)  # (T, H_kv, D)
+            rows = flat.new_zeros((self.shape[0], flat.shape[1], self.shape[1], flat.shape[2]))
+            rows[r, :, c] = flat
+            out.append(rows)
+        self.cache.layers[layer].adopt(*out, self.width)
+        self.filled.add(layer)
+
+    def done(self) -> Any:
+        """The filled cache; raises if a layer was not written (its attention did not run through ``put``)."""
+        missing = sorted(set(range(len(self.cache.layers))) - self.filled)
+        if missing:
+            raise RuntimeError(f"ragged prefill: layers {missing} wrote no keys to the rows' cache")
+        return self.cache
 
 
 def fix_room(cache: Any, write_at: torch.Tensor) -> int:

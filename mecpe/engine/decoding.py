@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from mecpe.engine.cache import room_cache, select_rows
 from mecpe.engine.packing import (Block, Segment, batches, layout, prefill_visible, row_width, segments, static_shape,
                                   to_device, visible)
-from mecpe.engine.ragged import prefill_rows
+from mecpe.engine.ragged import RAGGED, prefill_rows
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
 from mecpe.engine.scoring import mask_kind
 from mecpe.engine.stats import StageStats
@@ -196,7 +196,8 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     drops finished rows; ``static`` and ``graph`` run every step at the batch's fixed shapes
     (``mecpe.engine.steps``), ``graph`` as one CUDA graph replayed per step on CUDA. ``prefill``: the prefill's
     attention (``inference.prefill_attention``; ``compiled`` runs it on SDPA uncompiled: the compiled decoder is label
-    scoring's; ``ragged`` over one flat sequence, its cache then laid out in the rows: ``ragged.prefill_rows``); the
+    scoring's; ``ragged`` over one flat sequence, its keys and values laid out in the rows: ``ragged.prefill_rows``;
+    ``ragged_compiled`` the same, the decoder compiled for dynamic lengths); the
     cache it fills is the same, and the steps attend as they do after either. A flex prefill runs
     at a static bucket of rows and columns (``packing.static_shape``, as label scoring's), so its statically compiled
     kernel meets a few shapes; the bucket's rows of padding leave the cache after it."""
@@ -213,8 +214,9 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     additive = additive_dtype(model, dev)
     t0 = synced(dev)
     with record_function("mecpe.decode.prefill"):
-        if prefill == "ragged":  # one flat sequence, no mask; its cache then laid out in the rows (engine.ragged)
-            logits, cache = prefill_rows(model, batch, lay, n_slots * max_new_tokens, dev)
+        if prefill in RAGGED:  # one flat sequence, no mask; its keys and values laid out in the rows (engine.ragged)
+            logits, cache = prefill_rows(model, batch, lay, n_slots * max_new_tokens, dev,
+                                         compiled=prefill == "ragged_compiled")
         else:
             logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay), lay.pos, lay.pos,
                                                                       additive, mask_kind(prefill)), lay.pos, cache, at)

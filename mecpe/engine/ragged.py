@@ -19,9 +19,12 @@ the same (exactness tests on tiny models). Positions
 come from position ids, so each token sits where it would in its own full prompt. Models with sliding-window layers
 or attention softcapping are refused (the kernels here apply neither by position).
 
-A decoding prefill (blocks without continuations) runs the same way; its flat cache is then copied into the packed
-rows' cache (``prefill_rows``, ``cache.rows_from_flat``), over which the decoding steps attend with their masks as
-after a dense-mask prefill."""
+A decoding prefill (blocks without continuations) runs the same way without a cache of its own: each layer's keys
+and values go from its attention call straight into the packed rows' cache (``prefill_rows``, ``cache.RowWriter``),
+over which the decoding steps attend with their masks as after a dense-mask prefill.
+
+``ragged_compiled`` runs the same with the decoder stack compiled for the flat sequence's dynamic length
+(``mecpe.engine.compiled``); the attention function stays outside the graphs (``torch.compiler.disable``)."""
 
 from __future__ import annotations
 
@@ -30,19 +33,23 @@ import contextvars
 import functools
 import itertools
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from mecpe.engine.attention import NAME as GROUPED_SDPA
-from mecpe.engine.cache import room_cache, rows_from_flat
+from mecpe.engine.cache import RowWriter
+from mecpe.engine.compiled import compiled_decoder
 from mecpe.engine.packing import Block, Segment, to_device, within
 from mecpe.engine.runtime import forward_at, sliding_window
 
 NAME = "mecpe_ragged"  # the attention implementation's name in transformers' registry
+RAGGED = ("ragged", "ragged_compiled")  # the inference.prefill_attention values that run here
 CUDA_KERNEL = "auto"  # auto (flash on sm80+ in bf16/fp16, else mem-efficient) | flash | efficient: tests' A/B switch
-_PLAN: contextvars.ContextVar["RaggedPlan | None"] = contextvars.ContextVar("mecpe_ragged_plan", default=None)
+Keep = Callable[[int, torch.Tensor, torch.Tensor], None]  # (layer index, keys, values) of a decoding prefill
+_PLAN: contextvars.ContextVar["tuple[RaggedPlan, Keep | None] | None"] = contextvars.ContextVar("mecpe_ragged_plan",
+                                                                                               default=None)
 
 
 @dataclass(frozen=True)
@@ -247,11 +254,12 @@ def _reference(q, k, v, qs: Seqs, ks: Seqs, causal: bool, scale: float) -> tuple
 
 def ragged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
                      dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature; the layout comes from ``attending``'s plan, not from a mask.
-    Output in transformers' (1, T, H, D)."""
-    plan = _PLAN.get()
-    if plan is None:
+    """transformers' attention-function signature; the layout comes from ``attending``'s plan, not from a mask, and
+    the layer's keys and values go to its ``keep`` where one is given. Output in transformers' (1, T, H, D)."""
+    got = _PLAN.get()
+    if got is None:
         raise RuntimeError("mecpe's ragged attention ran outside ragged.attending (no layout to attend by)")
+    plan, keep = got
     unsupported = [k for k in ("softcap", "s_aux", "position_bias", "sliding_window") if kwargs.get(k) is not None]
     if dropout or unsupported or query.shape[0] != 1:
         raise ValueError(f"inference.prefill_attention=ragged: {type(module).__name__} asks for "
@@ -260,6 +268,8 @@ def ragged_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value:
     # (T, H, D) contiguous once per layer, so each call's slice along T is contiguous as the kernel wants it; in the
     # autocast dtype where one is on (SDPA is on autocast's lower-precision list: the dense path computes in it too)
     dt = torch.get_autocast_dtype("cuda") if query.is_cuda and torch.is_autocast_enabled("cuda") else query.dtype
+    if keep is not None:
+        keep(module.layer_idx, key, value)
     q, k, v = (t[0].transpose(0, 1).to(dt).contiguous() for t in (query, key, value))
     out = plan.attend(q, k, v, scale)
     return out[None], None
@@ -275,15 +285,16 @@ def register() -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(NAME, ragged_attention)
+    AttentionInterface.register(NAME, torch.compiler.disable(ragged_attention))  # eager inside compiled decoders
     AttentionMaskInterface.register(NAME, _no_mask)
     return NAME
 
 
 @contextlib.contextmanager
-def attending(model: Any, plan: RaggedPlan):
+def attending(model: Any, plan: RaggedPlan, keep: Keep | None = None):
     """Within the block the model attends by ``plan`` (its attention implementation switched to ``NAME``, restored
-    after). Refuses models this cannot compute exactly: sliding-window layers, attention other than SDPA."""
+    after), each layer's keys and values handed to ``keep`` if given. Refuses models this cannot compute exactly:
+    sliding-window layers, attention other than SDPA."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     was = getattr(base.config, "_attn_implementation", None)
     if sliding_window(base.config) is not None:
@@ -295,7 +306,7 @@ def attending(model: Any, plan: RaggedPlan):
         raise ValueError(f"inference.prefill_attention=ragged: {type(base).__name__} cannot switch its attention "
                          "implementation; use prefill_attention=sdpa")
     base.set_attn_implementation(register())
-    token = _PLAN.set(plan)
+    token = _PLAN.set((plan, keep))
     try:
         yield
     finally:
@@ -303,14 +314,16 @@ def attending(model: Any, plan: RaggedPlan):
         base.set_attn_implementation(was)
 
 
-def prefill_rows(model: Any, batch: list[list[Segment]], lay: Any, reserve: int, dev) -> tuple[torch.Tensor, Any]:
+def prefill_rows(model: Any, batch: list[list[Segment]], lay: Any, reserve: int, dev, compiled: bool = False
+                 ) -> tuple[torch.Tensor, Any]:
     """A decoding prefill through the ragged calls: the next-token logits at every block's end, in the order of
     ``sorted(lay.ends)`` (as the dense prefill's ``forward_at`` returns them), and the ``room_cache`` of ``lay``'s
-    packed rows with ``reserve`` columns of room, which the decoding steps then extend as after a dense prefill."""
+    packed rows with ``reserve`` columns of room, which the decoding steps then extend as after a dense prefill.
+    ``compiled``: the decoder stack compiled for dynamic lengths (``ragged_compiled``)."""
     rl = ragged_layout(batch, dev, lay.ids.shape[1])
-    with attending(model, rl.plan):  # the flat ends are in block order, increasing
-        logits, flat = forward_at(model, rl.ids, None, rl.pos, room_cache(model, 0), [(0, int(e)) for e in rl.ends])
+    rows = RowWriter(model, lay.ids.shape[0], lay.ids.shape[1], reserve, to_device(torch.from_numpy(rl.cells), dev))
+    with (attending(model, rl.plan, rows.put),  # the flat ends are in block order, increasing
+          compiled_decoder(model, dev, dynamic=True) if compiled else contextlib.nullcontext()):
+        logits, _ = forward_at(model, rl.ids, None, rl.pos, None, [(0, int(e)) for e in rl.ends], use_cache=False)
     order = sorted(range(len(rl.ends)), key=lambda g: tuple(lay.ends[g]))  # block order -> (row, column) order
-    logits = logits[to_device(torch.tensor(order), dev)]
-    cells = to_device(torch.from_numpy(rl.cells), dev)
-    return logits, rows_from_flat(model, flat, lay.ids.shape[0], lay.ids.shape[1], reserve, cells)
+    return logits[to_device(torch.tensor(order), dev)], rows.done()

@@ -10,48 +10,20 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from mecpe.engine.attention import allow_static_shapes
+from mecpe.engine.compiled import compiled_decoder
 from mecpe.engine.packing import (Block, Layout, Segment, batches, layout, prefill_visible, row_width, segments,
                                   static_shape, to_device)
 from mecpe.engine.runtime import additive_dtype, attention_mask, forward, forward_at, inference, pad_id, synced
-from mecpe.engine.ragged import RaggedLayout, attending, ragged_layout
+from mecpe.engine.ragged import RAGGED, RaggedLayout, attending, ragged_layout
 from mecpe.engine.stats import StageStats
 
 
-COMPILE_DECODER = True  # flex: the decoder compiled for the buckets too (bench/profile_gpu.py's A/B key compile=0)
 STATIC_PREFILLS = ("flex", "compiled")  # inference.prefill_attention values whose label scoring runs compiled
 
 
 def mask_kind(prefill: str) -> str:
     """``runtime.mask_form``'s form of an ``inference.prefill_attention`` value: a block mask for flex, else SDPA's."""
     return "flex" if prefill == "flex" else "sdpa"
-CPU_BACKEND: str | None = None  # torch.compile backend for the decoder on the CPU (None: not compiled; tests: eager)
-
-
-@contextlib.contextmanager
-def compiled_decoder(model: Any, dev: torch.device):
-    """Within the block, the model's decoder stack (``base.model``: embeddings, layers, final norm) runs compiled for
-    static shapes, which the flex prefill's bucketed batches give it (``packing.static_shape``): one graph per bucket,
-    the elementwise work around the matmuls (RMSNorm, RoPE, SiLU, residual adds: most of a prefill's kernels after
-    attention, ``bench/results/2026-12-06-engine-h100``) fused, flex attention inside the graph. The compiled callable
-    is kept on the module, so each bucket compiles once per process; the module's own forward is restored after
-    (decoding keeps the eager path: its shapes change every step)."""
-    backend = "inductor" if dev.type == "cuda" else CPU_BACKEND
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", None)
-    if not COMPILE_DECODER or backend is None or not isinstance(inner, torch.nn.Module):
-        yield
-        return
-    compiled = inner.__dict__.get("_mecpe_compiled", {})
-    if backend not in compiled:
-        allow_static_shapes()
-        compiled[backend] = torch.compile(inner.forward, dynamic=False, backend=backend)
-        inner.__dict__["_mecpe_compiled"] = compiled
-    inner.forward = compiled[backend]
-    try:
-        yield
-    finally:
-        del inner.forward
 
 
 def label_targets(lay: Layout | RaggedLayout) -> tuple[list[tuple[int, int]], torch.Tensor]:
@@ -71,12 +43,14 @@ def _score_batch(model: Any, batch: list[list[Segment]], pad: int, dev, prefill:
     and each one's log-normalizer is computed once (a position predicts the first token of all seven labels).
     ``prefill``: how the forward runs (``inference.prefill_attention``): sdpa, flex (FlexAttention, the decoder
     compiled), compiled (SDPA, the decoder compiled); the last two at static buckets; ragged (one flat sequence,
-    variable-length attention calls without a mask: ``mecpe.engine.ragged``)."""
-    if prefill == "ragged":  # one flat sequence, no mask (mecpe.engine.ragged)
+    variable-length attention calls without a mask: ``mecpe.engine.ragged``), ragged_compiled (the same, the
+    decoder compiled for its dynamic length: ``mecpe.engine.compiled``)."""
+    if prefill in RAGGED:  # one flat sequence, no mask (mecpe.engine.ragged)
         with record_function("mecpe.score.layout"):
             lay = ragged_layout(batch, dev)
             at, targets = label_targets(lay)
-        with record_function("mecpe.score.forward"), attending(model, lay.plan):
+        with (record_function("mecpe.score.forward"), attending(model, lay.plan),
+              compiled_decoder(model, dev, dynamic=True) if prefill == "ragged_compiled" else contextlib.nullcontext()):
             logits, _ = forward_at(model, lay.ids, None, lay.pos, None, at, use_cache=False)
         return _label_scores(logits, targets, lay.blocks, dev)
     static = prefill in STATIC_PREFILLS

@@ -135,7 +135,7 @@ class PredictorSpec:
     merge_adapters: bool | str = "auto"  # inference.merge_adapters: each stage its own base, adapter merged
     gpu_memory_gib: float | None = None  # inference.gpu_memory_gib: this actor's CUDA memory cap
     decode_step: str = "dynamic"  # inference.decode_step: how decoding steps run (mecpe.engine.steps)
-    prefill_attention: str = "sdpa"  # inference.prefill_attention: the prefill attention (sdpa | ragged | flex | compiled)
+    prefill_attention: str = "sdpa"  # inference.prefill_attention: how the prefills attend
     emotion_ensemble: tuple[str, ...] = ()  # inference.emotion_ensemble: further emotion adapters, scores averaged
     emotion_ensemble_mode: str = "average"  # inference.emotion_ensemble_mode: average | soup (one merged model)
     liger_kernels: bool = False  # inference.liger_kernels: Liger's fused kernels in the forwards (CUDA)
