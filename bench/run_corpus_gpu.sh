@@ -24,7 +24,9 @@
 #   6                                   bash bench/run_corpus_gpu.sh baseline kill          ~3 min (2,000 utt generate;
 #                                                                                           10x killed at 40%, resumed)
 #   7                                   bash bench/run_corpus_gpu.sh profile                ~1.5 min (10x, py-spy 30 s)
-#   total about 17 min at the target rate. EXTRA="--set inference.prefill_attention=ragged" runs the ragged engine.
+#   total about 17 min at the target rate. EXTRA="--set inference.prefill_attention=ragged" runs the ragged engine,
+#   =ragged_compiled the same with the decoder compiled (each actor's first batch compiles: inductor's cache in
+#   /tmp/torchinductor_$USER serves the actors after the first).
 # The adapters (~80 MB each in fp32) are more than one call may bring back or carry, so they live in /tmp: a phase
 # that finds none (the machine was given back) trains them again first (bench_corpus.py --train; ~5 min), after
 # calls 1-3 are repeated. Settings: ACTORS, NUM_GPUS, MAX_BATCH_TOKENS, BATCH_SIZE, KILL_SCALE (10), PROFILE_SCALE
