@@ -181,6 +181,9 @@ class ScalingSettings(_Strict):
                                                "counted apart)")
     max_preemption_failures: int = Field(-1, description="node preemptions tolerated before the run fails; "
                                                          "-1 = unlimited")
+    concurrent_trainings: int = Field(1, ge=1, description="trainings the pipeline runs at once (emotion ensemble "
+                                      "members and the cause model are independent); each asks for its workers, so on "
+                                      "one GPU give each a share, e.g. resources_per_worker {GPU: 0.25}")
 
 
 class StorageConfig(_Strict):
@@ -253,9 +256,8 @@ class InferenceConfig(_Strict):
                             "mask, FlashAttention's or the mem-efficient kernel's; no sliding-window models; "
                             "mecpe.engine.ragged), ragged_compiled (ragged, the decoder compiled for dynamic lengths: "
                             "mecpe.engine.compiled), flex (FlexAttention block masks, label scoring's decoder compiled "
-                            "at static buckets: SmolLM2 on an H100 938 -> 947 utt/s after ~90 s of compiling, 6% of "
-                            "conversations answered otherwise in bf16, peak 13.0 -> 18.7 GiB) or compiled (sdpa, "
-                            "label scoring's decoder compiled); model on sdpa")
+                            "at static buckets; 6% of answers changed in bf16 for +1% speed: bench/RESULTS.md) or "
+                            "compiled (sdpa, label scoring's decoder compiled); model on sdpa")
     liger_kernels: bool = Field(
         False, description="Liger's fused Triton kernels (RMSNorm, SwiGLU/GeGLU, RoPE) in the predictor actors' "
                            "forwards; on an H100 slower (SmolLM2 actor 954.2 -> 756.9 utt/s, first use including "

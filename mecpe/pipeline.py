@@ -18,7 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Callable, Sequence, TypeVar
 
 from mecpe import layout, storage
 from mecpe.config import Config, dump_config
@@ -128,6 +130,23 @@ def ensemble_member(cfg: Config, k: int) -> Config:
     member = cfg.model_copy(deep=True)
     member.training.seed += ENSEMBLE_SEED_STRIDE * k
     return member
+
+
+T = TypeVar("T")
+
+
+def at_once(jobs: Sequence[Callable[[], T]], concurrent: int) -> list[T]:
+    """Each job's result in order, ``concurrent`` of them running at a time (threads: each mostly waits on its Ray
+    Train run). Every job runs to its end before the first failure (in job order) is raised, so what the others
+    trained is kept and a rerun reuses it."""
+    if concurrent <= 1:
+        return [job() for job in jobs]
+    with ThreadPoolExecutor(max_workers=concurrent, thread_name_prefix="mecpe-train") as pool:
+        futures = [pool.submit(job) for job in jobs]
+    for f in futures:
+        if f.exception() is not None:
+            raise f.exception()
+    return [f.result() for f in futures]
 
 
 def step_train(cfg: Config, task: str):
@@ -335,6 +354,10 @@ def run_pipeline(cfg: Config) -> PipelineResult:
     """prepare -> train emotion -> train cause -> validate -> infer (with the new adapters) -> evaluate."""
     from mecpe import cluster
 
+    if cfg.storage.run_name:
+        raise ConfigError(f"storage.run_name={cfg.storage.run_name!r} names one training run, and the pipeline trains "
+                          f"{cfg.training.emotion_ensemble + 1} (emotion, cause): every run would be that one; leave "
+                          "it null (each run is named by its task and config hash)")
     t0 = time.time()
     timings: dict[str, float] = {}
     cluster.connect(cfg.ray_address)  # before any work: outputs on one machine's disk fail a multi-node cluster now
@@ -350,9 +373,10 @@ def run_pipeline(cfg: Config) -> PipelineResult:
         return out
 
     timed("prepare", step_prepare, cfg)
-    emotion = [timed(f"train-emotion-{k}" if k else "train-emotion", step_train, ensemble_member(cfg, k), "emotion")
-               for k in range(cfg.training.emotion_ensemble)]
-    cause = timed("train-cause", step_train, cfg, "cause")
+    trainings = [(f"train-emotion-{k}" if k else "train-emotion", ensemble_member(cfg, k), "emotion")
+                 for k in range(cfg.training.emotion_ensemble)] + [("train-cause", cfg, "cause")]
+    *emotion, cause = timed("train", at_once, [lambda n=n, c=c, t=t: timed(n, step_train, c, t)
+                                               for n, c, t in trainings], cfg.scaling.concurrent_trainings)
     cfg = cfg.model_copy(deep=True)
     cfg.inference.emotion_adapter = emotion[0].adapter_uri
     cfg.inference.emotion_ensemble = [member.adapter_uri for member in emotion[1:]]

@@ -262,3 +262,48 @@ def test_emotion_ensemble_members_differ_by_their_seed_only(tmp_path):
     names = [run_identity(ensemble_member(cfg, k), "emotion", str(train), None)[0] for k in range(3)]
     assert len(set(names)) == 3
     assert run_identity(load_config(None, ["training.seed=3"]), "emotion", str(train), None)[0] == names[0]
+
+
+def test_the_pipeline_refuses_one_run_name_for_its_several_trainings(tmp_path, capsys):
+    """storage.run_name names one Ray Train run; the pipeline trains the emotion adapter(s) and the cause adapter, so
+    the cause training would find the emotion run finished under that name and reuse its adapter. Refused, exit 2,
+    before any work."""
+    from mecpe.cli import main
+
+    assert main(["pipeline", "--config", str(REPO / "jobs/configs/local.yaml"), "storage.run_name=mine",
+                 f"output_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert "storage.run_name='mine' names one training run, and the pipeline trains 2" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_trainings_at_once_return_in_order_and_raise_after_all_ran():
+    """scaling.concurrent_trainings: the pipeline's trainings run in threads, their results in job order; a failing
+    one is raised only after the others ran to their end (what they trained is kept for the rerun)."""
+    import threading
+    import time
+
+    from mecpe.pipeline import at_once
+
+    started, ended, lock = [], [], threading.Lock()
+
+    def job(k, fail=False, wait=0.2):
+        def run():
+            with lock:
+                started.append(k)
+            time.sleep(wait)
+            with lock:
+                ended.append(k)
+            if fail:
+                raise RuntimeError(f"job {k} failed")
+            return k * 10
+        return run
+
+    t0 = time.perf_counter()
+    assert at_once([job(0), job(1), job(2)], 3) == [0, 10, 20]
+    assert time.perf_counter() - t0 < 0.5  # at once: ~0.2 s, not 0.6
+    assert at_once([job(0, wait=0), job(1, wait=0)], 1) == [0, 10]
+    ended.clear()
+    with pytest.raises(RuntimeError, match="job 1 failed"):
+        at_once([job(0, wait=0.3), job(1, fail=True, wait=0), job(2, fail=True, wait=0.1)], 2)
+    assert sorted(ended) == [0, 1, 2]  # every job ran to its end; the first failure in job order was raised
