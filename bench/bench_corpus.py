@@ -4,7 +4,10 @@ set, one GPU, through the CLI only; prints a table and writes every figure to ``
 Steps (each optional, in this order):
 
 * adapters: reused from ``--work`` when there, else ``mecpe data prepare`` + ``mecpe train --task emotion|cause``
-  with ``--config`` (``--train``), or given (``--emotion-adapter`` / ``--cause-adapter``);
+  with ``--config`` (``--train``), or given (``--emotion-adapter`` / ``--cause-adapter``); ``--emotion-members N``
+  also trains (or reuses) the emotion ensemble's members 1..N-1 (``mecpe.pipeline.ensemble_member``'s seeds), whose
+  label scores the emotion stage then averages (``inference.emotion_ensemble``: N scoring passes, as the committed
+  SmolLM2 config's pipeline runs with 3); by default one emotion adapter;
 * scales: for each N of ``--scales``, a fresh ``mecpe infer`` process over the corpus (``bench/ecf_corpus.py``;
   1 = the official test JSON itself, 3,101 utterances, labelled, so it is scored too). Measured from outside:
   ``wall_s`` from the command's start to the last output file written (Ray start and model load included), GPU busy
@@ -193,30 +196,51 @@ def adapters_file(work: str) -> str:
     return os.path.join(work, "adapters.json")
 
 
-def saved_adapters(work: str) -> dict | None:
-    """Adapters a previous call trained into ``work`` and that are still on disk (the machine may be new)."""
+def saved_adapters(work: str, members: int = 1) -> dict | None:
+    """Adapters a previous call trained into ``work`` (with ``members`` emotion adapters in all) and that are still
+    on disk (the machine may be new)."""
     try:
         with open(adapters_file(work)) as fh:
             saved = json.load(fh)
     except (OSError, ValueError):
         return None
-    return saved if all(os.path.isdir(saved.get(t) or "") for t in ("emotion", "cause")) else None
+    paths = [saved.get("emotion"), saved.get("cause"), *saved.get("emotion_ensemble", [])]
+    if len(paths) != members + 1 or not all(os.path.isdir(p or "") for p in paths):
+        return None
+    return saved
 
 
-def train_adapters(work: str, config: str, sets: list[str]) -> dict:
-    """``mecpe data prepare`` then ``mecpe train`` for both tasks (the CLI reuses a finished run); the adapter
-    paths it prints, and how long each step took."""
+def member_seeds(config: str, sets: list[str], members: int) -> list[int]:
+    """``training.seed`` of emotion-ensemble members 1..members-1, as the pipeline trains them."""
+    sys.path.insert(0, REPO)
+    from mecpe.config import load_config
+    from mecpe.pipeline import ensemble_member
+
+    cfg = load_config(config, sets)
+    return [ensemble_member(cfg, k).training.seed for k in range(1, members)]
+
+
+def train_adapters(work: str, config: str, sets: list[str], members: int = 1) -> dict:
+    """``mecpe data prepare`` then ``mecpe train`` for both tasks and the emotion members beyond the first (the CLI
+    reuses a finished run); the adapter paths it prints, and how long each step took."""
     pipe = os.path.join(work, "pipeline")
     common = ["--config", config, *sets, f"output_dir={pipe}", f"storage.path={pipe}/runs"]
     out: dict = {"seconds": {}}
     t = time.time()
     run_cli(["data", "prepare", *common], os.path.join(work, "prepare.log"))
     out["seconds"]["prepare"] = round(time.time() - t, 1)
-    for task in ("emotion", "cause"):
+    jobs = [("emotion", "emotion", []), ("cause", "cause", [])]
+    jobs += [(f"emotion_{k}", "emotion", [f"training.seed={seed}"])
+             for k, seed in enumerate(member_seeds(config, sets, members), 1)]
+    for name, task, extra in jobs:
         t = time.time()
-        text = run_cli(["train", "--task", task, *common], os.path.join(work, f"train-{task}.log"))
-        out["seconds"][f"train_{task}"] = round(time.time() - t, 1)
-        out[task] = re.search(rf"{task} adapter: (\S+) \(run", text).group(1)
+        text = run_cli(["train", "--task", task, *common, *extra], os.path.join(work, f"train-{name}.log"))
+        out["seconds"][f"train_{name}"] = round(time.time() - t, 1)
+        path = re.search(rf"{task} adapter: (\S+) \(run", text).group(1)
+        if name.startswith("emotion_"):
+            out.setdefault("emotion_ensemble", []).append(path)
+        else:
+            out[task] = path
     with open(adapters_file(work), "w") as fh:
         json.dump(out, fh, indent=1)
     return out
@@ -225,17 +249,19 @@ def train_adapters(work: str, config: str, sets: list[str]) -> dict:
 def resolve_adapters(a) -> dict | None:
     if a.emotion_adapter and a.cause_adapter:
         return {"emotion": a.emotion_adapter, "cause": a.cause_adapter, "seconds": {}}
-    saved = saved_adapters(a.work)
+    saved = saved_adapters(a.work, a.emotion_members)
     if saved:
         return {**saved, "reused": True}
-    return train_adapters(a.work, a.config, a.set) if a.train else None
+    return train_adapters(a.work, a.config, a.set, a.emotion_members) if a.train else None
 
 
 # ---------------------------------------------------------------- one inference run
 
 
 def infer_overrides(a, adapters: dict) -> list[str]:
+    members = adapters.get("emotion_ensemble") or []
     return [*a.set, f"inference.emotion_adapter={adapters['emotion']}", f"inference.cause_adapter={adapters['cause']}",
+            f"inference.emotion_ensemble=[{','.join(members)}]",
             f"inference.num_actors={a.actors}", f"inference.num_gpus={a.num_gpus}",
             f"inference.max_batch_tokens={a.max_batch_tokens}", f"inference.batch_size={a.batch_size}"]
 
@@ -536,6 +562,8 @@ def f(x, d: int = 1) -> str:
 def print_table(res: dict) -> None:
     env = res.get("environment", {})
     print(f"\n{env.get('date')}  gpu: {env.get('gpu')}  commit {env.get('commit')}  {env.get('cpus')} CPUs")
+    members = 1 + len((res.get("adapters") or {}).get("emotion_ensemble") or [])
+    print(f"emotion adapters: {members} ({members} label-scoring passes per utterance), cause adapter: 1")
     print("| run | conv. | utterances | wall s | utt/s (end to end) | emotion utt / busy s / utt/s | "
           "cause utt / busy s / utt/s | GPU busy | driver / actor / tree peak RSS MiB | in pred + rejects once | "
           "agreement with 1x (emotion / causes) |")
@@ -638,6 +666,8 @@ def main() -> int:
     ap.add_argument("--train", action="store_true", help="prepare + train the adapters when WORK has none")
     ap.add_argument("--emotion-adapter")
     ap.add_argument("--cause-adapter")
+    ap.add_argument("--emotion-members", type=int, default=1,
+                    help="emotion adapters whose label scores are averaged (the ensemble; 1: one adapter)")
     ap.add_argument("--model-dir", help="the base model folder (config.json) for the FLOP estimates")
     ap.add_argument("--scales", default="1,10", help="corpus sizes in copies of the test set (1 = the test JSON)")
     ap.add_argument("--label", default="", help="suffix of the run names (e.g. an actor setting)")

@@ -29,7 +29,8 @@
 #   /tmp/torchinductor_$USER serves the actors after the first).
 # The adapters (~80 MB each in fp32) are more than one call may bring back or carry, so they live in /tmp: a phase
 # that finds none (the machine was given back) trains them again first (bench_corpus.py --train; ~5 min), after
-# calls 1-3 are repeated. Settings: ACTORS, NUM_GPUS, MAX_BATCH_TOKENS, BATCH_SIZE, KILL_SCALE (10), PROFILE_SCALE
+# calls 1-3 are repeated. MEMBERS=3 trains and averages the committed config's three emotion adapters (three scoring
+# passes, as its pipeline runs; each member ~3 min more of training). Settings: ACTORS, NUM_GPUS, MAX_BATCH_TOKENS, BATCH_SIZE, KILL_SCALE (10), PROFILE_SCALE
 # (10), PROFILE_S (30), LABEL (run-name suffix), EXTRA (more bench_corpus.py arguments, e.g. "--set k=v"),
 # PHASE_LIMIT (seconds per phase, 560).
 set -uo pipefail
@@ -41,7 +42,7 @@ WORK=${WORK:-/tmp/mecpe-corpus}
 mkdir -p "$OUT" "$WORK"
 COMMON=(--work "$WORK" --json "$WORK/corpus.json" --config jobs/configs/ecf-smollm2.yaml --set model.cache_dir=/tmp/mecpe-models
         --actors "${ACTORS:-1}" --num-gpus "${NUM_GPUS:-1}" --max-batch-tokens "${MAX_BATCH_TOKENS:-262144}"
-        --batch-size "${BATCH_SIZE:-256}" "--label=${LABEL:-}" --train)
+        --batch-size "${BATCH_SIZE:-256}" "--label=${LABEL:-}" --emotion-members "${MEMBERS:-1}" --train)
 # shellcheck disable=SC2206
 EXTRA_ARGS=(${EXTRA:-})
 

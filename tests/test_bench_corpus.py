@@ -69,3 +69,24 @@ def test_model_shape_counts_smollm2_parameters():
     assert shape["params"] == 134_515_008  # SmolLM2-135M's published count
     assert limits.stage_flops(shape, {"computed_tokens": 10, "generated_tokens": 0}) == \
         20 * shape["non_embedding_params"]
+
+
+def test_saved_adapters_hold_the_asked_ensemble(tmp_path):
+    """``--emotion-members N``: adapters saved by an earlier call are reused only when they are N emotion adapters
+    (members by the pipeline's seeds) and a cause adapter, all still on disk; the inference then averages them."""
+    dirs = {name: tmp_path / name for name in ("e", "c", "e1", "e2")}
+    for d in dirs.values():
+        d.mkdir()
+    saved = {"emotion": str(dirs["e"]), "cause": str(dirs["c"]), "emotion_ensemble": [str(dirs["e1"]), str(dirs["e2"])]}
+    Path(bench_corpus.adapters_file(str(tmp_path))).write_text(json.dumps(saved))
+    assert bench_corpus.saved_adapters(str(tmp_path), 3) == saved
+    assert bench_corpus.saved_adapters(str(tmp_path), 1) is None  # another ensemble: train again
+    dirs["e2"].rmdir()
+    assert bench_corpus.saved_adapters(str(tmp_path), 3) is None  # the machine lost one
+    assert bench_corpus.member_seeds(bench_corpus.CONFIG, ["training.seed=2"], 3) == [1002, 2002]
+
+    class Args:
+        set, actors, num_gpus, max_batch_tokens, batch_size = [], 1, 1.0, 1024, 8
+
+    assert f"inference.emotion_ensemble=[{dirs['e1']},{dirs['e2']}]" in bench_corpus.infer_overrides(Args, saved)
+    assert "inference.emotion_ensemble=[]" in bench_corpus.infer_overrides(Args, {"emotion": "e", "cause": "c"})
