@@ -29,7 +29,8 @@ from mecpe.labels import EMOTIONS, RuleCause
 
 DEFAULT_DATA_DIR = "../shared/data/ecf"
 DecodeStep = Literal["dynamic", "static", "graph"]  # inference.decode_step (mecpe.engine.steps)
-PrefillAttention = Literal["sdpa", "ragged", "ragged_compiled", "flex", "compiled"]  # inference.prefill_attention (mecpe.engine.scoring)
+# inference.prefill_attention (mecpe.engine.scoring)
+PrefillAttention = Literal["sdpa", "ragged", "ragged_compiled", "flex", "compiled"]
 
 
 class _Strict(BaseModel):
