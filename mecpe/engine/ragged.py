@@ -226,13 +226,17 @@ def _flash(q, k, v, qs: Seqs, ks: Seqs, causal: bool, scale: float) -> tuple[tor
 
 def _efficient(q, k, v, qs: Seqs, ks: Seqs, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The mem-efficient (cutlass) kernel's varlen mode, for GPUs flash does not serve (a T4: sm75, fp16). It takes
-    as many key/value heads as query heads, so grouped heads are repeated; its log-sum-exp rows are padded to 32."""
+    as many key/value heads as query heads, so grouped heads are repeated. Its log-sum-exp comes per sequence, (n
+    sequences, H, longest rounded up to 32), and is read back per token: token t of sequence i at [i, :, t - start]."""
     g = q.shape[1] // k.shape[1]
     k, v = (t.to(q.dtype).repeat_interleave(g, 1) if g > 1 else t.to(q.dtype) for t in (k, v))
     out, lse, *_ = torch.ops.aten._efficient_attention_forward(
         q[None], k[None], v[None], None, qs.cu, ks.cu, qs.longest, ks.longest, 0.0, 1 if causal else 0, True,
         scale=scale)
-    return out[0], lse[0, :, :q.shape[0]]
+    lengths = qs.cu[1:] - qs.cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths.long(), output_size=q.shape[0])
+    offset = torch.arange(q.shape[0], device=q.device) - qs.cu[:-1].long()[seq]
+    return out[0], lse[seq, :, offset].transpose(0, 1)
 
 
 def _reference(q, k, v, qs: Seqs, ks: Seqs, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
