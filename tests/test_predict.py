@@ -311,6 +311,17 @@ def test_ragged_on_cuda_scores_what_sdpa_does(tok, builder, convs, model, kernel
         assert sum(a == b for a, b in answers) >= 0.95 * len(answers), (dtype, answers)
 
 
+def test_ragged_token_index_names_each_tokens_sequence_and_offset():
+    """``Seqs.token_at``: where the mem-efficient kernel's per-sequence log-sum-exp rows keep each token of the flat
+    region (its sequence, its offset in it), built once per batch for every layer's calls."""
+    from mecpe.engine.ragged import _seqs
+
+    seqs = _seqs([3, 1, 2], torch.device("cpu"))
+    seq, offset = seqs.token_at
+    assert seq.tolist() == [0, 0, 0, 1, 2, 2] and offset.tolist() == [0, 1, 2, 0, 0, 1]
+    assert seqs.token_at[0] is seq  # once per batch
+
+
 def test_ragged_merge_is_the_softmax_over_the_union():
     """``ragged._merge`` of attention over disjoint key sets equals attention over their union (the identity the
     ragged calls rest on), with grouped query heads; the CPU reference's causal calls see earlier keys only."""

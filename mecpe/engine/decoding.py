@@ -210,7 +210,6 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
     n_slots = max(map(len, row_blocks))
     at = sorted(lay.ends)  # one (row, column) per block, distinct
     index = {p: k for k, p in enumerate(at)}
-    cache = room_cache(model, n_slots * max_new_tokens)
     additive = additive_dtype(model, dev)
     t0 = synced(dev)
     with record_function("mecpe.decode.prefill"):
@@ -218,8 +217,8 @@ def _decode_batch(model: Any, batch: list[list[Segment]], pad: int, dev, max_new
             logits, cache = prefill_rows(model, batch, lay, n_slots * max_new_tokens, dev,
                                          compiled=prefill == "ragged_compiled")
         else:
-            logits, cache = forward_at(model, lay.ids, attention_mask(model, prefill_visible(lay), lay.pos, lay.pos,
-                                                                      additive, mask_kind(prefill)), lay.pos, cache, at)
+            mask = attention_mask(model, prefill_visible(lay), lay.pos, lay.pos, additive, mask_kind(prefill))
+            logits, cache = forward_at(model, lay.ids, mask, lay.pos, room_cache(model, n_slots * max_new_tokens), at)
         if lay.ids.shape[0] > n_rows:  # the flex bucket's padding rows: no block, no decoding
             cache = select_rows(cache, torch.arange(n_rows, device=dev))
             lay = dataclasses.replace(lay, **{f: getattr(lay, f)[:n_rows] for f in ("ids", "pos", "seg", "blk", "alt")})

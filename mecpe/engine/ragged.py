@@ -61,6 +61,14 @@ class Seqs:
     host: tuple[int, ...]
     longest: int
 
+    @functools.cached_property
+    def token_at(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token, its sequence and its offset in it (device tensors): where a kernel that returns per-sequence
+        rows (the mem-efficient kernel's log-sum-exp) keeps it. Built once per batch, read by every layer."""
+        lengths = np.diff(np.asarray(self.host, dtype=np.int64))
+        seq = np.repeat(np.arange(len(lengths)), lengths)
+        return tuple(to_device(torch.from_numpy(a), self.cu.device) for a in (seq, within(lengths)))
+
 
 def _seqs(lengths: Sequence[int] | np.ndarray, dev) -> Seqs:
     host = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
@@ -233,9 +241,7 @@ def _efficient(q, k, v, qs: Seqs, ks: Seqs, causal: bool, scale: float) -> tuple
     out, lse, *_ = torch.ops.aten._efficient_attention_forward(
         q[None], k[None], v[None], None, qs.cu, ks.cu, qs.longest, ks.longest, 0.0, 1 if causal else 0, True,
         scale=scale)
-    lengths = qs.cu[1:] - qs.cu[:-1]
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths.long(), output_size=q.shape[0])
-    offset = torch.arange(q.shape[0], device=q.device) - qs.cu[:-1].long()[seq]
+    seq, offset = qs.token_at
     return out[0], lse[seq, :, offset].transpose(0, 1)
 
 
